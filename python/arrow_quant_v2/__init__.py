@@ -1,0 +1,46 @@
+"""ArrowQuant: quantization for diffusion models.
+
+A C++ core (reading safetensors, quantization kernels, bit packing, the engine, Parquet output)
+under the seed's Python API:
+
+    from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig
+    result = ArrowQuantV2().quantize_diffusion_model("model/", "model-int4/",
+                                                     config=DiffusionQuantConfig.from_profile("local"))
+"""
+
+from . import _core
+from .api import ArrowQuantV2
+from .arrays import QuantizedArray
+from .config import DiffusionQuantConfig
+from .errors import (
+    ArrowQuantError,
+    ConfigurationError,
+    ModelFormatError,
+    ModelNotFoundError,
+    NonFiniteWeightError,
+    QuantizationError,
+    UnsupportedFeatureError,
+    ValidationError,
+)
+from .loader import QuantizedModel, QuantizedTensor, load
+
+__version__ = "0.1.0"
+FORMAT_VERSION = _core.FORMAT_VERSION
+
+__all__ = [
+    "ArrowQuantV2",
+    "DiffusionQuantConfig",
+    "QuantizedArray",
+    "QuantizedModel",
+    "QuantizedTensor",
+    "load",
+    "ArrowQuantError",
+    "QuantizationError",
+    "ConfigurationError",
+    "ValidationError",
+    "ModelNotFoundError",
+    "ModelFormatError",
+    "NonFiniteWeightError",
+    "UnsupportedFeatureError",
+    "FORMAT_VERSION",
+]

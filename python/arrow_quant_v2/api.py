@@ -1,0 +1,92 @@
+"""ArrowQuantV2: the seed's entry point, every word of it true."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import numpy as np
+
+from . import _core
+from ._progress import ProgressAdapter
+from .arrays import QuantizedArray, quantize_arrays
+from .config import DiffusionQuantConfig
+from .errors import ConfigurationError, QuantizationError, ValidationError
+
+PathLike = Union[str, "os.PathLike[str]"]
+ProgressCallback = Callable[[str, float], object]
+
+MODES = ("diffusion",)
+
+
+class ArrowQuantV2:
+    """Quantizes diffusion models (image/video/audio DiTs and UNets, diffusion language models).
+
+    >>> from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig
+    >>> q = ArrowQuantV2(mode="diffusion")
+    >>> result = q.quantize_diffusion_model("sd-model/", "sd-model-int4/",
+    ...                                     config=DiffusionQuantConfig.from_profile("local"))
+    """
+
+    def __init__(self, mode: str = "diffusion") -> None:
+        if mode not in MODES:
+            raise ConfigurationError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+        self.mode = mode
+
+    def quantize_diffusion_model(self, model_path: PathLike, output_path: PathLike,
+                                 config: Optional[DiffusionQuantConfig] = None,
+                                 progress_callback: Optional[ProgressCallback] = None) -> Dict[str, Any]:
+        """Quantizes the model at ``model_path`` (a .safetensors file, a Hugging Face directory, or a
+        diffusers pipeline) into a new directory ``output_path``.
+
+        Returns a dict with ``quantized_path``, ``compression_ratio`` (source weight bytes / stored
+        weight bytes), ``cosine_similarity`` (mean over quantized layers), ``model_size_mb``,
+        ``modality``, ``bit_width``, ``quantization_time_s``, ``bits_per_weight``, per-layer details
+        (``layers``), and what was kept (``skipped``), fell back (``fallbacks``) or failed
+        (``errors``). ``progress_callback(message, progress)`` is called at least every 10 layers or
+        5 seconds. The output appears only when complete; Ctrl-C leaves nothing behind.
+        """
+        config = _resolve_config(config)
+        adapter = ProgressAdapter(progress_callback)
+        report_text = _core.quantize_model(
+            os.fspath(model_path), os.fspath(output_path), config._engine_json(),
+            adapter if progress_callback is not None else None, 10, 5.0)
+        report = json.loads(report_text)
+        report["warnings"] = list(report.get("warnings", [])) + adapter.errors
+        report["deployment_profile"] = config.deployment_profile
+        return report
+
+    def validate_quality(self, original_path: PathLike, quantized_path: PathLike,
+                         num_threads: int = 0) -> Dict[str, Any]:
+        """Recomputes quality from the files: every stored tensor is decoded and compared with the
+        original. Returns ``cosine_similarity`` (mean over quantized layers),
+        ``per_layer_accuracy`` ({layer: cosine}), ``passed`` (every layer at or above the
+        ``min_accuracy`` recorded in the manifest, kept layers byte-identical),
+        ``compression_ratio``, and per-layer ``layers``. Raises ValidationError when the two
+        models do not correspond."""
+        return json.loads(_core.validate_model(os.fspath(original_path), os.fspath(quantized_path), num_threads))
+
+    def quantize(self, weights: Mapping[str, Any], bit_width: Optional[int] = None,
+                 config: Optional[DiffusionQuantConfig] = None) -> Dict[str, QuantizedArray]:
+        """Quantizes in-memory weights (LoRA, ControlNet deltas): a dict of arrays (numpy, or
+        anything with ``.numpy()`` such as torch tensors). No files are written.
+
+        Returns {name: QuantizedArray}; ``.dequantize()`` gives the values back, ``.codes`` the
+        packed codes. Arrays of fewer than 2 dimensions are kept as they are (as in files).
+        """
+        config = _resolve_config(config)
+        if bit_width is not None:
+            config = config.replace(bit_width=bit_width)
+        return quantize_arrays(weights, config)
+
+
+def _resolve_config(config: Optional[DiffusionQuantConfig]) -> DiffusionQuantConfig:
+    if config is None:
+        return DiffusionQuantConfig()
+    if not isinstance(config, DiffusionQuantConfig):
+        raise ConfigurationError(f"config must be a DiffusionQuantConfig; got {type(config).__name__}")
+    return config.validate()
+
+
+__all__ = ["ArrowQuantV2", "QuantizationError", "ValidationError"]

@@ -1,0 +1,265 @@
+"""DiffusionQuantConfig: what to quantize and how.
+
+The seed's fields keep their names and defaults; the fields after them are ArrowQuant's own.
+Every assignment is checked, so a wrong value fails where it is written, with a message that
+names the field and the values allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+from .errors import ConfigurationError
+
+BIT_WIDTHS = (2, 3, 4, 8)
+GROUP_SIZES = (0, 32, 64, 128, 256)  # 0 = one group per output channel
+MODALITIES = ("text", "code", "image", "audio")
+PROFILES = ("edge", "local", "cloud")
+SCALE_METHODS = ("search", "minmax")
+NONFINITE_POLICIES = ("error", "keep")
+KEEP_BITS = 16  # a bit override of 16 keeps a tensor unquantized
+
+# The deployment profiles. bit_width keeps its meaning (the integer code width); the result
+# reports the true bits per weight, scales included.
+PROFILE_SETTINGS: Dict[str, Dict[str, Any]] = {
+    # INT2, groups of 64: the smallest models, for phones and microcontrollers.
+    "edge": {"bit_width": 2, "group_size": 64, "symmetric": False, "min_accuracy": 0.85},
+    # INT4, groups of 128: laptops and desktops, quality close to the original.
+    "local": {"bit_width": 4, "group_size": 128, "symmetric": False, "min_accuracy": 0.95},
+    # INT8, one scale per output channel: servers, near-lossless.
+    "cloud": {"bit_width": 8, "group_size": 0, "symmetric": True, "min_accuracy": 0.99},
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_choice(name: str, allowed: Iterable[str]) -> Callable[[Any], str]:
+    allowed = tuple(allowed)
+
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or v not in allowed:
+            raise ConfigurationError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {v!r}")
+        return v
+
+    return check
+
+
+def _check_bool(name: str) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise ConfigurationError(f"{name} must be True or False; got {v!r}")
+        return v
+
+    return check
+
+
+def _check_int(name: str, lo: int, hi: Optional[int] = None, note: str = "") -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if not _is_int(v) or v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise ConfigurationError(f"{name} must be an integer {rng}{note}; got {v!r}")
+        return v
+
+    return check
+
+
+def _check_bits(v: Any) -> int:
+    if not _is_int(v) or v not in BIT_WIDTHS:
+        raise ConfigurationError(f"bit_width must be one of 2, 3, 4, 8; got {v!r}")
+    return v
+
+
+def _check_group_size(v: Any) -> int:
+    if not _is_int(v) or v not in GROUP_SIZES:
+        raise ConfigurationError(f"group_size must be one of 32, 64, 128, 256, or 0 (per channel); got {v!r}")
+    return v
+
+
+def _check_min_accuracy(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+        raise ConfigurationError(f"min_accuracy must be a number between 0 and 1; got {v!r}")
+    return float(v)
+
+
+def _check_modality(v: Any) -> Optional[str]:
+    if v is None:
+        return None
+    if not isinstance(v, str) or v.lower() not in MODALITIES:
+        raise ConfigurationError(f"modality must be None (detect) or one of {', '.join(MODALITIES)}; got {v!r}")
+    return v.lower()
+
+
+def _check_profile(v: Any) -> str:
+    if not isinstance(v, str) or v not in PROFILES:
+        raise ConfigurationError(f"deployment_profile must be one of {', '.join(PROFILES)}; got {v!r}")
+    return v
+
+
+def _check_patterns(name: str) -> Callable[[Any], Optional[Tuple[str, ...]]]:
+    def check(v: Any) -> Optional[Tuple[str, ...]]:
+        if v is None and name == "sensitive_patterns":
+            return None
+        if isinstance(v, str) or not isinstance(v, Iterable):
+            raise ConfigurationError(f"{name} must be a list of regular expressions; got {v!r}")
+        out = []
+        for p in v:
+            if not isinstance(p, str):
+                raise ConfigurationError(f"{name} must contain strings; got {p!r}")
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ConfigurationError(f"{name}: {p!r} is not a valid regular expression ({e})") from None
+            out.append(p)
+        return tuple(out)
+
+    return check
+
+
+def _check_overrides(v: Any) -> Dict[str, int]:
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise ConfigurationError(f"bit_overrides must be a dict of regular expression -> bits; got {v!r}")
+    out: Dict[str, int] = {}
+    for p, b in v.items():
+        _check_patterns("bit_overrides")([p])
+        if not _is_int(b) or b not in BIT_WIDTHS + (KEEP_BITS,):
+            raise ConfigurationError(f"bit_overrides[{p!r}] must be 2, 3, 4, 8, or 16 (keep unquantized); got {b!r}")
+        out[p] = b
+    return out
+
+
+def _check_components(v: Any) -> Optional[Tuple[str, ...]]:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, Iterable) or not all(isinstance(c, str) and c for c in v):
+        raise ConfigurationError(f"components must be None (the denoiser), 'all', or a list of component names; got {v!r}")
+    return tuple(v)
+
+
+def _check_sensitive_bits(v: Any) -> int:
+    if not _is_int(v) or v not in BIT_WIDTHS + (KEEP_BITS,):
+        raise ConfigurationError(f"sensitive_bit_width must be 2, 3, 4, 8, or 16 (keep unquantized); got {v!r}")
+    return v
+
+
+# name -> (default, checker, doc). Order: the seed's fields first.
+_FIELDS: Dict[str, Tuple[Any, Callable[[Any], Any], str]] = {
+    "bit_width": (4, _check_bits, "integer code width: 2, 3, 4 or 8"),
+    "modality": (None, _check_modality, "text, code, image or audio; None detects it from the model"),
+    "num_time_groups": (10, _check_int("num_time_groups", 1, 1000), "timestep groups for time-aware calibration"),
+    "group_size": (128, _check_group_size, "weights per scale along the input dimension (0 = per channel)"),
+    "enable_time_aware": (True, _check_bool("enable_time_aware"), "timestep-aware calibration (needs calibration data)"),
+    "enable_spatial": (True, _check_bool("enable_spatial"), "channel equalization (needs calibration data)"),
+    "min_accuracy": (0.85, _check_min_accuracy, "per-layer cosine similarity under which a layer falls back"),
+    "calibration_samples": (128, _check_int("calibration_samples", 1), "calibration samples to record"),
+    "deployment_profile": ("local", _check_profile, "edge, local or cloud"),
+    "fail_fast": (False, _check_bool("fail_fast"), "stop at the first per-layer error instead of collecting"),
+    # ArrowQuant's own fields
+    "symmetric": (False, _check_bool("symmetric"), "symmetric codes (no offset) instead of asymmetric"),
+    "scale_method": ("search", _check_choice("scale_method", SCALE_METHODS), "'search' (error-minimizing) or 'minmax'"),
+    "enable_fallback": (True, _check_bool("enable_fallback"), "raise a layer's bits while its cosine < min_accuracy"),
+    "num_threads": (0, _check_int("num_threads", 0, 1024, " (0 = every core)"), "worker threads; 0 = every core"),
+    "components": (None, _check_components, "pipeline components to quantize; None = the denoiser"),
+    "skip_patterns": ((), _check_patterns("skip_patterns"), "regexes of tensors to keep unquantized"),
+    "bit_overrides": ({}, _check_overrides, "regex -> bits for chosen tensors (16 keeps them)"),
+    "sensitive_patterns": (None, _check_patterns("sensitive_patterns"), "regexes of sensitive tensors; None = defaults"),
+    "sensitive_bit_width": (8, _check_sensitive_bits, "bits for sensitive tensors (16 keeps them)"),
+    "min_tensor_size": (1024, _check_int("min_tensor_size", 0), "tensors with fewer weights are kept"),
+    "nonfinite": ("error", _check_choice("nonfinite", NONFINITE_POLICIES), "'error' or 'keep' for NaN/Inf weights"),
+    "overwrite": (False, _check_bool("overwrite"), "replace an existing output directory"),
+}
+
+
+class DiffusionQuantConfig:
+    """Configuration of a quantization run.
+
+    ``DiffusionQuantConfig()`` gives the seed's defaults (INT4, groups of 128, min_accuracy 0.85).
+    ``DiffusionQuantConfig(deployment_profile="edge")`` -- or ``from_profile("edge")`` -- applies the
+    profile's settings to every field not given explicitly.
+    """
+
+    __slots__ = tuple(_FIELDS)
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(_FIELDS))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown DiffusionQuantConfig field(s): {', '.join(unknown)}; known: {', '.join(_FIELDS)}"
+            )
+        for name, (default, _, _) in _FIELDS.items():
+            object.__setattr__(self, name, default() if callable(default) else _copy(default))
+        profile = kwargs.get("deployment_profile")
+        if profile is not None:
+            _check_profile(profile)
+            for name, value in PROFILE_SETTINGS[profile].items():
+                if name not in kwargs:
+                    setattr(self, name, value)
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _FIELDS:
+            raise ConfigurationError(f"DiffusionQuantConfig has no field {name!r}; known: {', '.join(_FIELDS)}")
+        object.__setattr__(self, name, _FIELDS[name][1](value))
+
+    @staticmethod
+    def from_profile(profile: str, **overrides: Any) -> "DiffusionQuantConfig":
+        """The settings of a deployment profile: ``edge`` (INT2, groups of 64), ``local`` (INT4,
+        groups of 128) or ``cloud`` (INT8, per channel); keyword arguments override fields."""
+        _check_profile(profile)
+        return DiffusionQuantConfig(deployment_profile=profile, **overrides)
+
+    def validate(self) -> "DiffusionQuantConfig":
+        """Checks every field again (they are checked on assignment too); returns self."""
+        for name, (_, check, _) in _FIELDS.items():
+            check(getattr(self, name))
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {name: _copy(getattr(self, name)) for name in _FIELDS}
+        for k in ("skip_patterns", "components", "sensitive_patterns"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DiffusionQuantConfig":
+        return cls(**dict(d))
+
+    def replace(self, **changes: Any) -> "DiffusionQuantConfig":
+        d = self.to_dict()
+        d.update(changes)
+        return DiffusionQuantConfig(**d)
+
+    def _engine_json(self) -> str:
+        """The JSON the C++ engine reads (bit_overrides as ordered pairs: first match wins)."""
+        d = self.to_dict()
+        d["bit_overrides"] = [[p, b] for p, b in self.bit_overrides.items()]
+        return json.dumps(d)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DiffusionQuantConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in _FIELDS)
+        return f"DiffusionQuantConfig({fields})"
+
+
+def _copy(v: Any) -> Any:
+    if isinstance(v, dict):
+        return dict(v)
+    if isinstance(v, list):
+        return list(v)
+    return v
+
+
+def field_docs() -> List[Tuple[str, Any, str]]:
+    """(name, default, description) of every field, for documentation and the CLI."""
+    return [(n, d, doc) for n, (d, _, doc) in _FIELDS.items()]

@@ -1,0 +1,196 @@
+"""Loading a quantized model directory: lazy access to every tensor.
+
+>>> import arrow_quant_v2 as aq
+>>> model = aq.load("sd-int4/")
+>>> model.tensor_names()[:2]
+['unet/conv_in.bias', 'unet/conv_in.weight']
+>>> w = model["unet/conv_in.weight"].numpy()          # float32, dequantized
+>>> sd = model.to_torch_state_dict("unet")             # {name: torch.Tensor} in the source dtype
+
+Values are decoded by the same C++ function the quantizer measured its error with, so what
+loads is exactly what the reported metrics describe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+
+from . import _core
+from .errors import ModelFormatError, ModelNotFoundError
+
+_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+                 "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_NUMPY_RAW = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32,
+              "U64": np.uint64, "BOOL": np.bool_}
+
+
+@dataclass
+class PackedTensor:
+    """A tensor's stored form: packed codes and scales (docs/format.md), or the raw source bytes."""
+
+    name: str
+    shape: List[int]
+    dtype: str
+    quantized: bool
+    codes: bytes
+    scales: Optional[np.ndarray]
+    zero_points: Optional[np.ndarray]
+    bits: Optional[int]
+    group_size: Optional[int]
+    symmetric: Optional[bool]
+
+
+class QuantizedTensor:
+    """One tensor of a loaded model; nothing is read until asked."""
+
+    def __init__(self, reader: "_core.WeightsReader", index: int, info: Dict[str, Any], qualified: str) -> None:
+        self._reader = reader
+        self._index = index
+        self.info = info
+        self.name = qualified
+
+    shape = property(lambda self: tuple(self.info["shape"]))
+    dtype = property(lambda self: self.info["dtype"], doc="the source dtype (safetensors spelling)")
+    quantized = property(lambda self: self.info["quantized"])
+    bits = property(lambda self: self.info.get("bits"))
+    group_size = property(lambda self: self.info.get("group_size"))
+    scheme = property(lambda self: self.info.get("scheme", "raw"))
+    cosine_similarity = property(lambda self: self.info.get("cosine_similarity", 1.0))
+    stored_bytes = property(lambda self: self.info["stored_bytes"])
+
+    def numpy(self, dtype: Any = np.float32) -> np.ndarray:
+        """The tensor as a numpy array: dequantized (float32 by default, or float16), or the kept
+        values. Integer tensors come back in their own dtype."""
+        if not self.quantized and self.dtype not in ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2"):
+            p = self.packed()
+            return np.frombuffer(p.codes, dtype=_NUMPY_RAW[self.dtype]).reshape(self.shape).copy()
+        out = self._reader.dequantize(self._index)
+        return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
+
+    dequantize = numpy
+
+    def packed(self) -> PackedTensor:
+        d = self._reader.packed(self._index)
+        sdt = np.float16 if d.get("scale_type") == "f16" else np.float32
+        return PackedTensor(
+            name=self.name, shape=list(d["shape"]), dtype=d["dtype"], quantized=d["quantized"], codes=d["codes"],
+            scales=None if d["scales"] is None else np.frombuffer(d["scales"], dtype=sdt),
+            zero_points=None if d["zero_points"] is None else np.frombuffer(d["zero_points"], dtype=sdt),
+            bits=d.get("bits"), group_size=d.get("group_size"), symmetric=d.get("symmetric"))
+
+    def __repr__(self) -> str:
+        return f"QuantizedTensor({self.name!r}, shape={self.shape}, {self.scheme}, source {self.dtype})"
+
+
+class QuantizedModel:
+    """A quantized model directory, opened lazily (reading the manifest and each component's
+    small metadata columns only)."""
+
+    def __init__(self, path: "os.PathLike[str] | str") -> None:
+        self.path = os.fspath(path)
+        manifest_path = os.path.join(self.path, "manifest.json")
+        if not os.path.exists(self.path):
+            raise ModelNotFoundError(f"{self.path}: no such directory")
+        if not os.path.exists(manifest_path):
+            raise ModelFormatError(f"{self.path}: no manifest.json (not an ArrowQuant model directory)")
+        with open(manifest_path, encoding="utf-8") as f:
+            try:
+                self.manifest: Dict[str, Any] = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ModelFormatError(f"{manifest_path}: not valid JSON ({e})") from None
+        if self.manifest.get("format") != "arrowquant":
+            raise ModelFormatError(f"{manifest_path}: not an ArrowQuant manifest")
+        if self.manifest.get("format_version") != _core.FORMAT_VERSION:
+            raise ModelFormatError(f"{manifest_path}: format version {self.manifest.get('format_version')}; "
+                                   f"this version reads {_core.FORMAT_VERSION}")
+        self._tensors: Dict[str, QuantizedTensor] = {}
+        self._by_component: Dict[str, List[str]] = {}
+        for comp in self.manifest["components"]:
+            cname = comp["name"]
+            reader = _core.WeightsReader(os.path.join(self.path, comp["weights"]))
+            names = []
+            for i, info in enumerate(reader.tensors()):
+                q = f"{cname}/{info['name']}" if cname else info["name"]
+                self._tensors[q] = QuantizedTensor(reader, i, info, q)
+                names.append(q)
+            self._by_component[cname] = names
+
+    @property
+    def components(self) -> List[str]:
+        return list(self._by_component)
+
+    @property
+    def modality(self) -> str:
+        return self.manifest["modality"]
+
+    def tensor_names(self, component: Optional[str] = None) -> List[str]:
+        if component is None:
+            return list(self._tensors)
+        return list(self._component(component))
+
+    def __getitem__(self, name: str) -> QuantizedTensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def state_dict(self, component: Optional[str] = None, dtype: Any = np.float32) -> Dict[str, np.ndarray]:
+        """{name: numpy array} of one component (names without the component prefix), or of a
+        single-component model."""
+        names = self._component(self._default_component(component))
+        prefix = len(component) + 1 if component else 0
+        return {n[prefix:]: self._tensors[n].numpy(dtype) for n in names}
+
+    def to_torch_state_dict(self, component: Optional[str] = None, dtype: Any = None) -> Dict[str, Any]:
+        """{name: torch.Tensor} of one component, each in its source dtype (bf16 stays bf16) unless
+        ``dtype`` (a torch dtype) is given; ready for ``module.load_state_dict``. Needs torch
+        (``pip install arrow_quant_v2[torch]``)."""
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError("to_torch_state_dict needs PyTorch: pip install 'arrow_quant_v2[torch]'") from e
+        component = self._default_component(component)
+        prefix = len(component) + 1 if component else 0
+        out = {}
+        for n in self._component(component):
+            t = self._tensors[n]
+            value = torch.from_numpy(np.ascontiguousarray(t.numpy()))
+            target = dtype if dtype is not None else getattr(torch, _TORCH_DTYPES.get(t.dtype, "float32"))
+            out[n[prefix:]] = value.to(target)
+        return out
+
+    def _default_component(self, component: Optional[str]) -> str:
+        if component is not None:
+            return component
+        if len(self._by_component) == 1:
+            return next(iter(self._by_component))
+        raise ValueError(f"{self.path} has components {self.components}; name one")
+
+    def _component(self, component: str) -> List[str]:
+        try:
+            return self._by_component[component]
+        except KeyError:
+            raise KeyError(f"no component {component!r} in {self.path}; components: {self.components}") from None
+
+    def __repr__(self) -> str:
+        return f"QuantizedModel({self.path!r}, components={self.components}, tensors={len(self)})"
+
+
+def load(path: "os.PathLike[str] | str") -> QuantizedModel:
+    """Opens a quantized model directory written by ArrowQuant."""
+    return QuantizedModel(path)

@@ -1,0 +1,391 @@
+// The Python binding: converts types, releases the GIL around engine work, and turns Status
+// errors into the package's exceptions (arrow_quant_v2.errors). No algorithm lives here.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <atomic>
+#include <mutex>
+#include <cstring>
+#include <optional>
+#include <stdexcept>
+
+#include "common/thread_pool.h"
+#include "engine/config.h"
+#include "engine/engine.h"
+#include "engine/plan.h"
+#include "engine/tensor_job.h"
+#include "io/modality.h"
+#include "io/model_source.h"
+#include "quant/pack.h"
+#include "quant/tensor_codec.h"
+#include "store/parquet_source.h"
+
+namespace nb = nanobind;
+using nlohmann::json;
+
+namespace {
+
+// Carries a Status across the binding; the translator below raises the matching Python class.
+struct CoreError : std::runtime_error {
+  CoreError(aq::StatusCode c, const std::string& m) : std::runtime_error(m), code(c) {}
+  aq::StatusCode code;
+};
+
+[[noreturn]] void raise(const aq::Status& st) {
+  if (st.code() == aq::StatusCode::kCancelled) {
+    PyErr_SetString(PyExc_KeyboardInterrupt, st.message().c_str());
+    throw nb::python_error();
+  }
+  throw CoreError(st.code(), st.message());
+}
+
+template <typename T>
+T unwrap(aq::Result<T> r) {
+  if (!r.ok()) raise(r.status());
+  return std::move(r).value();
+}
+
+const char* exception_class(aq::StatusCode code) {
+  switch (code) {
+    case aq::StatusCode::kInvalidConfig: return "ConfigurationError";
+    case aq::StatusCode::kNotFound: return "ModelNotFoundError";
+    case aq::StatusCode::kFormatError: return "ModelFormatError";
+    case aq::StatusCode::kNonFinite: return "NonFiniteWeightError";
+    case aq::StatusCode::kValidation: return "ValidationError";
+    case aq::StatusCode::kNotImplemented: return "UnsupportedFeatureError";
+    default: return "QuantizationError";
+  }
+}
+
+aq::EngineConfig parse_config(const std::string& text) {
+  json j = json::parse(text, nullptr, false);
+  if (j.is_discarded()) raise(aq::InvalidConfig("configuration is not valid JSON"));
+  return unwrap(aq::EngineConfig::FromJson(j));
+}
+
+// Hooks that call back into Python. The engine calls them on this (the calling) thread with
+// the GIL released; each call takes the GIL for its own duration.
+struct PythonHooks {
+  aq::RunHooks hooks;
+  std::atomic<bool> interrupted{false};
+
+  PythonHooks(nb::object progress, int every, double interval) {
+    hooks.progress_every_tensors = every;
+    hooks.progress_interval_s = interval;
+    if (!progress.is_none()) {
+      hooks.progress = [this, progress](const aq::ProgressEvent& e) {
+        nb::gil_scoped_acquire gil;
+        try {
+          // The Python side returns True to ask for a stop (Ctrl-C inside the callback).
+          nb::object stop = progress(e.tensors_done, e.tensors_total, e.weights_done, e.weights_total,
+                                     e.elapsed_s, e.eta_s, e.current);
+          if (nb::isinstance<nb::bool_>(stop) && nb::cast<bool>(stop)) interrupted = true;
+        } catch (nb::python_error& err) {
+          err.discard_as_unraisable("arrow_quant_v2 progress callback");
+        }
+      };
+    }
+    hooks.should_stop = [this] {
+      if (interrupted) return true;
+      nb::gil_scoped_acquire gil;
+      if (PyErr_CheckSignals() != 0) {
+        PyErr_Clear();
+        interrupted = true;
+      }
+      return interrupted.load();
+    };
+  }
+};
+
+nb::bytes to_bytes(std::span<const uint8_t> s) { return nb::bytes(s.data(), s.size()); }
+
+std::span<const uint8_t> as_span(const nb::bytes& b) {
+  return {static_cast<const uint8_t*>(b.data()), b.size()};
+}
+
+nb::ndarray<nb::numpy, float> float_array(std::vector<float>&& v, const std::vector<size_t>& shape) {
+  auto* heap = new std::vector<float>(std::move(v));
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+  return nb::ndarray<nb::numpy, float>(heap->data(), shape.size(), shape.data(), owner);
+}
+
+aq::QuantScheme scheme_from(int bits, int group_size, bool symmetric, const std::string& scale_type,
+                            const std::string& method) {
+  aq::QuantScheme s;
+  s.bits = bits;
+  s.group_size = group_size;
+  s.symmetric = symmetric;
+  if (scale_type == "f16") s.scale_type = aq::ScaleType::kF16;
+  else if (scale_type == "f32") s.scale_type = aq::ScaleType::kF32;
+  else raise(aq::InvalidConfig("scale_type must be 'f16' or 'f32', got '" + scale_type + "'"));
+  if (method == "search") s.method = aq::ScaleMethod::kSearch;
+  else if (method == "minmax") s.method = aq::ScaleMethod::kMinMax;
+  else raise(aq::InvalidConfig("scale_method must be 'search' or 'minmax', got '" + method + "'"));
+  if (auto st = aq::validate_scheme(s); !st.ok()) raise(st);
+  return s;
+}
+
+nb::dict info_dict(const aq::StoredTensorInfo& t) {
+  nb::dict d;
+  d["name"] = t.name;
+  d["shape"] = nb::cast(t.shape);
+  d["dtype"] = std::string(aq::dtype_name(t.dtype));
+  d["quantized"] = t.quantized;
+  d["reason"] = t.reason;
+  d["rejected_bits"] = nb::cast(t.rejected_bits);
+  d["source_bytes"] = t.source_bytes();
+  d["stored_bytes"] = t.stored_bytes();
+  if (t.quantized) {
+    d["bits"] = t.scheme.bits;
+    d["group_size"] = t.scheme.group_size;
+    d["symmetric"] = t.scheme.symmetric;
+    d["scale_type"] = aq::scale_type_name(t.scheme.scale_type);
+    d["scale_method"] = aq::scale_method_name(t.scheme.method);
+    d["scheme"] = aq::scheme_name(t.scheme);
+    d["cosine_similarity"] = t.cosine;
+    d["relative_error"] = t.relative_error;
+    d["sqnr_db"] = t.sqnr_db;
+    d["max_abs_error"] = t.max_abs_error;
+  }
+  return d;
+}
+
+class WeightsReader {
+ public:
+  explicit WeightsReader(const std::string& path) : src_(unwrap(aq::ParquetSource::Open(path))) {}
+
+  nb::list tensors() const {
+    nb::list l;
+    for (const auto& t : src_->tensors()) l.append(info_dict(t));
+    return l;
+  }
+
+  nb::ndarray<nb::numpy, float> dequantize(size_t index) const {
+    check(index);
+    const auto& info = src_->tensors()[index];
+    std::vector<float> out(info.numel());
+    aq::Status st;
+    {
+      nb::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mu_);  // one Parquet reader: reads are serialized
+      st = src_->dequantize(index, out.data());
+    }
+    if (!st.ok()) raise(st);
+    std::vector<size_t> shape(info.shape.begin(), info.shape.end());
+    return float_array(std::move(out), shape);
+  }
+
+  nb::dict packed(size_t index) const {
+    check(index);
+    std::optional<aq::Result<aq::LoadedTensor>> r;
+    {
+      nb::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mu_);
+      r.emplace(src_->read(index));
+    }
+    aq::LoadedTensor t = unwrap(std::move(*r));
+    nb::dict d = info_dict(src_->tensors()[index]);
+    d["codes"] = to_bytes(t.payload.codes);
+    d["scales"] = src_->tensors()[index].quantized ? nb::object(to_bytes(t.payload.scales)) : nb::none();
+    d["zero_points"] = t.payload.zero_points.empty() ? nb::none() : nb::object(to_bytes(t.payload.zero_points));
+    return d;
+  }
+
+  size_t size() const { return src_->tensors().size(); }
+  std::string path() const { return src_->path(); }
+
+ private:
+  void check(size_t index) const {
+    if (index >= src_->tensors().size())
+      throw nb::index_error(("tensor index " + std::to_string(index) + " out of range").c_str());
+  }
+  std::unique_ptr<aq::ParquetSource> src_;
+  mutable std::mutex mu_;
+};
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "ArrowQuant C++ core (internal; use the arrow_quant_v2 package API)";
+  m.attr("FORMAT_VERSION") = aq::kFormatVersion;
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const CoreError& e) {
+      nb::object errors = nb::module_::import_("arrow_quant_v2.errors");
+      nb::object cls = errors.attr(exception_class(e.code));
+      nb::object exc = cls(nb::str(e.what()));
+      exc.attr("code") = nb::str(aq::status_code_name(e.code));
+      PyErr_SetObject(cls.ptr(), exc.ptr());
+    }
+  });
+
+  m.def("quantize_model",
+        [](const std::string& model, const std::string& out, const std::string& config, nb::object progress,
+           int every, double interval) {
+          aq::EngineConfig cfg = parse_config(config);
+          PythonHooks py(std::move(progress), every, interval);
+          std::optional<aq::Result<json>> r;
+          {
+            nb::gil_scoped_release release;
+            r.emplace(aq::quantize_model(model, out, cfg, py.hooks));
+          }
+          if (py.interrupted) {
+            PyErr_SetString(PyExc_KeyboardInterrupt, "quantization interrupted; no output was written");
+            throw nb::python_error();
+          }
+          return unwrap(std::move(*r)).dump();
+        },
+        nb::arg("model_path"), nb::arg("output_path"), nb::arg("config_json"), nb::arg("progress").none(),
+        nb::arg("progress_every") = 10, nb::arg("progress_interval_s") = 5.0,
+        "Quantizes a model directory; returns the report as JSON text.");
+
+  m.def("validate_model",
+        [](const std::string& original, const std::string& quantized, int threads, nb::object progress) {
+          PythonHooks py(std::move(progress), 1 << 30, 5.0);
+          std::optional<aq::Result<json>> r;
+          {
+            nb::gil_scoped_release release;
+            r.emplace(aq::validate_model(original, quantized, threads, py.hooks));
+          }
+          if (py.interrupted) {
+            PyErr_SetString(PyExc_KeyboardInterrupt, "validation interrupted");
+            throw nb::python_error();
+          }
+          return unwrap(std::move(*r)).dump();
+        },
+        nb::arg("original_path"), nb::arg("quantized_path"), nb::arg("num_threads") = 0,
+        nb::arg("progress").none() = nb::none());
+
+  m.def("encode_array",
+        [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> a, int bits, int group_size,
+           bool symmetric, const std::string& method, int threads, const std::string& name) {
+          aq::QuantScheme scheme = scheme_from(bits, group_size, symmetric, "f16", method);
+          aq::RowSource src;
+          src.data = reinterpret_cast<const uint8_t*>(a.data());
+          src.dtype = aq::DType::kF32;
+          src.rows = a.shape(0);
+          src.cols = a.shape(1);
+          src.name = name;
+          std::optional<aq::Result<aq::EncodedTensor>> r;
+          {
+            nb::gil_scoped_release release;
+            std::optional<aq::ThreadPool> pool;
+            if (threads != 1) pool.emplace(threads);
+            r.emplace(aq::encode_tensor(src, scheme, pool ? &*pool : nullptr));
+          }
+          aq::EncodedTensor t = unwrap(std::move(*r));
+          nb::dict d;
+          d["codes"] = to_bytes(t.codes);
+          d["scales"] = to_bytes(t.scales);
+          d["zero_points"] = t.scheme.symmetric ? nb::none() : nb::object(to_bytes(t.zero_points));
+          d["scale_type"] = aq::scale_type_name(t.scheme.scale_type);
+          d["cosine_similarity"] = t.stats.cosine();
+          d["relative_error"] = t.stats.relative_error();
+          d["sqnr_db"] = t.stats.sqnr_db();
+          d["max_abs_error"] = t.stats.max_abs_err;
+          return d;
+        },
+        nb::arg("array"), nb::arg("bits"), nb::arg("group_size"), nb::arg("symmetric"),
+        nb::arg("scale_method") = "search", nb::arg("num_threads") = 0, nb::arg("name") = "array");
+
+  m.def("decode_array",
+        [](nb::bytes codes, nb::bytes scales, nb::object zero_points, uint64_t rows, uint64_t cols, int bits,
+           int group_size, bool symmetric, const std::string& scale_type) {
+          aq::QuantScheme scheme = scheme_from(bits, group_size, symmetric, scale_type, "search");
+          nb::bytes zp = zero_points.is_none() ? nb::bytes("", 0) : nb::cast<nb::bytes>(zero_points);
+          std::vector<float> out(rows * cols);
+          aq::Status st = aq::decode_tensor(scheme, rows, cols, as_span(codes), as_span(scales), as_span(zp), out.data());
+          if (!st.ok()) raise(st);
+          return float_array(std::move(out), {static_cast<size_t>(rows), static_cast<size_t>(cols)});
+        },
+        nb::arg("codes"), nb::arg("scales"), nb::arg("zero_points").none(), nb::arg("rows"), nb::arg("cols"),
+        nb::arg("bits"), nb::arg("group_size"), nb::arg("symmetric"), nb::arg("scale_type") = "f16");
+
+  m.def("pack_codes",
+        [](nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> codes, int bits) {
+          if (bits < 1 || bits > 8) raise(aq::InvalidConfig("bits must be 1..8"));
+          const uint8_t limit = static_cast<uint8_t>((1u << bits) - 1u);
+          for (size_t i = 0; i < codes.shape(0); ++i)
+            if (codes.data()[i] > limit)
+              raise(aq::InvalidConfig("code " + std::to_string(codes.data()[i]) + " at index " + std::to_string(i) +
+                                      " does not fit in " + std::to_string(bits) + " bits"));
+          std::vector<uint8_t> out(aq::packed_code_bytes(bits, codes.shape(0)));
+          aq::pack_codes(codes.data(), codes.shape(0), bits, out.data());
+          return nb::bytes(out.data(), out.size());
+        },
+        nb::arg("codes"), nb::arg("bits"));
+
+  m.def("unpack_codes",
+        [](nb::bytes packed, uint64_t first, uint64_t count, int bits) {
+          if (bits < 1 || bits > 8) raise(aq::InvalidConfig("bits must be 1..8"));
+          if (aq::packed_code_bytes(bits, first + count) > packed.size())
+            raise(aq::FormatError("packed stream too short for the codes asked for"));
+          auto* heap = new std::vector<uint8_t>(count);
+          aq::unpack_codes(static_cast<const uint8_t*>(packed.data()), first, count, bits, heap->data());
+          nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });
+          size_t shape[1] = {static_cast<size_t>(count)};
+          return nb::ndarray<nb::numpy, uint8_t>(heap->data(), 1, shape, owner);
+        },
+        nb::arg("packed"), nb::arg("first"), nb::arg("count"), nb::arg("bits"));
+
+  m.def("describe_model",
+        [](const std::string& path, const std::vector<std::string>& components) {
+          aq::ModelSource model = unwrap(aq::discover_model(path, components));
+          json comps = json::array();
+          std::vector<std::string> names;
+          for (const auto& c : model.components) {
+            json jc = {{"name", c.name}, {"selected", c.selected}, {"weight_files", c.weight_files},
+                       {"tensors", json::array()}};
+            if (c.selected) {
+              auto refs = unwrap(aq::open_component_tensors(c));
+              for (const auto& r : refs) {
+                names.push_back(r.info->name);
+                jc["tensors"].push_back({{"name", r.info->name}, {"dtype", std::string(aq::dtype_name(r.info->dtype))},
+                                         {"shape", r.info->shape}, {"nbytes", r.info->nbytes}});
+              }
+            }
+            comps.push_back(std::move(jc));
+          }
+          auto m = aq::detect_modality(model, names);
+          json out = {{"root", model.root}, {"layout", aq::layout_name(model.layout)}, {"components", comps},
+                      {"auxiliary_files", model.auxiliary_files}, {"modality", m.modality},
+                      {"modality_evidence", m.evidence}};
+          return out.dump();
+        },
+        nb::arg("path"), nb::arg("components") = std::vector<std::string>{});
+
+  m.def("plan_tensor",
+        [](const std::string& config, const std::string& name, const std::string& dtype, const std::vector<int64_t>& shape) {
+          aq::EngineConfig cfg = parse_config(config);
+          aq::TensorInfo t;
+          t.name = name;
+          auto dt = aq::parse_dtype(dtype);
+          if (!dt) raise(aq::InvalidConfig("unknown dtype '" + dtype + "'"));
+          t.dtype = *dt;
+          t.shape = shape;
+          t.numel = aq::shape_numel(shape).value_or(0);
+          aq::TensorPlan p = aq::plan_tensor(cfg, t);
+          nb::dict d;
+          d["quantize"] = p.quantize;
+          d["bits"] = p.bits;
+          d["reason"] = p.reason;
+          return d;
+        },
+        nb::arg("config_json"), nb::arg("name"), nb::arg("dtype"), nb::arg("shape"),
+        "The layer policy's decision for one tensor (see engine/plan.h).");
+
+  m.def("default_sensitive_patterns", [] { return aq::default_sensitive_patterns(); });
+  m.def("hardware_threads", [] { return aq::ThreadPool::resolve_threads(0); });
+
+  nb::class_<WeightsReader>(m, "WeightsReader")
+      .def(nb::init<const std::string&>(), nb::arg("path"))
+      .def("tensors", &WeightsReader::tensors)
+      .def("dequantize", &WeightsReader::dequantize, nb::arg("index"))
+      .def("packed", &WeightsReader::packed, nb::arg("index"))
+      .def("__len__", &WeightsReader::size)
+      .def_prop_ro("path", &WeightsReader::path);
+}

@@ -1,0 +1,190 @@
+#include "engine/config.h"
+
+#include <set>
+
+namespace aq {
+
+using nlohmann::json;
+
+const std::vector<std::string>& default_sensitive_patterns() {
+  static const std::vector<std::string> p = {
+      "embed",                 // token/position/patch embeddings, timestep and label embedders
+      "adaLN_modulation",      // DiT adaptive layer-norm modulation
+      "norm1\\.linear",        // AdaLayerNormZero (SD3, Flux, PixArt)
+      "norm1_context\\.linear",
+      "norm_out\\.linear",     // final adaLN
+      "scale_shift_table",
+      "time_emb_proj",         // UNet resnets' timestep projection
+      "^time_proj",
+      "^proj_out\\.",          // DiT / Flux / SD3 output projection (top level only)
+      "^conv_in\\.",           // UNet input convolution
+      "^conv_out\\.",          // UNet output convolution
+      "final_layer",
+      "lm_head",               // diffusion LMs' output head (Dream)
+      "transformer\\.ff_out",  // LLaDA's output head
+  };
+  return p;
+}
+
+namespace {
+
+Result<NamePattern> compile(const std::string& field, const std::string& text) {
+  try {
+    return NamePattern{text, std::regex(text, std::regex::ECMAScript)};
+  } catch (const std::regex_error& e) {
+    return InvalidConfig(StrCat(field, ": '", text, "' is not a valid regular expression (", e.what(), ")"));
+  }
+}
+
+Status check_bits(const std::string& field, int bits, bool allow_keep) {
+  if (bits == 2 || bits == 3 || bits == 4 || bits == 8 || (allow_keep && bits == kKeepBits)) return Status::OK();
+  return InvalidConfig(StrCat(field, " must be 2, 3, 4 or 8", allow_keep ? " (or 16 to keep unquantized)" : "",
+                              ", got ", bits));
+}
+
+template <typename T>
+Status get(const json& j, const char* key, T* out, const char* what) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return Status::OK();
+  try {
+    if constexpr (std::is_same_v<T, bool>) {
+      if (!it->is_boolean()) throw std::invalid_argument("");
+    } else if constexpr (std::is_integral_v<T>) {
+      if (!it->is_number_integer()) throw std::invalid_argument("");
+    } else if constexpr (std::is_floating_point_v<T>) {
+      if (!it->is_number()) throw std::invalid_argument("");
+    } else if constexpr (std::is_same_v<T, std::string>) {
+      if (!it->is_string()) throw std::invalid_argument("");
+    }
+    *out = it->get<T>();
+  } catch (const std::exception&) {
+    return InvalidConfig(StrCat(key, " must be ", what, ", got ", it->dump()));
+  }
+  return Status::OK();
+}
+
+Result<std::vector<std::string>> get_strings(const json& j, const char* key) {
+  std::vector<std::string> v;
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return v;
+  if (!it->is_array()) return InvalidConfig(StrCat(key, " must be a list of strings, got ", it->dump()));
+  for (const auto& e : *it) {
+    if (!e.is_string()) return InvalidConfig(StrCat(key, " must be a list of strings, got element ", e.dump()));
+    v.push_back(e.get<std::string>());
+  }
+  return v;
+}
+
+const std::set<std::string>& known_keys() {
+  static const std::set<std::string> k = {
+      "bit_width", "group_size", "symmetric", "scale_method", "min_accuracy", "enable_fallback",
+      "fail_fast", "num_threads", "components", "skip_patterns", "bit_overrides",
+      "sensitive_patterns", "sensitive_bit_width", "min_tensor_size", "nonfinite", "overwrite",
+      "modality", "enable_time_aware", "enable_spatial", "num_time_groups", "calibration_samples",
+      "deployment_profile"};
+  return k;
+}
+
+}  // namespace
+
+Result<EngineConfig> EngineConfig::FromJson(const json& j) {
+  if (!j.is_object()) return InvalidConfig("configuration must be a JSON object");
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (!known_keys().count(it.key())) return InvalidConfig(StrCat("unknown configuration field '", it.key(), "'"));
+
+  EngineConfig c;
+  AQ_RETURN_IF_ERROR(get(j, "bit_width", &c.bit_width, "an integer"));
+  AQ_RETURN_IF_ERROR(check_bits("bit_width", c.bit_width, false));
+  AQ_RETURN_IF_ERROR(get(j, "group_size", &c.group_size, "an integer"));
+  AQ_RETURN_IF_ERROR(get(j, "symmetric", &c.symmetric, "true or false"));
+  std::string method = "search";
+  AQ_RETURN_IF_ERROR(get(j, "scale_method", &method, "a string"));
+  if (method == "search") c.scale_method = ScaleMethod::kSearch;
+  else if (method == "minmax") c.scale_method = ScaleMethod::kMinMax;
+  else return InvalidConfig(StrCat("scale_method must be 'search' or 'minmax', got '", method, "'"));
+  AQ_RETURN_IF_ERROR(validate_scheme(c.scheme(c.bit_width)));
+  AQ_RETURN_IF_ERROR(get(j, "min_accuracy", &c.min_accuracy, "a number"));
+  if (!(c.min_accuracy >= 0.0 && c.min_accuracy <= 1.0))
+    return InvalidConfig(StrCat("min_accuracy must be between 0 and 1, got ", c.min_accuracy));
+  AQ_RETURN_IF_ERROR(get(j, "enable_fallback", &c.enable_fallback, "true or false"));
+  AQ_RETURN_IF_ERROR(get(j, "fail_fast", &c.fail_fast, "true or false"));
+  AQ_RETURN_IF_ERROR(get(j, "num_threads", &c.num_threads, "an integer"));
+  if (c.num_threads < 0 || c.num_threads > 1024)
+    return InvalidConfig(StrCat("num_threads must be 0 (all cores) or a positive count, got ", c.num_threads));
+  AQ_ASSIGN_OR_RETURN(c.components, get_strings(j, "components"));
+  AQ_ASSIGN_OR_RETURN(auto skips, get_strings(j, "skip_patterns"));
+  for (const auto& s : skips) {
+    AQ_ASSIGN_OR_RETURN(auto p, compile("skip_patterns", s));
+    c.skip_patterns.push_back(std::move(p));
+  }
+  if (auto it = j.find("bit_overrides"); it != j.end() && !it->is_null()) {
+    // A JSON object loses order; the Python side sends [[pattern, bits], ...] to keep it.
+    if (!it->is_array()) return InvalidConfig("bit_overrides must be a list of [pattern, bits] pairs");
+    for (const auto& e : *it) {
+      if (!e.is_array() || e.size() != 2 || !e[0].is_string() || !e[1].is_number_integer())
+        return InvalidConfig(StrCat("bit_overrides entry must be [pattern, bits], got ", e.dump()));
+      AQ_ASSIGN_OR_RETURN(auto p, compile("bit_overrides", e[0].get<std::string>()));
+      const int bits = e[1].get<int>();
+      AQ_RETURN_IF_ERROR(check_bits(StrCat("bit_overrides['", p.text, "']"), bits, true));
+      c.bit_overrides.emplace_back(std::move(p), bits);
+    }
+  }
+  std::vector<std::string> sensitive = default_sensitive_patterns();
+  if (auto it = j.find("sensitive_patterns"); it != j.end() && !it->is_null()) {
+    AQ_ASSIGN_OR_RETURN(sensitive, get_strings(j, "sensitive_patterns"));
+  }
+  for (const auto& s : sensitive) {
+    AQ_ASSIGN_OR_RETURN(auto p, compile("sensitive_patterns", s));
+    c.sensitive_patterns.push_back(std::move(p));
+  }
+  AQ_RETURN_IF_ERROR(get(j, "sensitive_bit_width", &c.sensitive_bit_width, "an integer"));
+  AQ_RETURN_IF_ERROR(check_bits("sensitive_bit_width", c.sensitive_bit_width, true));
+  int64_t min_size = static_cast<int64_t>(c.min_tensor_size);
+  AQ_RETURN_IF_ERROR(get(j, "min_tensor_size", &min_size, "an integer"));
+  if (min_size < 0) return InvalidConfig(StrCat("min_tensor_size must be >= 0, got ", min_size));
+  c.min_tensor_size = static_cast<uint64_t>(min_size);
+  std::string nonfinite = "error";
+  AQ_RETURN_IF_ERROR(get(j, "nonfinite", &nonfinite, "a string"));
+  if (nonfinite != "error" && nonfinite != "keep")
+    return InvalidConfig(StrCat("nonfinite must be 'error' or 'keep', got '", nonfinite, "'"));
+  c.keep_nonfinite = nonfinite == "keep";
+  AQ_RETURN_IF_ERROR(get(j, "overwrite", &c.overwrite, "true or false"));
+  AQ_RETURN_IF_ERROR(get(j, "modality", &c.modality, "a string"));
+  if (!c.modality.empty() && c.modality != "text" && c.modality != "code" && c.modality != "image" &&
+      c.modality != "audio")
+    return InvalidConfig(StrCat("modality must be one of text, code, image, audio (or None to detect), got '",
+                                c.modality, "'"));
+  AQ_RETURN_IF_ERROR(get(j, "enable_time_aware", &c.enable_time_aware, "true or false"));
+  AQ_RETURN_IF_ERROR(get(j, "enable_spatial", &c.enable_spatial, "true or false"));
+  AQ_RETURN_IF_ERROR(get(j, "num_time_groups", &c.num_time_groups, "an integer"));
+  if (c.num_time_groups < 1) return InvalidConfig(StrCat("num_time_groups must be >= 1, got ", c.num_time_groups));
+  AQ_RETURN_IF_ERROR(get(j, "calibration_samples", &c.calibration_samples, "an integer"));
+  if (c.calibration_samples < 1)
+    return InvalidConfig(StrCat("calibration_samples must be >= 1, got ", c.calibration_samples));
+  AQ_RETURN_IF_ERROR(get(j, "deployment_profile", &c.deployment_profile, "a string"));
+
+  c.as_json = {
+      {"bit_width", c.bit_width}, {"group_size", c.group_size}, {"symmetric", c.symmetric},
+      {"scale_method", method}, {"min_accuracy", c.min_accuracy}, {"enable_fallback", c.enable_fallback},
+      {"fail_fast", c.fail_fast}, {"num_threads", c.num_threads}, {"components", c.components},
+      {"skip_patterns", skips}, {"bit_overrides", json::array()}, {"sensitive_patterns", sensitive},
+      {"sensitive_bit_width", c.sensitive_bit_width}, {"min_tensor_size", c.min_tensor_size},
+      {"nonfinite", nonfinite}, {"overwrite", c.overwrite},
+      {"modality", c.modality.empty() ? json(nullptr) : json(c.modality)},
+      {"enable_time_aware", c.enable_time_aware}, {"enable_spatial", c.enable_spatial},
+      {"num_time_groups", c.num_time_groups}, {"calibration_samples", c.calibration_samples},
+      {"deployment_profile", c.deployment_profile}};
+  for (const auto& [p, b] : c.bit_overrides) c.as_json["bit_overrides"].push_back(json::array({p.text, b}));
+  return c;
+}
+
+QuantScheme EngineConfig::scheme(int bits) const {
+  QuantScheme s;
+  s.bits = bits;
+  s.group_size = group_size;
+  s.symmetric = symmetric;
+  s.method = scale_method;
+  return s;
+}
+
+}  // namespace aq

@@ -1,0 +1,59 @@
+// The engine's configuration: the C++ side of DiffusionQuantConfig. It arrives as JSON (the
+// Python config's to_dict()), is checked here field by field, and is recorded in the manifest.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/status.h"
+#include "quant/scheme.h"
+
+namespace aq {
+
+// A name pattern (ECMAScript regular expression, matched anywhere in the tensor name).
+struct NamePattern {
+  std::string text;
+  std::regex re;
+  bool matches(const std::string& name) const { return std::regex_search(name, re); }
+};
+
+inline constexpr int kKeepBits = 16;  // a bit override of 16 keeps the tensor unquantized
+
+struct EngineConfig {
+  int bit_width = 4;
+  int group_size = 128;  // 0 = per channel
+  bool symmetric = false;
+  ScaleMethod scale_method = ScaleMethod::kSearch;
+  double min_accuracy = 0.85;
+  bool enable_fallback = true;
+  bool fail_fast = false;
+  int num_threads = 0;  // 0 = every core
+  std::vector<std::string> components;
+  std::vector<NamePattern> skip_patterns;
+  std::vector<std::pair<NamePattern, int>> bit_overrides;  // first match wins
+  std::vector<NamePattern> sensitive_patterns;
+  int sensitive_bit_width = 8;
+  uint64_t min_tensor_size = 1024;  // tensors with fewer weights are kept as they are
+  bool keep_nonfinite = false;      // false: a NaN/Inf weight is an error naming the tensor
+  bool overwrite = false;
+  std::string modality;  // "" = detect
+  bool enable_time_aware = true;
+  bool enable_spatial = true;
+  int num_time_groups = 10;
+  int calibration_samples = 128;
+  std::string deployment_profile = "local";
+
+  nlohmann::json as_json;  // the configuration as given, with defaults filled in
+
+  static Result<EngineConfig> FromJson(const nlohmann::json& j);
+  QuantScheme scheme(int bits) const;
+};
+
+// Defaults that hold embeddings, timestep and conditioning embedders, adaLN modulation and the
+// output projection at sensitive_bit_width (see docs/architecture.md, "Layer policy").
+const std::vector<std::string>& default_sensitive_patterns();
+
+}  // namespace aq

@@ -1,0 +1,432 @@
+#include "engine/engine.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <mutex>
+#include <optional>
+
+#include "common/thread_pool.h"
+#include "engine/output_dir.h"
+#include "engine/plan.h"
+#include "engine/tensor_job.h"
+#include "io/modality.h"
+#include "io/model_source.h"
+#include "store/format.h"
+#include "store/manifest.h"
+#include "store/parquet_sink.h"
+
+#ifndef ARROWQUANT_VERSION
+#define ARROWQUANT_VERSION "0.0.0"
+#endif
+
+namespace aq {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// Source bytes allowed in flight at once (tensors being quantized or waiting to be written).
+constexpr uint64_t kInflightBudget = 256ull << 20;
+
+std::string component_weights_path(const std::string& component) {
+  return component.empty() ? std::string(kWeightsFile) : component + "/" + kWeightsFile;
+}
+
+struct Slot {
+  std::string component;
+  TensorRef ref;
+  TensorPlan plan;
+  QuantScheme scheme;
+  std::unique_ptr<TensorJob> job;
+  std::optional<EncodedTensor> encoded;  // set once the job has finished and been accepted
+  std::vector<int> rejected_bits;
+  std::string keep_reason;  // non-empty: store raw
+  std::string error;        // a per-layer error collected under fail_fast = false
+  const TensorInfo& info() const { return *ref.info; }
+};
+
+class QuantizeRun {
+ public:
+  QuantizeRun(const EngineConfig& config, const RunHooks& hooks)
+      : cfg_(config), hooks_(hooks), pool_(config.num_threads), start_(Clock::now()) {}
+
+  Result<json> run(const std::string& model_path, const std::string& output_path);
+
+ private:
+  Status run_component(const ComponentSource& comp, const std::vector<TensorRef>& refs, ParquetSink& sink,
+                       json& comp_report);
+  void start_job(Slot& s);
+  Status wait_for(Slot& s);
+  // Decides what happens to a finished slot: true when it is ready to write, false when it was
+  // restarted (float32 scales, or the next rung of the accuracy fallback).
+  Result<bool> settle(Slot& s);
+  Status write(Slot& s, ParquetSink& sink, json& comp_report);
+  void drain(std::deque<std::unique_ptr<Slot>>& window);
+  void emit_progress(bool force, const std::string& current, uint64_t partial_weights = 0);
+
+  const EngineConfig& cfg_;
+  const RunHooks& hooks_;
+  ThreadPool pool_;
+  std::atomic<bool> stop_{false};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  Clock::time_point start_;
+  Clock::time_point last_emit_ = Clock::now();
+  uint64_t last_emit_tensors_ = 0;
+  ProgressEvent progress_;
+
+  json layers_ = json::array(), skipped_ = json::array(), fallbacks_ = json::array(), errors_ = json::array();
+  json warnings_ = json::array();
+  uint64_t source_bytes_ = 0, stored_bytes_ = 0, quantized_weights_ = 0, quantized_stored_bytes_ = 0;
+  double cosine_sum_ = 0, cosine_min_ = 1.0;
+  uint64_t quantized_layers_ = 0;
+  std::string worst_layer_;
+};
+
+void QuantizeRun::emit_progress(bool force, const std::string& current, uint64_t partial_weights) {
+  if (!hooks_.progress) return;
+  const auto now = Clock::now();
+  const double since = std::chrono::duration<double>(now - last_emit_).count();
+  const bool due = force || since >= hooks_.progress_interval_s ||
+                   progress_.tensors_done - last_emit_tensors_ >= static_cast<uint64_t>(hooks_.progress_every_tensors);
+  if (!due) return;
+  ProgressEvent e = progress_;
+  e.weights_done += partial_weights;
+  e.current = current;
+  e.elapsed_s = std::chrono::duration<double>(now - start_).count();
+  e.eta_s = e.weights_done > 0 ? e.elapsed_s * static_cast<double>(e.weights_total - e.weights_done) /
+                                     static_cast<double>(e.weights_done)
+                               : -1.0;
+  last_emit_ = now;
+  last_emit_tensors_ = progress_.tensors_done;
+  try {
+    hooks_.progress(e);
+  } catch (const std::exception& ex) {
+    // The Python layer already shields user callbacks; this guards C++ callers.
+    if (warnings_.empty()) warnings_.push_back(StrCat("progress callback raised: ", ex.what()));
+  }
+}
+
+void QuantizeRun::start_job(Slot& s) {
+  const TensorInfo& t = s.info();
+  RowSource src;
+  src.data = s.ref.file->data(t);
+  src.dtype = t.dtype;
+  src.rows = static_cast<uint64_t>(t.shape[0]);
+  src.cols = src.rows ? t.numel / src.rows : 0;
+  src.name = t.name;
+  src.file = s.ref.file->path();
+  s.job = std::make_unique<TensorJob>(src, s.scheme);
+  s.job->start(pool_, &stop_, [this] {
+    std::lock_guard<std::mutex> lock(mu_);
+    cv_.notify_all();
+  });
+}
+
+Status QuantizeRun::wait_for(Slot& s) {
+  if (!s.job) return Status::OK();
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!s.job->finished()) {
+    cv_.wait_for(lock, std::chrono::milliseconds(100));
+    lock.unlock();
+    if (hooks_.should_stop && hooks_.should_stop()) {
+      stop_ = true;
+      return Cancelled("interrupted; no output was written");
+    }
+    const uint64_t partial = s.info().numel * s.job->blocks_done() / std::max<uint64_t>(1, s.job->blocks());
+    emit_progress(false, s.info().name, partial);
+    lock.lock();
+  }
+  return Status::OK();
+}
+
+Result<bool> QuantizeRun::settle(Slot& s) {
+  if (!s.job) return true;  // planned to be kept
+  Status st = s.job->status();
+  if (!st.ok()) {
+    s.job.reset();
+    if (st.code() == StatusCode::kCancelled) return st;
+    if (st.code() == StatusCode::kNonFinite && cfg_.keep_nonfinite) {
+      s.keep_reason = StrCat("kept: non-finite weight (", st.message(), ")");
+      return true;
+    }
+    if (st.code() == StatusCode::kNonFinite)
+      st = Status(st.code(), st.message() + " (set nonfinite='keep' to store such tensors unquantized)");
+    if (cfg_.fail_fast) return st;
+    s.error = st.message();
+    s.keep_reason = StrCat("kept after error: ", st.message());
+    return true;
+  }
+  if (s.job->needs_f32_scales() && s.scheme.scale_type == ScaleType::kF16) {
+    s.scheme.scale_type = ScaleType::kF32;  // float16 cannot hold this tensor's scales closely enough
+    start_job(s);
+    return false;
+  }
+  EncodedTensor enc = s.job->take();
+  s.job.reset();
+  const double cos = enc.stats.cosine();
+  if (cfg_.enable_fallback && cos < cfg_.min_accuracy) {
+    s.rejected_bits.push_back(s.scheme.bits);
+    if (auto next = next_fallback_bits(s.scheme.bits)) {
+      s.scheme = cfg_.scheme(*next);
+      start_job(s);
+      return false;
+    }
+    s.keep_reason = StrCat("kept: cosine ", cos, " at ", s.scheme.bits, " bits is below min_accuracy ",
+                           cfg_.min_accuracy, " (fallback ladder exhausted)");
+    return true;
+  }
+  s.encoded = std::move(enc);
+  return true;
+}
+
+Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
+  const TensorInfo& t = s.info();
+  StoredTensorInfo info;
+  info.name = t.name;
+  info.shape = t.shape;
+  info.dtype = t.dtype;
+  info.rejected_bits = s.rejected_bits;
+  TensorPayload payload;
+  if (s.encoded) {
+    const EncodedTensor& enc = *s.encoded;
+    info.quantized = true;
+    info.scheme = enc.scheme;
+    info.reason = s.plan.reason;
+    if (!s.rejected_bits.empty())
+      info.reason += StrCat("; fell back to ", enc.scheme.bits, " bits");
+    info.cosine = enc.stats.cosine();
+    info.relative_error = enc.stats.relative_error();
+    info.sqnr_db = enc.stats.sqnr_db();
+    info.max_abs_error = enc.stats.max_abs_err;
+    payload.codes = enc.codes;
+    payload.scales = enc.scales;
+    payload.zero_points = enc.zero_points;
+  } else {
+    info.quantized = false;
+    info.reason = s.keep_reason.empty() ? s.plan.reason : s.keep_reason;
+    payload.codes = std::span<const uint8_t>(s.ref.file->data(t), t.nbytes);
+  }
+  AQ_RETURN_IF_ERROR(sink.Write(info, payload));
+  s.ref.file->release(t);
+
+  const std::string qualified = s.component.empty() ? t.name : s.component + "/" + t.name;
+  const uint64_t stored = info.stored_bytes();
+  source_bytes_ += t.nbytes;
+  stored_bytes_ += stored;
+  comp_report["source_bytes"] = comp_report["source_bytes"].get<uint64_t>() + t.nbytes;
+  comp_report["stored_bytes"] = comp_report["stored_bytes"].get<uint64_t>() + stored;
+  comp_report["tensors"] = comp_report["tensors"].get<uint64_t>() + 1;
+  json layer = {{"name", qualified}, {"component", s.component}, {"tensor", t.name},
+                {"shape", t.shape}, {"dtype", std::string(dtype_name(t.dtype))},
+                {"quantized", info.quantized}, {"reason", info.reason},
+                {"source_bytes", t.nbytes}, {"stored_bytes", stored},
+                {"rejected_bits", info.rejected_bits}};
+  if (info.quantized) {
+    comp_report["quantized"] = comp_report["quantized"].get<uint64_t>() + 1;
+    layer["bits"] = info.scheme.bits;
+    layer["group_size"] = info.scheme.group_size;
+    layer["symmetric"] = info.scheme.symmetric;
+    layer["scheme"] = scheme_name(info.scheme);
+    layer["scale_type"] = scale_type_name(info.scheme.scale_type);
+    layer["cosine_similarity"] = info.cosine;
+    layer["relative_error"] = info.relative_error;
+    layer["sqnr_db"] = info.sqnr_db;
+    layer["bits_per_weight"] = 8.0 * static_cast<double>(stored) / static_cast<double>(t.numel);
+    ++quantized_layers_;
+    cosine_sum_ += info.cosine;
+    if (info.cosine < cosine_min_ || worst_layer_.empty()) cosine_min_ = info.cosine, worst_layer_ = qualified;
+    quantized_weights_ += t.numel;
+    quantized_stored_bytes_ += stored;
+  } else {
+    skipped_.push_back({{"name", qualified}, {"reason", info.reason}});
+  }
+  if (!info.rejected_bits.empty())
+    fallbacks_.push_back({{"name", qualified}, {"rejected_bits", info.rejected_bits},
+                          {"final", info.quantized ? json(info.scheme.bits) : json("kept")}});
+  if (!s.error.empty()) errors_.push_back({{"name", qualified}, {"error", s.error}});
+  layers_.push_back(std::move(layer));
+  progress_.tensors_done += 1;
+  progress_.weights_done += t.numel;
+  emit_progress(false, qualified);
+  return Status::OK();
+}
+
+void QuantizeRun::drain(std::deque<std::unique_ptr<Slot>>& window) {
+  stop_ = true;
+  for (auto& s : window)
+    while (s->job && !s->job->finished()) {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_for(lock, std::chrono::milliseconds(20));
+    }
+  window.clear();
+}
+
+Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector<TensorRef>& refs,
+                                  ParquetSink& sink, json& comp_report) {
+  std::deque<std::unique_ptr<Slot>> window;
+  uint64_t inflight = 0;
+  size_t next = 0;
+  const size_t max_window = 2 * static_cast<size_t>(pool_.size()) + 2;
+  Status result = Status::OK();
+  while (next < refs.size() || !window.empty()) {
+    while (next < refs.size() &&
+           (window.empty() || (window.size() < max_window && inflight + refs[next].info->nbytes <= kInflightBudget))) {
+      auto s = std::make_unique<Slot>();
+      s->component = comp.name;
+      s->ref = refs[next++];
+      s->plan = plan_tensor(cfg_, s->info());
+      if (s->plan.quantize) {
+        s->scheme = cfg_.scheme(s->plan.bits);
+        start_job(*s);
+      }
+      inflight += s->info().nbytes;
+      window.push_back(std::move(s));
+    }
+    Slot& head = *window.front();
+    result = wait_for(head);
+    if (!result.ok()) break;
+    auto settled = settle(head);
+    if (!settled.ok()) {
+      result = settled.status();
+      break;
+    }
+    if (!*settled) continue;
+    result = write(head, sink, comp_report);
+    if (!result.ok()) break;
+    inflight -= head.info().nbytes;
+    window.pop_front();
+  }
+  if (!result.ok()) drain(window);
+  return result;
+}
+
+
+Result<json> QuantizeRun::run(const std::string& model_path, const std::string& output_path) {
+  AQ_ASSIGN_OR_RETURN(ModelSource model, discover_model(model_path, cfg_.components));
+  AQ_ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(output_path, model.root, cfg_.overwrite));
+
+  // Open (and so validate) every selected component before quantizing anything.
+  std::vector<std::vector<TensorRef>> refs(model.components.size());
+  std::vector<std::string> names;
+  for (size_t i = 0; i < model.components.size(); ++i) {
+    const auto& c = model.components[i];
+    if (!c.selected) continue;
+    AQ_ASSIGN_OR_RETURN(refs[i], open_component_tensors(c));
+    for (const auto& r : refs[i]) {
+      names.push_back(r.info->name);
+      progress_.tensors_total += 1;
+      progress_.weights_total += r.info->numel;
+    }
+  }
+  ModalityGuess modality = detect_modality(model, names);
+  if (!cfg_.modality.empty()) modality = {cfg_.modality, "set in the config (detected: " + modality.modality + ")"};
+
+  json components = json::array();
+  for (size_t i = 0; i < model.components.size(); ++i) {
+    const auto& c = model.components[i];
+    if (!c.selected) continue;
+    const std::string rel = component_weights_path(c.name);
+    const fs::path file = fs::path(staging.path()) / rel;
+    std::error_code ec;
+    fs::create_directories(file.parent_path(), ec);
+    if (ec) return IoError(StrCat(file.parent_path().string(), ": cannot create: ", ec.message()));
+    AQ_ASSIGN_OR_RETURN(auto sink, ParquetSink::Open(file.string(), c.name));
+    json comp = {{"name", c.name}, {"weights", rel}, {"source_files", json::array()},
+                 {"tensors", 0}, {"quantized", 0}, {"source_bytes", 0}, {"stored_bytes", 0}};
+    for (const auto& f : c.weight_files) comp["source_files"].push_back(fs::relative(f, fs::path(model.root).parent_path()).string());
+    AQ_RETURN_IF_ERROR(run_component(c, refs[i], *sink, comp));
+    AQ_RETURN_IF_ERROR(sink->Close());
+    refs[i].clear();  // unmaps the component's files
+    components.push_back(std::move(comp));
+  }
+  if (hooks_.should_stop && hooks_.should_stop()) return Cancelled("interrupted; no output was written");
+
+  for (const auto& f : model.auxiliary_files) AQ_RETURN_IF_ERROR(copy_relative_file(model.root, f, staging.path()));
+
+  const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
+  const double mean_cos = quantized_layers_ ? cosine_sum_ / static_cast<double>(quantized_layers_) : 1.0;
+  const char* no_calibration =
+      "needs calibration data (activations recorded across the sampling trajectory); calibration capture is "
+      "not part of this version, so weights were quantized data-free";
+  json time_aware = {{"requested", cfg_.enable_time_aware}, {"applied", false},
+                     {"reason", cfg_.enable_time_aware ? no_calibration : "disabled in the config"}};
+  json spatial = {{"requested", cfg_.enable_spatial}, {"applied", false},
+                  {"reason", cfg_.enable_spatial ? no_calibration : "disabled in the config"}};
+  uint64_t total_weights = 0;
+  for (const auto& l : layers_) total_weights += shape_numel(l["shape"].get<std::vector<int64_t>>()).value_or(0);
+
+  json summary = {
+      {"compression_ratio", stored_bytes_ ? static_cast<double>(source_bytes_) / static_cast<double>(stored_bytes_) : 1.0},
+      {"source_weight_bytes", source_bytes_},
+      {"quantized_weight_bytes", stored_bytes_},
+      {"bits_per_weight", total_weights ? 8.0 * static_cast<double>(stored_bytes_) / static_cast<double>(total_weights) : 0.0},
+      {"quantized_bits_per_weight", quantized_weights_ ? 8.0 * static_cast<double>(quantized_stored_bytes_) / static_cast<double>(quantized_weights_) : 0.0},
+      {"cosine_similarity", mean_cos},
+      {"min_cosine_similarity", quantized_layers_ ? cosine_min_ : 1.0},
+      {"worst_layer", worst_layer_},
+      {"quantized_layers", quantized_layers_},
+      {"kept_layers", skipped_.size()},
+      {"fallback_layers", fallbacks_.size()},
+      {"error_layers", errors_.size()},
+  };
+  json manifest = {
+      {"format", kFormatName},
+      {"format_version", kFormatVersion},
+      {"producer", std::string("arrow_quant_v2 ") + ARROWQUANT_VERSION},
+      {"source", {{"path", model.root}, {"layout", layout_name(model.layout)}}},
+      {"modality", modality.modality},
+      {"modality_evidence", modality.evidence},
+      {"config", cfg_.as_json},
+      {"min_accuracy", cfg_.min_accuracy},
+      {"components", components},
+      {"copied_files", model.auxiliary_files},
+      {"summary", summary},
+      {"calibration", {{"time_aware", time_aware}, {"spatial", spatial}}},
+  };
+  AQ_RETURN_IF_ERROR(write_json_file((fs::path(staging.path()) / kManifestFile).string(), manifest));
+
+  uint64_t dir_bytes = 0;
+  for (const auto& e : fs::recursive_directory_iterator(staging.path()))
+    if (e.is_regular_file()) dir_bytes += e.file_size();
+  AQ_RETURN_IF_ERROR(staging.Commit());
+  emit_progress(true, "done");
+
+  json report = summary;
+  report["quantized_path"] = staging.destination();
+  report["source_path"] = model.root;
+  report["layout"] = layout_name(model.layout);
+  report["modality"] = modality.modality;
+  report["modality_evidence"] = modality.evidence;
+  report["bit_width"] = cfg_.bit_width;
+  report["group_size"] = cfg_.group_size;
+  report["symmetric"] = cfg_.symmetric;
+  report["min_accuracy"] = cfg_.min_accuracy;
+  report["model_size_mb"] = static_cast<double>(dir_bytes) / (1024.0 * 1024.0);
+  report["quantization_time_s"] = seconds;
+  report["num_threads"] = pool_.size();
+  report["components"] = components;
+  report["layers"] = layers_;
+  report["skipped"] = skipped_;
+  report["fallbacks"] = fallbacks_;
+  report["errors"] = errors_;
+  report["warnings"] = warnings_;
+  report["time_aware"] = time_aware;
+  report["spatial"] = spatial;
+  report["copied_files"] = model.auxiliary_files.size();
+  return report;
+}
+
+}  // namespace
+
+Result<json> quantize_model(const std::string& model_path, const std::string& output_path,
+                            const EngineConfig& config, const RunHooks& hooks) {
+  QuantizeRun run(config, hooks);
+  return run.run(model_path, output_path);
+}
+
+}  // namespace aq

@@ -1,0 +1,38 @@
+// A read-only memory map of one file. Pages are touched only when a tensor is read and are
+// handed back to the OS (release) once the tensor has been quantized, so the resident set
+// stays bounded by the tensors in flight, not by the model's size.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+
+namespace aq {
+
+class MappedFile {
+ public:
+  static Result<std::unique_ptr<MappedFile>> Open(const std::string& path);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  const uint8_t* data() const { return data_; }
+  uint64_t size() const { return size_; }
+
+  // Drops the pages that lie wholly inside [offset, offset + length) from this process's
+  // resident set (the file is unchanged; a later read faults them back in).
+  void release(uint64_t offset, uint64_t length) const;
+
+ private:
+  MappedFile(std::string path, const uint8_t* data, uint64_t size)
+      : path_(std::move(path)), data_(data), size_(size) {}
+  std::string path_;
+  const uint8_t* data_ = nullptr;
+  uint64_t size_ = 0;
+};
+
+}  // namespace aq

@@ -1,0 +1,68 @@
+// A quantization scheme: how a 2-D weight (rows = output channels, cols = input features; a
+// convolution is flattened to [out, in x kh x kw]) becomes integer codes plus per-group scales.
+//
+// Groups run along the input dimension: each row is cut into groups of `group_size` consecutive
+// weights (the last group of a row is shorter when cols is not a multiple); group_size 0 means one
+// group per row (per-channel). Every group has its own scale s, and for asymmetric schemes an
+// offset z, and its weights are coded as
+//   asymmetric: w ~= s * c + z          c in [0, 2^bits - 1]
+//   symmetric:  w ~= s * (c - 2^(bits-1))
+// The offset is stored as a value (the weight that code 0 stands for) rather than as an integer
+// code: it costs the same 16 bits and no precision is lost to rounding it to a code.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "common/status.h"
+
+namespace aq {
+
+enum class ScaleType : uint8_t { kF16, kF32 };
+
+// How the scale of each group is chosen.
+enum class ScaleMethod : uint8_t {
+  kMinMax,  // plain round-to-nearest over [min, max] (symmetric: [-absmax, absmax]); the baseline
+  kSearch,  // search over clipping ranges, each refit by least squares, keep the least error
+};
+
+struct QuantScheme {
+  int bits = 4;          // 2, 3, 4 or 8
+  int group_size = 128;  // 32, 64, 128, 256, or 0 = per output channel
+  bool symmetric = false;
+  ScaleType scale_type = ScaleType::kF16;
+  ScaleMethod method = ScaleMethod::kSearch;
+
+  bool operator==(const QuantScheme&) const = default;
+};
+
+Status validate_scheme(const QuantScheme& s);
+
+// "int4_g128_asym", "int8_pc_sym" (pc = per channel); scale type and method are not in the name.
+std::string scheme_name(const QuantScheme& s);
+const char* scale_type_name(ScaleType t);
+const char* scale_method_name(ScaleMethod m);
+
+inline size_t group_len(const QuantScheme& s, size_t cols) {
+  return s.group_size == 0 ? cols : static_cast<size_t>(s.group_size);
+}
+inline size_t groups_per_row(const QuantScheme& s, size_t cols) {
+  const size_t g = group_len(s, cols);
+  return g == 0 ? 0 : (cols + g - 1) / g;
+}
+inline size_t packed_code_bytes(int bits, uint64_t count) {
+  return static_cast<size_t>((count * static_cast<uint64_t>(bits) + 7) / 8);
+}
+inline size_t scale_type_size(ScaleType t) { return t == ScaleType::kF16 ? 2 : 4; }
+
+// Bytes stored for a rows x cols tensor: packed codes + scales (+ offsets).
+struct QuantizedSize {
+  uint64_t code_bytes = 0;
+  uint64_t scale_bytes = 0;
+  uint64_t zero_point_bytes = 0;
+  uint64_t total() const { return code_bytes + scale_bytes + zero_point_bytes; }
+};
+QuantizedSize quantized_size(const QuantScheme& s, uint64_t rows, uint64_t cols);
+
+}  // namespace aq

@@ -1,0 +1,55 @@
+// The on-disk quantized format (docs/format.md is the specification; this header is its mirror
+// in code). A quantized model is a directory:
+//   manifest.json                  format version, source, config, modality, summary
+//   <component>/weights.parquet    one row (and one row group) per tensor
+//   ...                            the source model's other files, copied unchanged
+// Row groups are written one per tensor so writing streams and a reader can fetch one tensor
+// without touching the rest.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "io/dtype.h"
+#include "quant/scheme.h"
+
+namespace aq {
+
+inline constexpr int kFormatVersion = 1;
+inline constexpr const char* kFormatName = "arrowquant";
+inline constexpr const char* kManifestFile = "manifest.json";
+inline constexpr const char* kWeightsFile = "weights.parquet";
+
+// One row of weights.parquet: what the writer takes and the reader gives back (without data).
+struct StoredTensorInfo {
+  std::string name;
+  std::vector<int64_t> shape;
+  DType dtype = DType::kF32;  // the source dtype
+  bool quantized = false;     // false: `codes` holds the source bytes unchanged ("raw")
+  QuantScheme scheme;         // meaningful when quantized
+  std::string reason;         // why this tensor got this treatment, in words
+  std::vector<int> rejected_bits;  // bit widths tried first and rejected by the accuracy fallback
+  // Weight-space quality of the stored tensor (quantized tensors only).
+  double cosine = 1.0;
+  double relative_error = 0.0;
+  double sqnr_db = 300.0;
+  double max_abs_error = 0.0;
+
+  uint64_t rows() const { return shape.empty() ? 1 : static_cast<uint64_t>(shape[0]); }
+  uint64_t numel() const;
+  uint64_t cols() const { return rows() == 0 ? 0 : numel() / rows(); }
+  uint64_t source_bytes() const { return numel() * dtype_size(dtype); }
+  uint64_t stored_bytes() const;  // codes + scales + zero points as stored
+};
+
+// The data columns of one row, as views (the writer) or views into read buffers (the reader).
+struct TensorPayload {
+  std::span<const uint8_t> codes;        // packed codes, or raw little-endian source bytes
+  std::span<const uint8_t> scales;       // rows x groups, float16/float32 little-endian
+  std::span<const uint8_t> zero_points;  // asymmetric only, same layout as scales
+};
+
+}  // namespace aq

@@ -1,0 +1,200 @@
+#include "store/parquet_source.h"
+
+#include <arrow/api.h>
+#include <arrow/io/file.h>
+#include <parquet/arrow/reader.h>
+#include <parquet/file_reader.h>
+#include <parquet/metadata.h>
+#include <parquet/schema.h>
+
+#include "quant/tensor_codec.h"
+#include "store/arrow_status.h"
+#include "store/schema.h"
+
+namespace aq {
+
+struct ParquetSource::State {
+  std::unique_ptr<parquet::arrow::FileReader> reader;
+  int codes_col = -1, scales_col = -1, zeros_col = -1;
+};
+
+ParquetSource::ParquetSource(std::string path, std::unique_ptr<State> s)
+    : path_(std::move(path)), state_(std::move(s)) {}
+ParquetSource::~ParquetSource() = default;
+
+namespace {
+
+template <typename ArrayT>
+Result<std::shared_ptr<ArrayT>> column_as(const arrow::Table& t, const char* name, const std::string& path) {
+  auto col = t.GetColumnByName(name);
+  if (!col) return FormatError(StrCat(path, ": no column '", name, "'"));
+  auto merged = arrow::Concatenate(col->chunks());
+  if (!merged.ok()) return FormatError(StrCat(path, ": column '", name, "': ", merged.status().ToString()));
+  auto typed = std::dynamic_pointer_cast<ArrayT>(*merged);
+  if (!typed) return FormatError(StrCat(path, ": column '", name, "' has type ", col->type()->ToString()));
+  return typed;
+}
+
+Result<ScaleType> parse_scale_type(const std::string& s, const std::string& where) {
+  if (s == "f16") return ScaleType::kF16;
+  if (s == "f32") return ScaleType::kF32;
+  return FormatError(StrCat(where, ": unknown scale_type '", s, "'"));
+}
+
+Result<ScaleMethod> parse_method(const std::string& s, const std::string& where) {
+  if (s == "minmax") return ScaleMethod::kMinMax;
+  if (s == "search") return ScaleMethod::kSearch;
+  return FormatError(StrCat(where, ": unknown scale method '", s, "'"));
+}
+
+}  // namespace
+
+Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& path) {
+  auto st = std::make_unique<State>();
+  std::shared_ptr<arrow::io::MemoryMappedFile> file;
+  {
+    auto f = arrow::io::MemoryMappedFile::Open(path, arrow::io::FileMode::READ);
+    if (!f.ok()) {
+      if (f.status().IsIOError() && f.status().message().find("No such file") != std::string::npos)
+        return NotFound(StrCat(path, ": no such file"));
+      return from_arrow(f.status(), path);
+    }
+    file = *f;
+  }
+  AQ_ARROW_ASSIGN(st->reader, parquet::arrow::OpenFile(file, arrow::default_memory_pool()), path);
+
+  std::shared_ptr<arrow::Schema> schema;
+  AQ_ARROW_RETURN(st->reader->GetSchema(&schema), path);
+  auto meta = schema->metadata();
+  if (!meta || meta->Get("arrowquant.format_version").ValueOr("") == "")
+    return FormatError(StrCat(path, ": not an ArrowQuant weights file (no arrowquant.format_version metadata)"));
+  const std::string version = meta->Get("arrowquant.format_version").ValueOr("");
+  if (version != std::to_string(kFormatVersion))
+    return FormatError(StrCat(path, ": format version ", version, "; this build reads version ", kFormatVersion));
+
+  // Column indices here are Parquet leaf indices; each binary column is a single leaf.
+  std::vector<int> small;
+  const auto* pschema = st->reader->parquet_reader()->metadata()->schema();
+  for (int i = 0; i < pschema->num_columns(); ++i) {
+    const std::string top = pschema->Column(i)->path()->ToDotVector().front();
+    if (top == column::kCodes) st->codes_col = i;
+    else if (top == column::kScales) st->scales_col = i;
+    else if (top == column::kZeroPoints) st->zeros_col = i;
+    else small.push_back(i);
+  }
+  std::shared_ptr<arrow::Table> table;
+  AQ_ARROW_ASSIGN(table, st->reader->ReadTable(small), path);
+  if (table->num_rows() != st->reader->num_row_groups())
+    return FormatError(StrCat(path, ": ", table->num_rows(), " rows in ", st->reader->num_row_groups(),
+                              " row groups; format version 1 has one row group per tensor"));
+
+  AQ_ASSIGN_OR_RETURN(auto names, column_as<arrow::StringArray>(*table, column::kName, path));
+  AQ_ASSIGN_OR_RETURN(auto shapes, column_as<arrow::ListArray>(*table, column::kShape, path));
+  AQ_ASSIGN_OR_RETURN(auto dtypes, column_as<arrow::StringArray>(*table, column::kDType, path));
+  AQ_ASSIGN_OR_RETURN(auto encodings, column_as<arrow::StringArray>(*table, column::kEncoding, path));
+  AQ_ASSIGN_OR_RETURN(auto schemes, column_as<arrow::StructArray>(*table, column::kScheme, path));
+  AQ_ASSIGN_OR_RETURN(auto metrics, column_as<arrow::StructArray>(*table, column::kMetrics, path));
+  AQ_ASSIGN_OR_RETURN(auto reasons, column_as<arrow::StringArray>(*table, column::kReason, path));
+  AQ_ASSIGN_OR_RETURN(auto rejected, column_as<arrow::ListArray>(*table, column::kRejectedBits, path));
+  auto shape_values = std::dynamic_pointer_cast<arrow::Int64Array>(shapes->values());
+  auto rejected_values = std::dynamic_pointer_cast<arrow::Int8Array>(rejected->values());
+  auto bits = std::dynamic_pointer_cast<arrow::Int8Array>(schemes->GetFieldByName("bits"));
+  auto gsize = std::dynamic_pointer_cast<arrow::Int32Array>(schemes->GetFieldByName("group_size"));
+  auto sym = std::dynamic_pointer_cast<arrow::BooleanArray>(schemes->GetFieldByName("symmetric"));
+  auto stype = std::dynamic_pointer_cast<arrow::StringArray>(schemes->GetFieldByName("scale_type"));
+  auto method = std::dynamic_pointer_cast<arrow::StringArray>(schemes->GetFieldByName("method"));
+  auto cosine = std::dynamic_pointer_cast<arrow::DoubleArray>(metrics->GetFieldByName("cosine"));
+  auto relerr = std::dynamic_pointer_cast<arrow::DoubleArray>(metrics->GetFieldByName("relative_error"));
+  auto sqnr = std::dynamic_pointer_cast<arrow::DoubleArray>(metrics->GetFieldByName("sqnr_db"));
+  auto maxerr = std::dynamic_pointer_cast<arrow::DoubleArray>(metrics->GetFieldByName("max_abs_error"));
+  if (!shape_values || !rejected_values || !bits || !gsize || !sym || !stype || !method || !cosine ||
+      !relerr || !sqnr || !maxerr)
+    return FormatError(StrCat(path, ": column types differ from format version 1"));
+
+  auto source = std::unique_ptr<ParquetSource>(new ParquetSource(path, std::move(st)));
+  for (int64_t i = 0; i < table->num_rows(); ++i) {
+    StoredTensorInfo t;
+    t.name = names->GetString(i);
+    const std::string where = StrCat(path, ": tensor '", t.name, "'");
+    for (int64_t k = shapes->value_offset(i); k < shapes->value_offset(i + 1); ++k)
+      t.shape.push_back(shape_values->Value(k));
+    auto dt = parse_dtype(dtypes->GetString(i));
+    if (!dt) return FormatError(StrCat(where, ": unknown dtype '", dtypes->GetString(i), "'"));
+    t.dtype = *dt;
+    const std::string enc = encodings->GetString(i);
+    if (enc != "quantized" && enc != "raw") return FormatError(StrCat(where, ": unknown encoding '", enc, "'"));
+    t.quantized = enc == "quantized";
+    if (t.quantized) {
+      if (schemes->IsNull(i) || metrics->IsNull(i))
+        return FormatError(StrCat(where, ": quantized tensor without scheme or metrics"));
+      t.scheme.bits = bits->Value(i);
+      t.scheme.group_size = gsize->Value(i);
+      t.scheme.symmetric = sym->Value(i);
+      AQ_ASSIGN_OR_RETURN(t.scheme.scale_type, parse_scale_type(stype->GetString(i), where));
+      AQ_ASSIGN_OR_RETURN(t.scheme.method, parse_method(method->GetString(i), where));
+      AQ_RETURN_IF_ERROR(validate_scheme(t.scheme).WithPrefix(where + ": "));
+      t.cosine = cosine->Value(i);
+      t.relative_error = relerr->Value(i);
+      t.sqnr_db = sqnr->Value(i);
+      t.max_abs_error = maxerr->Value(i);
+    }
+    t.reason = reasons->GetString(i);
+    for (int64_t k = rejected->value_offset(i); k < rejected->value_offset(i + 1); ++k)
+      t.rejected_bits.push_back(rejected_values->Value(k));
+    if (!source->by_name_.emplace(t.name, source->infos_.size()).second)
+      return FormatError(StrCat(where, ": appears twice"));
+    source->infos_.push_back(std::move(t));
+  }
+  return source;
+}
+
+std::optional<size_t> ParquetSource::find(const std::string& name) const {
+  auto it = by_name_.find(name);
+  if (it == by_name_.end()) return std::nullopt;
+  return it->second;
+}
+
+Result<LoadedTensor> ParquetSource::read(size_t index) const {
+  if (index >= infos_.size()) return Internal(StrCat(path_, ": tensor index ", index, " out of range"));
+  const auto& info = infos_[index];
+  const std::string where = StrCat(path_, ": tensor '", info.name, "'");
+  std::shared_ptr<arrow::Table> table;
+  AQ_ARROW_ASSIGN(table,
+                  state_->reader->ReadRowGroup(static_cast<int>(index),
+                                               {state_->codes_col, state_->scales_col, state_->zeros_col}),
+                  where);
+  LoadedTensor out;
+  std::span<const uint8_t>* spans[3] = {&out.payload.codes, &out.payload.scales, &out.payload.zero_points};
+  for (int c = 0; c < 3; ++c) {
+    auto chunks = table->column(c)->chunks();
+    if (chunks.size() != 1 || chunks[0]->length() != 1)
+      return FormatError(StrCat(where, ": expected one value per column in its row group"));
+    auto arr = std::dynamic_pointer_cast<arrow::BinaryArray>(chunks[0]);
+    if (!arr) return FormatError(StrCat(where, ": column ", c, " is not binary"));
+    if (arr->IsNull(0)) continue;
+    auto view = arr->GetView(0);
+    *spans[c] = std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(view.data()), view.size());
+  }
+  out.keep_alive = table;
+  return out;
+}
+
+Status ParquetSource::dequantize(size_t index, float* out) const {
+  AQ_ASSIGN_OR_RETURN(LoadedTensor t, read(index));
+  const auto& info = infos_[index];
+  const std::string where = StrCat(path_, ": tensor '", info.name, "': ");
+  if (!info.quantized) {
+    if (!dtype_is_float(info.dtype))
+      return NotImplemented(StrCat(where, dtype_name(info.dtype), " tensors have no float32 form; read them packed"));
+    if (t.payload.codes.size() != info.source_bytes())
+      return FormatError(StrCat(where, "raw data holds ", t.payload.codes.size(), " bytes, shape needs ",
+                                info.source_bytes()));
+    convert_to_f32(info.dtype, t.payload.codes.data(), info.numel(), out);
+    return Status::OK();
+  }
+  return decode_tensor(info.scheme, info.rows(), info.cols(), t.payload.codes, t.payload.scales,
+                       t.payload.zero_points, out)
+      .WithPrefix(where);
+}
+
+}  // namespace aq

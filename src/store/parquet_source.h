@@ -1,0 +1,45 @@
+// Reads weights.parquet: the per-tensor descriptions up front (small columns only), the data of
+// one tensor on demand (one row group).
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "store/format.h"
+
+namespace aq {
+
+// A tensor's data as read: the spans stay valid while this object lives.
+struct LoadedTensor {
+  TensorPayload payload;
+  std::shared_ptr<void> keep_alive;
+};
+
+class ParquetSource {
+ public:
+  static Result<std::unique_ptr<ParquetSource>> Open(const std::string& path);
+  ~ParquetSource();
+
+  const std::string& path() const { return path_; }
+  const std::vector<StoredTensorInfo>& tensors() const { return infos_; }
+  std::optional<size_t> find(const std::string& name) const;
+
+  Result<LoadedTensor> read(size_t index) const;
+  // Reconstructs tensor `index` as float32 into out (numel floats): the quantized tensor
+  // dequantized, or a raw tensor converted from its source dtype.
+  Status dequantize(size_t index, float* out) const;
+
+ private:
+  struct State;
+  ParquetSource(std::string path, std::unique_ptr<State> s);
+  std::string path_;
+  std::unique_ptr<State> state_;
+  std::vector<StoredTensorInfo> infos_;
+  std::map<std::string, size_t> by_name_;
+};
+
+}  // namespace aq

@@ -1,0 +1,41 @@
+#include "store/schema.h"
+
+namespace aq {
+
+std::shared_ptr<arrow::DataType> scheme_type() {
+  return arrow::struct_({
+      arrow::field("bits", arrow::int8(), false),
+      arrow::field("group_size", arrow::int32(), false),  // 0 = one group per row
+      arrow::field("symmetric", arrow::boolean(), false),
+      arrow::field("scale_type", arrow::utf8(), false),   // "f16" | "f32"
+      arrow::field("method", arrow::utf8(), false),       // how scales were chosen
+  });
+}
+
+std::shared_ptr<arrow::DataType> metrics_type() {
+  return arrow::struct_({
+      arrow::field("cosine", arrow::float64(), false),
+      arrow::field("relative_error", arrow::float64(), false),
+      arrow::field("sqnr_db", arrow::float64(), false),
+      arrow::field("max_abs_error", arrow::float64(), false),
+  });
+}
+
+std::shared_ptr<arrow::Schema> weights_schema() {
+  using arrow::field;
+  return arrow::schema({
+      field(column::kName, arrow::utf8(), false),
+      field(column::kShape, arrow::list(field("item", arrow::int64(), false)), false),
+      field(column::kDType, arrow::utf8(), false),
+      field(column::kEncoding, arrow::utf8(), false),  // "quantized" | "raw"
+      field(column::kScheme, scheme_type(), true),
+      field(column::kCodes, arrow::binary(), false),
+      field(column::kScales, arrow::binary(), true),
+      field(column::kZeroPoints, arrow::binary(), true),
+      field(column::kMetrics, metrics_type(), true),
+      field(column::kReason, arrow::utf8(), false),
+      field(column::kRejectedBits, arrow::list(field("item", arrow::int8(), false)), false),
+  });
+}
+
+}  // namespace aq

@@ -1,0 +1,28 @@
+// The Arrow schema of weights.parquet (format version 1), shared by the sink and the source.
+#pragma once
+
+#include <arrow/type.h>
+
+#include <memory>
+
+namespace aq {
+
+namespace column {
+inline constexpr const char* kName = "name";
+inline constexpr const char* kShape = "shape";
+inline constexpr const char* kDType = "dtype";
+inline constexpr const char* kEncoding = "encoding";
+inline constexpr const char* kScheme = "scheme";
+inline constexpr const char* kCodes = "codes";
+inline constexpr const char* kScales = "scales";
+inline constexpr const char* kZeroPoints = "zero_points";
+inline constexpr const char* kMetrics = "metrics";
+inline constexpr const char* kReason = "reason";
+inline constexpr const char* kRejectedBits = "rejected_bits";
+}  // namespace column
+
+std::shared_ptr<arrow::DataType> scheme_type();
+std::shared_ptr<arrow::DataType> metrics_type();
+std::shared_ptr<arrow::Schema> weights_schema();
+
+}  // namespace aq
