@@ -2,22 +2,23 @@
 
 namespace aq {
 
+// Children are nullable because a null struct (a raw tensor) stores null children in Parquet.
 std::shared_ptr<arrow::DataType> scheme_type() {
   return arrow::struct_({
-      arrow::field("bits", arrow::int8(), false),
-      arrow::field("group_size", arrow::int32(), false),  // 0 = one group per row
-      arrow::field("symmetric", arrow::boolean(), false),
-      arrow::field("scale_type", arrow::utf8(), false),   // "f16" | "f32"
-      arrow::field("method", arrow::utf8(), false),       // how scales were chosen
+      arrow::field("bits", arrow::int8(), true),
+      arrow::field("group_size", arrow::int32(), true),  // 0 = one group per row
+      arrow::field("symmetric", arrow::boolean(), true),
+      arrow::field("scale_type", arrow::utf8(), true),   // "f16" | "f32"
+      arrow::field("method", arrow::utf8(), true),       // how scales were chosen
   });
 }
 
 std::shared_ptr<arrow::DataType> metrics_type() {
   return arrow::struct_({
-      arrow::field("cosine", arrow::float64(), false),
-      arrow::field("relative_error", arrow::float64(), false),
-      arrow::field("sqnr_db", arrow::float64(), false),
-      arrow::field("max_abs_error", arrow::float64(), false),
+      arrow::field("cosine", arrow::float64(), true),
+      arrow::field("relative_error", arrow::float64(), true),
+      arrow::field("sqnr_db", arrow::float64(), true),
+      arrow::field("max_abs_error", arrow::float64(), true),
   });
 }
 
