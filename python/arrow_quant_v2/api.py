@@ -53,7 +53,10 @@ class ArrowQuantV2:
             os.fspath(model_path), os.fspath(output_path), config._engine_json(),
             adapter if progress_callback is not None else None, 10, 5.0)
         report = json.loads(report_text)
-        report["warnings"] = list(report.get("warnings", [])) + adapter.errors
+        report["warnings"] = list(report.get("warnings", []))
+        if adapter.errors:
+            extra = f" (and {len(adapter.errors) - 1} more times)" if len(adapter.errors) > 1 else ""
+            report["warnings"].append(adapter.errors[0] + extra)
         report["deployment_profile"] = config.deployment_profile
         return report
 

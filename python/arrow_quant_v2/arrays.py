@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from . import _core
 from .config import DiffusionQuantConfig
-from .errors import ConfigurationError, NonFiniteWeightError
+from .errors import ConfigurationError
 
 _NUMPY_TO_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64"}
 
@@ -33,6 +33,7 @@ class QuantizedArray:
     zero_points: Optional[np.ndarray] = None
     cosine_similarity: float = 1.0
     relative_error: float = 0.0
+    rejected_bits: List[int] = field(default_factory=list)  # widths the accuracy fallback rejected
     _raw: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
@@ -87,21 +88,18 @@ def quantize_arrays(weights: Mapping[str, Any], config: DiffusionQuantConfig) ->
             out[name] = QuantizedArray(name, tuple(a.shape), str(a.dtype), False, plan["reason"], _raw=a.copy())
             continue
         rows = a.shape[0]
-        mat = np.ascontiguousarray(a.reshape(rows, -1), dtype=np.float32)
-        if not np.isfinite(mat).all():
-            bad = np.argwhere(~np.isfinite(mat))[0]
-            msg = f"weights[{name!r}]: value [{bad[0]}, {bad[1]}] is {mat[bad[0], bad[1]]}"
-            if config.nonfinite == "keep":
-                out[name] = QuantizedArray(name, tuple(a.shape), str(a.dtype), False, f"kept: {msg}", _raw=a.copy())
-                continue
-            raise NonFiniteWeightError(msg + " (nonfinite='keep' keeps such arrays unquantized)")
-        enc = _core.encode_array(mat, plan["bits"], config.group_size, config.symmetric,
-                                 config.scale_method, config.num_threads, str(name))
-        sdt = np.float16 if enc["scale_type"] == "f16" else np.float32
+        mat = np.ascontiguousarray(a.reshape(rows, int(np.prod(a.shape[1:]))), dtype=np.float32)
+        r = _core.quantize_array(engine_json, str(name), dtype, list(a.shape), mat)
+        if not r["quantized"]:
+            out[name] = QuantizedArray(name, tuple(a.shape), str(a.dtype), False, r["reason"], _raw=a.copy(),
+                                       rejected_bits=list(r["rejected_bits"]))
+            continue
+        sdt = np.float16 if r["scale_type"] == "f16" else np.float32
         out[name] = QuantizedArray(
-            name=name, shape=tuple(a.shape), source_dtype=str(a.dtype), quantized=True, reason=plan["reason"],
-            bits=plan["bits"], group_size=config.group_size, symmetric=config.symmetric,
-            scale_type=enc["scale_type"], codes=enc["codes"], scales=np.frombuffer(enc["scales"], dtype=sdt),
-            zero_points=None if enc["zero_points"] is None else np.frombuffer(enc["zero_points"], dtype=sdt),
-            cosine_similarity=enc["cosine_similarity"], relative_error=enc["relative_error"])
+            name=name, shape=tuple(a.shape), source_dtype=str(a.dtype), quantized=True, reason=r["reason"],
+            bits=r["bits"], group_size=r["group_size"], symmetric=r["symmetric"], scale_type=r["scale_type"],
+            codes=r["codes"], scales=np.frombuffer(r["scales"], dtype=sdt),
+            zero_points=None if r["zero_points"] is None else np.frombuffer(r["zero_points"], dtype=sdt),
+            cosine_similarity=r["cosine_similarity"], relative_error=r["relative_error"],
+            rejected_bits=list(r["rejected_bits"]))
     return out

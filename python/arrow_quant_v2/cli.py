@@ -170,6 +170,13 @@ def _size(n: float) -> str:
     return str(n)
 
 
+def _numel(shape: List[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     if not os.path.exists(os.path.join(a.path, "manifest.json")):
         info = json.loads(_core.describe_model(a.path, a.components or []))
@@ -208,7 +215,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         rows.append([
             t["name"], "x".join(map(str, t["shape"])), t["dtype"],
             t.get("scheme", "raw"),
-            f"{8 * t['stored_bytes'] / max(1, t['source_bytes'] * 8 / (2 if t['dtype'] in ('BF16', 'F16') else 4 if t['dtype'] == 'F32' else 1)):.2f}" if t["quantized"] else "-",
+            f"{8 * t['stored_bytes'] / max(1, _numel(t['shape'])):.2f}" if t["quantized"] else "-",
             _size(t["stored_bytes"]),
             f"{t['cosine_similarity']:.5f}" if t["quantized"] else "-",
             t["reason"] + (f" (rejected {t['rejected_bits']})" if t["rejected_bits"] else ""),
@@ -243,7 +250,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     info = generate_demo_pipeline(model, base_channels=a.base_channels, overwrite=True)
     unet = info["components"]["unet"]
     print(f"Built-in default model: {model} (diffusers StableDiffusionPipeline, bf16; unet "
-          f"{unet['tensors']} tensors, {unet['weights'] / 1e6:.1f} M weights; generated in {time.monotonic() - t0:.1f} s)")
+          f"{unet['tensors']} tensors, {unet['weights'] / 1e6:.1f} M weights; generated in {time.monotonic() - t0:.1f} s)",
+          file=sys.stderr if a.json else sys.stdout)
     q = ArrowQuantV2()
     rows, results = [], {}
     for profile in a.profiles:

@@ -8,7 +8,6 @@ names the field and the values allowed.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import ConfigurationError
@@ -109,10 +108,11 @@ def _check_patterns(name: str) -> Callable[[Any], Optional[Tuple[str, ...]]]:
         for p in v:
             if not isinstance(p, str):
                 raise ConfigurationError(f"{name} must contain strings; got {p!r}")
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ConfigurationError(f"{name}: {p!r} is not a valid regular expression ({e})") from None
+            # The engine matches with ECMAScript regular expressions (C++ std::regex); check with it,
+            # so a pattern the engine cannot use fails here rather than mid-run.
+            from . import _core
+
+            _core.check_pattern(name, p)
             out.append(p)
         return tuple(out)
 

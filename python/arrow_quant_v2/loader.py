@@ -152,7 +152,8 @@ class QuantizedModel:
     def state_dict(self, component: Optional[str] = None, dtype: Any = np.float32) -> Dict[str, np.ndarray]:
         """{name: numpy array} of one component (names without the component prefix), or of a
         single-component model."""
-        names = self._component(self._default_component(component))
+        component = self._default_component(component)
+        names = self._component(component)
         prefix = len(component) + 1 if component else 0
         return {n[prefix:]: self._tensors[n].numpy(dtype) for n in names}
 
@@ -169,8 +170,17 @@ class QuantizedModel:
         out = {}
         for n in self._component(component):
             t = self._tensors[n]
-            value = torch.from_numpy(np.ascontiguousarray(t.numpy()))
             target = dtype if dtype is not None else getattr(torch, _TORCH_DTYPES.get(t.dtype, "float32"))
+            if not t.quantized and t.dtype in ("F32", "F16", "F64", "BF16"):
+                # kept tensors come back bit for bit, not through float32
+                raw = t.packed().codes
+                if t.dtype == "BF16":
+                    value = torch.frombuffer(bytearray(raw), dtype=torch.int16).view(torch.bfloat16)
+                else:
+                    value = torch.from_numpy(np.frombuffer(raw, dtype=_NUMPY_RAW[t.dtype]).copy())
+                value = value.reshape(t.shape)
+            else:
+                value = torch.from_numpy(np.ascontiguousarray(t.numpy()))
             out[n[prefix:]] = value.to(target)
         return out
 

@@ -9,9 +9,11 @@
 #include <mutex>
 #include <cstring>
 #include <optional>
+#include <regex>
 #include <stdexcept>
 
 #include "common/thread_pool.h"
+#include "engine/array_quantizer.h"
 #include "engine/config.h"
 #include "engine/engine.h"
 #include "engine/plan.h"
@@ -291,6 +293,56 @@ NB_MODULE(_core, m) {
         },
         nb::arg("array"), nb::arg("bits"), nb::arg("group_size"), nb::arg("symmetric"),
         nb::arg("scale_method") = "search", nb::arg("num_threads") = 0, nb::arg("name") = "array");
+
+  m.def("quantize_array",
+        [](const std::string& config, const std::string& name, const std::string& dtype,
+           const std::vector<int64_t>& shape, nb::ndarray<const float, nb::c_contig, nb::device::cpu> data) {
+          aq::EngineConfig cfg = parse_config(config);
+          auto dt = aq::parse_dtype(dtype);
+          if (!dt) raise(aq::InvalidConfig("unknown dtype '" + dtype + "'"));
+          if (data.size() != aq::shape_numel(shape).value_or(0))
+            raise(aq::InvalidConfig("quantize_array: data holds " + std::to_string(data.size()) +
+                                    " values but the shape needs " + std::to_string(aq::shape_numel(shape).value_or(0))));
+          std::optional<aq::Result<aq::ArrayOutcome>> r;
+          {
+            nb::gil_scoped_release release;
+            std::optional<aq::ThreadPool> pool;
+            if (cfg.num_threads != 1) pool.emplace(cfg.num_threads);
+            r.emplace(aq::quantize_array(cfg, name, *dt, shape, data.data(), pool ? &*pool : nullptr));
+          }
+          aq::ArrayOutcome o = unwrap(std::move(*r));
+          nb::dict d;
+          d["quantized"] = o.encoded.has_value();
+          d["reason"] = o.reason;
+          d["rejected_bits"] = nb::cast(o.rejected_bits);
+          if (o.encoded) {
+            const aq::EncodedTensor& t = *o.encoded;
+            d["bits"] = t.scheme.bits;
+            d["group_size"] = t.scheme.group_size;
+            d["symmetric"] = t.scheme.symmetric;
+            d["scale_type"] = aq::scale_type_name(t.scheme.scale_type);
+            d["codes"] = to_bytes(t.codes);
+            d["scales"] = to_bytes(t.scales);
+            d["zero_points"] = t.scheme.symmetric ? nb::none() : nb::object(to_bytes(t.zero_points));
+            d["cosine_similarity"] = t.stats.cosine();
+            d["relative_error"] = t.stats.relative_error();
+          }
+          return d;
+        },
+        nb::arg("config_json"), nb::arg("name"), nb::arg("dtype"), nb::arg("shape"), nb::arg("data"),
+        "Quantizes one in-memory array with the engine's layer policy and accuracy fallback.");
+
+  m.def("check_pattern",
+        [](const std::string& field, const std::string& pattern) {
+          try {
+            std::regex re(pattern, std::regex::ECMAScript);
+          } catch (const std::regex_error& e) {
+            raise(aq::InvalidConfig(field + ": '" + pattern + "' is not a valid ECMAScript regular expression (" +
+                                    e.what() + ")"));
+          }
+        },
+        nb::arg("field"), nb::arg("pattern"),
+        "Raises ConfigurationError unless the engine can compile the pattern.");
 
   m.def("decode_array",
         [](nb::bytes codes, nb::bytes scales, nb::object zero_points, uint64_t rows, uint64_t cols, int bits,

@@ -168,16 +168,15 @@ Result<bool> QuantizeRun::settle(Slot& s) {
   }
   EncodedTensor enc = s.job->take();
   s.job.reset();
-  const double cos = enc.stats.cosine();
-  if (cfg_.enable_fallback && cos < cfg_.min_accuracy) {
+  const FallbackStep step = fallback_step(cfg_, s.scheme.bits, enc.stats.cosine());
+  if (!step.accept) {
     s.rejected_bits.push_back(s.scheme.bits);
-    if (auto next = next_fallback_bits(s.scheme.bits)) {
-      s.scheme = cfg_.scheme(*next);
+    if (step.retry_bits) {
+      s.scheme = cfg_.scheme(*step.retry_bits);
       start_job(s);
       return false;
     }
-    s.keep_reason = StrCat("kept: cosine ", cos, " at ", s.scheme.bits, " bits is below min_accuracy ",
-                           cfg_.min_accuracy, " (fallback ladder exhausted)");
+    s.keep_reason = step.keep_reason;
     return true;
   }
   s.encoded = std::move(enc);
@@ -308,7 +307,6 @@ Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector
 
 Result<json> QuantizeRun::run(const std::string& model_path, const std::string& output_path) {
   AQ_ASSIGN_OR_RETURN(ModelSource model, discover_model(model_path, cfg_.components));
-  AQ_ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(output_path, model.root, cfg_.overwrite));
 
   // Open (and so validate) every selected component before quantizing anything.
   std::vector<std::vector<TensorRef>> refs(model.components.size());
@@ -323,6 +321,8 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
       progress_.weights_total += r.info->numel;
     }
   }
+  // Only now, with every header validated, is anything created on disk.
+  AQ_ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(output_path, model.root, cfg_.overwrite));
   ModalityGuess modality = detect_modality(model, names);
   if (!cfg_.modality.empty()) modality = {cfg_.modality, "set in the config (detected: " + modality.modality + ")"};
 
@@ -338,7 +338,8 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
     AQ_ASSIGN_OR_RETURN(auto sink, ParquetSink::Open(file.string(), c.name));
     json comp = {{"name", c.name}, {"weights", rel}, {"source_files", json::array()},
                  {"tensors", 0}, {"quantized", 0}, {"source_bytes", 0}, {"stored_bytes", 0}};
-    for (const auto& f : c.weight_files) comp["source_files"].push_back(fs::relative(f, fs::path(model.root).parent_path()).string());
+    const fs::path base = model.layout == ModelLayout::kSingleFile ? fs::path(model.root).parent_path() : fs::path(model.root);
+    for (const auto& f : c.weight_files) comp["source_files"].push_back(fs::relative(f, base).string());
     AQ_RETURN_IF_ERROR(run_component(c, refs[i], *sink, comp));
     AQ_RETURN_IF_ERROR(sink->Close());
     refs[i].clear();  // unmaps the component's files

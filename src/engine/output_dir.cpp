@@ -26,6 +26,8 @@ fs::path normalized(const std::string& p) {
   std::error_code ec;
   fs::path abs = fs::weakly_canonical(fs::absolute(p, ec), ec);
   if (ec) abs = fs::absolute(p).lexically_normal();
+  // "out/" names the folder "out": drop a trailing separator so parent_path() is out's parent
+  while (!abs.has_filename() && abs.has_parent_path() && abs != abs.root_path()) abs = abs.parent_path();
   return abs;
 }
 
@@ -56,17 +58,25 @@ Result<StagingDir> StagingDir::Create(const std::string& destination, const std:
       return InvalidConfig(StrCat("output_path ", destination, " exists and is not a directory"));
   }
   const fs::path parent = dest.parent_path();
+  // Remember which folders we create, so that a failed run can take them away again.
+  std::vector<std::string> created;
+  for (fs::path p = parent; !p.empty() && !fs::exists(p, ec); p = p.parent_path()) {
+    created.push_back(p.string());
+    if (p == p.root_path()) break;
+  }
   fs::create_directories(parent, ec);
   if (ec) return IoError(StrCat(parent.string(), ": cannot create: ", ec.message()));
   const fs::path staging = parent / StrCat(".", dest.filename().string(), ".arrowquant-tmp-", unique_suffix());
   fs::create_directory(staging, ec);
   if (ec) return IoError(StrCat(staging.string(), ": cannot create: ", ec.message()));
-  return StagingDir(staging.string(), dest.string(), overwrite);
+  StagingDir dir(staging.string(), dest.string(), overwrite);
+  dir.created_parents_ = std::move(created);
+  return dir;
 }
 
 StagingDir::StagingDir(StagingDir&& o) noexcept
     : staging_(std::move(o.staging_)), destination_(std::move(o.destination_)),
-      overwrite_(o.overwrite_), committed_(o.committed_) {
+      overwrite_(o.overwrite_), committed_(o.committed_), created_parents_(std::move(o.created_parents_)) {
   o.committed_ = true;  // the moved-from object owns nothing
 }
 
@@ -74,6 +84,8 @@ StagingDir::~StagingDir() {
   if (committed_ || staging_.empty()) return;
   std::error_code ec;
   fs::remove_all(staging_, ec);
+  // deepest first; fs::remove leaves a folder that is no longer empty alone
+  for (const auto& d : created_parents_) fs::remove(d, ec);
 }
 
 Status StagingDir::Commit() {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 
@@ -30,6 +31,7 @@ class StagingDir {
   std::string destination_;
   bool overwrite_ = false;
   bool committed_ = false;
+  std::vector<std::string> created_parents_;  // folders made for the destination, deepest first
 };
 
 // Copies root/relative to dest/relative, creating folders.

@@ -60,4 +60,15 @@ std::optional<int> next_fallback_bits(int bits) {
   }
 }
 
+FallbackStep fallback_step(const EngineConfig& c, int bits, double cosine) {
+  FallbackStep step;
+  if (!c.enable_fallback || cosine >= c.min_accuracy) return step;
+  step.accept = false;
+  step.retry_bits = next_fallback_bits(bits);
+  if (!step.retry_bits)
+    step.keep_reason = StrCat("kept: cosine ", cosine, " at ", bits, " bits is below min_accuracy ", c.min_accuracy,
+                              " (fallback ladder exhausted)");
+  return step;
+}
+
 }  // namespace aq

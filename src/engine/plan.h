@@ -28,4 +28,13 @@ TensorPlan plan_tensor(const EngineConfig& config, const TensorInfo& tensor);
 // The next rung of the fallback ladder, or nullopt when the next step is keeping the tensor.
 std::optional<int> next_fallback_bits(int bits);
 
+// What to do with a tensor just encoded at `bits` whose cosine similarity is `cosine`:
+// accept it, retry at `retry_bits`, or keep it unquantized (`keep_reason`).
+struct FallbackStep {
+  bool accept = true;
+  std::optional<int> retry_bits;
+  std::string keep_reason;
+};
+FallbackStep fallback_step(const EngineConfig& config, int bits, double cosine);
+
 }  // namespace aq
