@@ -1,5 +1,6 @@
 #include "engine/config.h"
 
+#include <limits>
 #include <set>
 
 namespace aq {
@@ -51,6 +52,11 @@ Status get(const json& j, const char* key, T* out, const char* what) {
       if (!it->is_boolean()) throw std::invalid_argument("");
     } else if constexpr (std::is_integral_v<T>) {
       if (!it->is_number_integer()) throw std::invalid_argument("");
+      // nlohmann's get<int> narrows silently; 2^32 + 4 must not read as 4
+      if (it->is_number_unsigned() ? it->get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<T>::max())
+                                   : (it->get<int64_t>() < static_cast<int64_t>(std::numeric_limits<T>::min()) ||
+                                      it->get<int64_t>() > static_cast<int64_t>(std::numeric_limits<T>::max())))
+        throw std::invalid_argument("");
     } else if constexpr (std::is_floating_point_v<T>) {
       if (!it->is_number()) throw std::invalid_argument("");
     } else if constexpr (std::is_same_v<T, std::string>) {
@@ -121,8 +127,10 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
     // A JSON object loses order; the Python side sends [[pattern, bits], ...] to keep it.
     if (!it->is_array()) return InvalidConfig("bit_overrides must be a list of [pattern, bits] pairs");
     for (const auto& e : *it) {
-      if (!e.is_array() || e.size() != 2 || !e[0].is_string() || !e[1].is_number_integer())
-        return InvalidConfig(StrCat("bit_overrides entry must be [pattern, bits], got ", e.dump()));
+      if (!e.is_array() || e.size() != 2 || !e[0].is_string() || !e[1].is_number_integer() ||
+          e[1].get<int64_t>() < 0 || e[1].get<int64_t>() > kKeepBits)
+        return InvalidConfig(StrCat("bit_overrides entry must be [pattern, bits] with bits 2, 3, 4, 8 or 16, got ",
+                                    e.dump()));
       AQ_ASSIGN_OR_RETURN(auto p, compile("bit_overrides", e[0].get<std::string>()));
       const int bits = e[1].get<int>();
       AQ_RETURN_IF_ERROR(check_bits(StrCat("bit_overrides['", p.text, "']"), bits, true));

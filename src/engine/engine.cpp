@@ -70,10 +70,12 @@ class QuantizeRun {
 
   const EngineConfig& cfg_;
   const RunHooks& hooks_;
-  ThreadPool pool_;
   std::atomic<bool> stop_{false};
   std::mutex mu_;
   std::condition_variable cv_;
+  // Declared after what its workers touch (stop_, mu_, cv_) so that it is destroyed, and its
+  // workers joined, before those are.
+  ThreadPool pool_;
   Clock::time_point start_;
   Clock::time_point last_emit_ = Clock::now();
   uint64_t last_emit_tensors_ = 0;

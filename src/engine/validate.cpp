@@ -54,7 +54,7 @@ LayerCheck check_tensor(const ParquetSource& src, std::mutex& read_mu, size_t in
   const TensorPayload& p = loaded->payload;
   const uint8_t* source = ref.file->data(orig);
   if (!info.quantized) {
-    out.identical = p.codes.size() == orig.nbytes && std::memcmp(p.codes.data(), source, orig.nbytes) == 0;
+    out.identical = p.codes.size() == orig.nbytes && (orig.nbytes == 0 || std::memcmp(p.codes.data(), source, orig.nbytes) == 0);
     out.stats.count = orig.numel;
     ref.file->release(orig);
     return out;

@@ -50,6 +50,7 @@ std::optional<DType> parse_dtype(std::string_view name) {
 }
 
 void convert_to_f32(DType t, const uint8_t* src, size_t n, float* dst) {
+  if (n == 0) return;  // an empty tensor's data may be a null pointer, which memcpy must not see
   switch (t) {
     case DType::kF32:
       std::memcpy(dst, src, n * 4);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <optional>
 #include <utility>
 
 namespace aq {
@@ -37,20 +38,27 @@ const std::pair<const char*, const char*> kTensorRules[] = {
     {"down_blocks.", "image"},
 };
 
-void add_identifiers(const nlohmann::json& j, const std::string& where, std::vector<std::pair<std::string, std::string>>* out) {
+struct Identifier {
+  std::string id;
+  std::string where;
+  bool is_name = false;  // a repository or folder name (_name_or_path), not a class
+};
+
+void add_identifiers(const nlohmann::json& j, const std::string& where, std::vector<Identifier>* out) {
   if (!j.is_object()) return;
   for (const char* key : {"_class_name", "model_type", "_name_or_path"}) {
     auto it = j.find(key);
-    if (it != j.end() && it->is_string()) out->emplace_back(it->get<std::string>(), where + " " + key);
+    if (it != j.end() && it->is_string())
+      out->push_back({it->get<std::string>(), where + " " + key, std::string(key) == "_name_or_path"});
   }
   auto arch = j.find("architectures");
   if (arch != j.end() && arch->is_array())
     for (const auto& a : *arch)
-      if (a.is_string()) out->emplace_back(a.get<std::string>(), where + " architectures");
+      if (a.is_string()) out->push_back({a.get<std::string>(), where + " architectures", false});
   auto auto_map = j.find("auto_map");  // remote-code models (Dream, LLaDA) name their classes here
   if (auto_map != j.end() && auto_map->is_object())
     for (auto it = auto_map->begin(); it != auto_map->end(); ++it)
-      if (it->is_string()) out->emplace_back(it->get<std::string>(), where + " auto_map");
+      if (it->is_string()) out->push_back({it->get<std::string>(), where + " auto_map", false});
 }
 
 }  // namespace
@@ -63,7 +71,7 @@ std::string modality_of_identifier(const std::string& identifier) {
 }
 
 ModalityGuess detect_modality(const ModelSource& model, const std::vector<std::string>& tensor_names) {
-  std::vector<std::pair<std::string, std::string>> ids;  // (identifier, where it came from)
+  std::vector<Identifier> ids;
   add_identifiers(model.model_index, "model_index.json", &ids);
   for (const auto& c : model.components)
     if (c.selected) add_identifiers(c.config, (c.name.empty() ? "" : c.name + "/") + "config.json", &ids);
@@ -71,9 +79,21 @@ ModalityGuess detect_modality(const ModelSource& model, const std::vector<std::s
     if (!c.selected) add_identifiers(c.config, c.name + "/config.json", &ids);
   // Rule-major: a more specific rule (code, audio) wins over a generic one (text, image) even
   // when the generic one matches an identifier seen earlier.
-  for (const auto& [needle, modality] : kIdentifierRules)
-    for (const auto& [id, where] : ids)
-      if (contains(lower(id), needle)) return {modality, where + "=" + id};
+  auto match = [&](bool names) -> std::optional<ModalityGuess> {
+    for (const auto& [needle, modality] : kIdentifierRules)
+      for (const auto& i : ids)
+        if (i.is_name == names && contains(lower(i.id), needle)) return ModalityGuess{modality, i.where + "=" + i.id};
+    return std::nullopt;
+  };
+  // Class names outrank repository names, which are free text ("Lykon/DreamShaper" is a Stable
+  // Diffusion fine-tune, not a Dream LM). A name only refines text to code: DiffuCoder's classes
+  // are Dream's.
+  const auto by_class = match(false), by_name = match(true);
+  if (by_class) {
+    if (by_name && by_class->modality == "text" && by_name->modality == "code") return *by_name;
+    return *by_class;
+  }
+  if (by_name) return *by_name;
   for (const auto& [needle, modality] : kTensorRules)
     for (const auto& n : tensor_names)
       if (contains(n, needle)) return {modality, "tensor name " + n};

@@ -165,11 +165,16 @@ Result<ModelSource> discover_model(const std::string& path, const std::vector<st
     }
     std::sort(names.begin(), names.end());
     std::vector<std::string> with_weights;
+    // Components whose weights are another framework's (.bin, ...): copied like any other file
+    // unless asked for by name, which is then NotImplemented.
+    std::map<std::string, Status> foreign_only;
     for (const auto& n : names) {
       auto comp = find_weights(p / n, n);
       if (comp.ok()) {
         m.components.push_back(std::move(comp).value());
         with_weights.push_back(n);
+      } else if (comp.status().code() == StatusCode::kNotImplemented) {
+        foreign_only.emplace(n, comp.status());
       } else if (comp.status().code() != StatusCode::kNotFound) {
         return comp.status();  // a component whose weights exist but are unreadable is an error
       }
@@ -179,6 +184,8 @@ Result<ModelSource> discover_model(const std::string& path, const std::vector<st
       for (const char* d : {"unet", "transformer"})
         if (std::find(with_weights.begin(), with_weights.end(), d) != with_weights.end()) want.insert(d);
       if (want.empty()) {
+        for (const char* d : {"unet", "transformer"})
+          if (foreign_only.count(d)) return foreign_only.at(d);
         std::string list;
         for (const auto& n : with_weights) list += (list.empty() ? "" : ", ") + n;
         return InvalidConfig(StrCat(path, ": a diffusers pipeline without a 'unet' or 'transformer' "
@@ -190,6 +197,7 @@ Result<ModelSource> discover_model(const std::string& path, const std::vector<st
         if (c == "all") {
           want.insert(with_weights.begin(), with_weights.end());
         } else if (std::find(with_weights.begin(), with_weights.end(), c) == with_weights.end()) {
+          if (foreign_only.count(c)) return foreign_only.at(c);
           std::string list;
           for (const auto& n : with_weights) list += (list.empty() ? "" : ", ") + n;
           return InvalidConfig(StrCat("components: '", c, "' is not a component with safetensors weights in ",

@@ -127,7 +127,10 @@ Result<std::vector<TensorInfo>> parse_safetensors_header(const std::string& path
   }
   if (expected != data_start + data_size)
     return FormatError(StrCat(path, ": data section is ", data_size, " bytes but the tensors cover ",
-                              expected - data_start));
+                              expected - data_start,
+                              prev ? StrCat(" (", data_size - (expected - data_start),
+                                            " unreferenced bytes after the last tensor '", prev->name, "')")
+                                   : std::string(" (the header lists no tensors)")));
   return tensors;
 }
 

@@ -103,7 +103,9 @@ bool quantize_group_asym(const QuantScheme& sch, const float* x, size_t n, uint8
     *s_out = 0.0f;
     *z_out = best_z;
     for (size_t i = 0; i < n; ++i) q[i] = 0;
-    return sch.scale_type == ScaleType::kF16 && hi != lo;  // a range too small for a half
+    // A range too small for a half, or a constant group whose value (stored as the offset alone)
+    // a half cannot hold: beyond 65504 it would become inf, below the normal range it loses digits.
+    return sch.scale_type == ScaleType::kF16 && (hi != lo || f16_imprecise(lo));
   }
   if (sch.method == ScaleMethod::kSearch) {
     float best_err = asym_error(x, n, best_s, best_z, nmax, nullptr);

@@ -60,7 +60,11 @@ Result<std::shared_ptr<arrow::Array>> binary_view(std::span<const uint8_t> bytes
                                       " bytes; one stored value is limited to 2 GiB in format version 1"));
   const int32_t offsets[2] = {0, static_cast<int32_t>(bytes.size())};
   auto offset_buf = arrow::Buffer::FromString(std::string(reinterpret_cast<const char*>(offsets), sizeof(offsets)));
-  auto data_buf = std::make_shared<arrow::Buffer>(bytes.data(), static_cast<int64_t>(bytes.size()));
+  // An empty value (a tensor with a zero dimension) may come as a null pointer; Arrow refuses a
+  // null data buffer, so point it at a static byte instead.
+  static const uint8_t kNoBytes = 0;
+  const uint8_t* data = bytes.empty() ? &kNoBytes : bytes.data();
+  auto data_buf = std::make_shared<arrow::Buffer>(data, static_cast<int64_t>(bytes.size()));
   return std::shared_ptr<arrow::Array>(std::make_shared<arrow::BinaryArray>(1, offset_buf, data_buf));
 }
 

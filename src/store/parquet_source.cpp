@@ -7,6 +7,8 @@
 #include <parquet/metadata.h>
 #include <parquet/schema.h>
 
+#include <filesystem>
+
 #include "quant/tensor_codec.h"
 #include "store/arrow_status.h"
 #include "store/schema.h"
@@ -55,7 +57,10 @@ Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& pa
   {
     auto f = arrow::io::MemoryMappedFile::Open(path, arrow::io::FileMode::READ);
     if (!f.ok()) {
-      if (f.status().IsIOError() && f.status().message().find("No such file") != std::string::npos)
+      // Arrow's message does not always carry strerror's text ("Failed to open local file"), so
+      // ask the file system whether the file is there.
+      std::error_code ec;
+      if (f.status().IsIOError() && !std::filesystem::exists(path, ec) && !ec)
         return NotFound(StrCat(path, ": no such file"));
       return from_arrow(f.status(), path);
     }

@@ -1,0 +1,468 @@
+// The engine end to end (engine/engine.h): small generated models in every layout are quantized
+// into complete output directories, validated from the files, and every failure leaves nothing
+// behind.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "engine/engine.h"
+#include "engine/plan.h"
+#include "store/manifest.h"
+#include "store/parquet_source.h"
+#include "test_util.h"
+
+namespace aq {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::json;
+using testing::StEntry;
+
+// A small UNet-like set of tensors in several dtypes: quantized, sensitive, kept for shape,
+// size and dtype.
+std::vector<StEntry> unet_tensors(uint32_t seed = 1) {
+  std::vector<StEntry> t;
+  t.push_back(testing::f32_entry("conv_in.weight", {32, 4, 3, 3}, testing::gaussian(32 * 36, seed, 0.1f)));
+  t.push_back(testing::f32_entry("down_blocks.0.resnets.0.conv1.weight", {64, 32, 3, 3},
+                                 testing::student_t4(64 * 288, seed + 1, 0.02f)));
+  t.push_back({"down_blocks.0.attentions.0.proj_in.weight", "BF16", {96, 64},
+               testing::bf16_bytes(testing::gaussian(96 * 64, seed + 2, 0.05f))});
+  t.push_back({"down_blocks.0.attentions.0.proj_out.weight", "F16", {64, 96},
+               testing::f16_bytes(testing::gaussian(64 * 96, seed + 3, 0.05f))});
+  t.push_back(testing::f32_entry("time_embedding.linear_1.weight", {128, 32}, testing::gaussian(128 * 32, seed + 4)));
+  t.push_back(testing::f32_entry("down_blocks.0.resnets.0.norm1.weight", {64}, testing::gaussian(64, seed + 5)));
+  t.push_back(testing::f32_entry("tiny.weight", {8, 8}, testing::gaussian(64, seed + 6)));
+  std::vector<uint8_t> ids;
+  for (int64_t i = 0; i < 77; ++i) testing::append_le(ids, i);
+  t.push_back({"position_ids", "I64", {1, 77}, ids});
+  return t;
+}
+
+enum class Layout { kSingleFile, kHfDir, kSharded, kPipeline };
+const char* layout_label(Layout l) {
+  switch (l) {
+    case Layout::kSingleFile: return "single-file";
+    case Layout::kHfDir: return "hf-dir";
+    case Layout::kSharded: return "sharded";
+    case Layout::kPipeline: return "pipeline";
+  }
+  return "?";
+}
+
+struct Model {
+  std::string input;                       // what to pass to quantize_model
+  std::string weights_rel;                 // the component's weights.parquet inside the output
+  std::vector<StEntry> tensors;            // of the quantized component, in file order
+  std::vector<std::string> aux;            // files expected to be copied
+};
+
+Model make_model(const fs::path& root, Layout layout, std::vector<StEntry> tensors = unet_tensors()) {
+  Model m;
+  m.tensors = tensors;
+  m.weights_rel = "weights.parquet";
+  switch (layout) {
+    case Layout::kSingleFile:
+      testing::write_safetensors(root / "model.safetensors", tensors);
+      m.input = (root / "model.safetensors").string();
+      break;
+    case Layout::kHfDir:
+      testing::write_safetensors(root / "model" / "model.safetensors", tensors);
+      testing::write_json(root / "model" / "config.json", {{"_class_name", "UNet2DConditionModel"}});
+      testing::write_text(root / "model" / "README.md", "# a test model\n");
+      m.input = (root / "model").string();
+      m.aux = {"README.md", "config.json"};
+      break;
+    case Layout::kSharded: {
+      const size_t half = tensors.size() / 2;
+      std::vector<StEntry> a(tensors.begin(), tensors.begin() + static_cast<long>(half));
+      std::vector<StEntry> b(tensors.begin() + static_cast<long>(half), tensors.end());
+      testing::write_safetensors(root / "model" / "model-00001-of-00002.safetensors", a);
+      testing::write_safetensors(root / "model" / "model-00002-of-00002.safetensors", b);
+      json map = json::object();
+      for (const auto& e : a) map[e.name] = "model-00001-of-00002.safetensors";
+      for (const auto& e : b) map[e.name] = "model-00002-of-00002.safetensors";
+      testing::write_json(root / "model" / "model.safetensors.index.json", {{"weight_map", map}});
+      testing::write_json(root / "model" / "config.json", {{"model_type", "test"}});
+      m.input = (root / "model").string();
+      m.aux = {"config.json"};
+      break;
+    }
+    case Layout::kPipeline: {
+      const fs::path p = root / "pipe";
+      testing::write_json(p / "model_index.json", {{"_class_name", "StableDiffusionPipeline"},
+                                                   {"unet", json::array({"diffusers", "UNet2DConditionModel"})},
+                                                   {"vae", json::array({"diffusers", "AutoencoderKL"})},
+                                                   {"scheduler", json::array({"diffusers", "PNDMScheduler"})}});
+      testing::write_json(p / "unet" / "config.json", {{"_class_name", "UNet2DConditionModel"}});
+      testing::write_safetensors(p / "unet" / "diffusion_pytorch_model.safetensors", tensors);
+      testing::write_json(p / "vae" / "config.json", {{"_class_name", "AutoencoderKL"}});
+      testing::write_safetensors(p / "vae" / "diffusion_pytorch_model.safetensors",
+                                 {testing::f32_entry("encoder.conv_in.weight", {16, 16}, testing::gaussian(256, 99))});
+      testing::write_json(p / "scheduler" / "scheduler_config.json", {{"_class_name", "PNDMScheduler"}});
+      m.input = p.string();
+      m.weights_rel = "unet/weights.parquet";
+      m.aux = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
+               "vae/diffusion_pytorch_model.safetensors"};
+      break;
+    }
+  }
+  return m;
+}
+
+EngineConfig config(json j = json::object()) {
+  if (!j.contains("num_threads")) j["num_threads"] = 2;
+  auto c = EngineConfig::FromJson(j);
+  EXPECT_TRUE(c.ok()) << c.status().ToString();
+  return c.ok() ? std::move(c).value() : EngineConfig{};
+}
+
+// Entries of `dir` whose names mark an unfinished output ("."<name>".arrowquant-tmp-...").
+std::vector<std::string> staging_leftovers(const fs::path& dir) {
+  std::vector<std::string> out;
+  if (!fs::exists(dir)) return out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const std::string n = e.path().filename().string();
+    if (n.find("arrowquant-tmp") != std::string::npos || n.find("arrowquant-old") != std::string::npos)
+      out.push_back(n);
+  }
+  return out;
+}
+
+const json* layer(const json& report, const std::string& tensor) {
+  for (const auto& l : report["layers"])
+    if (l["tensor"] == tensor) return &l;
+  return nullptr;
+}
+
+class EngineLayoutTest : public ::testing::TestWithParam<Layout> {};
+
+TEST_P(EngineLayoutTest, writes_a_complete_output_directory_that_validates) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), GetParam());
+  const std::string out = (dir / "out").string();
+  ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out, config(), RunHooks{}));
+
+  ASSERT_TRUE(fs::exists(fs::path(out) / "manifest.json"));
+  ASSERT_TRUE(fs::exists(fs::path(out) / m.weights_rel));
+  ASSERT_OK_AND_ASSIGN(json manifest, read_manifest(out));
+  EXPECT_EQ(manifest["modality"], "image");
+  for (const auto& f : m.aux) {
+    ASSERT_TRUE(fs::exists(fs::path(out) / f)) << f;
+    EXPECT_EQ(testing::read_bytes(fs::path(out) / f), testing::read_bytes(fs::path(m.input) / f)) << f;
+  }
+  EXPECT_TRUE(staging_leftovers(dir.path()).empty());
+
+  // every tensor, in file order; quantized ones close to the source, kept ones byte-identical
+  ASSERT_OK_AND_ASSIGN(auto src, ParquetSource::Open((fs::path(out) / m.weights_rel).string()));
+  ASSERT_EQ(src->tensors().size(), m.tensors.size());
+  ASSERT_EQ(report["layers"].size(), m.tensors.size());
+  std::map<std::string, bool> quantized;
+  for (size_t i = 0; i < m.tensors.size(); ++i) {
+    const StoredTensorInfo& info = src->tensors()[i];
+    const StEntry& e = m.tensors[i];
+    EXPECT_EQ(info.name, e.name);
+    EXPECT_EQ(info.shape, e.shape) << e.name;
+    EXPECT_EQ(dtype_name(info.dtype), e.dtype) << e.name;
+    quantized[e.name] = info.quantized;
+    if (!info.quantized) {
+      ASSERT_OK_AND_ASSIGN(LoadedTensor t, src->read(i));
+      EXPECT_EQ(std::vector<uint8_t>(t.payload.codes.begin(), t.payload.codes.end()), e.data) << e.name;
+    } else {
+      EXPECT_GE(info.cosine, 0.85) << e.name;
+    }
+  }
+  EXPECT_TRUE(quantized["down_blocks.0.resnets.0.conv1.weight"]);
+  EXPECT_TRUE(quantized["down_blocks.0.attentions.0.proj_in.weight"]);
+  EXPECT_FALSE(quantized["down_blocks.0.resnets.0.norm1.weight"]);
+  EXPECT_FALSE(quantized["tiny.weight"]);
+  EXPECT_FALSE(quantized["position_ids"]);
+  EXPECT_EQ(src->tensors()[*src->find("conv_in.weight")].scheme.bits, 8);
+  EXPECT_EQ(src->tensors()[*src->find("time_embedding.linear_1.weight")].scheme.bits, 8);
+  EXPECT_EQ(src->tensors()[*src->find("down_blocks.0.attentions.0.proj_out.weight")].scheme.bits, 4);
+
+  ASSERT_OK_AND_ASSIGN(json v, validate_model(m.input, out, 2, RunHooks{}));
+  EXPECT_TRUE(v["passed"].get<bool>()) << v.dump(2);
+  size_t checked = 0;
+  for (const auto& l : v["layers"]) {
+    if (!l["quantized"].get<bool>()) {
+      EXPECT_TRUE(l["identical_to_source"].get<bool>()) << l.dump();
+      continue;
+    }
+    const std::string name = l["name"];  // "unet/<tensor>" for a pipeline
+    const json* rec = layer(report, name.substr(name.find('/') + 1));
+    ASSERT_NE(rec, nullptr) << name;
+    EXPECT_EQ(l["cosine_similarity"].get<double>(), (*rec)["cosine_similarity"].get<double>()) << name;
+    EXPECT_EQ(v["per_layer_accuracy"][name].get<double>(), (*rec)["cosine_similarity"].get<double>()) << name;
+    EXPECT_TRUE(l["matches_recorded"].get<bool>()) << name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, 5u);
+}
+
+TEST_P(EngineLayoutTest, output_is_byte_identical_for_one_and_two_threads) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), GetParam());
+  const std::string out1 = (dir / "out1").string(), out2 = (dir / "out2").string();
+  ASSERT_OK(quantize_model(m.input, out1, config({{"num_threads", 1}}), RunHooks{}).status());
+  ASSERT_OK(quantize_model(m.input, out2, config({{"num_threads", 2}}), RunHooks{}).status());
+  const auto a = testing::read_bytes(fs::path(out1) / m.weights_rel);
+  const auto b = testing::read_bytes(fs::path(out2) / m.weights_rel);
+  ASSERT_FALSE(a.empty());
+  EXPECT_TRUE(a == b) << "weights.parquet differs between 1 and 2 threads";
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, EngineLayoutTest,
+                         ::testing::Values(Layout::kSingleFile, Layout::kHfDir, Layout::kSharded, Layout::kPipeline),
+                         [](const ::testing::TestParamInfo<Layout>& i) {
+                           std::string s = layout_label(i.param);
+                           for (char& c : s)
+                             if (c == '-') c = '_';
+                           return s;
+                         });
+
+std::vector<StEntry> with_nan() {
+  std::vector<StEntry> t = unet_tensors();
+  std::vector<float> w = testing::gaussian(64 * 64, 7);
+  w[5 * 64 + 9] = NAN;
+  t.push_back(testing::f32_entry("mid_block.attentions.0.to_v.weight", {64, 64}, w));
+  return t;
+}
+
+TEST(Engine, quantizes_and_validates_tensors_with_a_zero_dimension) {
+  testing::TempDir dir;
+  std::vector<StEntry> t = unet_tensors();
+  t.push_back(testing::f32_entry("empty_rows.weight", {0, 64}, {}));
+  t.push_back(testing::f32_entry("empty_cols.weight", {4, 0}, {}));
+  const Model m = make_model(dir.path(), Layout::kSingleFile, t);
+  for (int min_size : {0, 1024}) {  // quantized, then kept
+    SCOPED_TRACE(min_size);
+    const std::string out = (dir / ("out" + std::to_string(min_size))).string();
+    ASSERT_OK_AND_ASSIGN(json report,
+                         quantize_model(m.input, out, config({{"min_tensor_size", min_size}}), RunHooks{}));
+    for (const char* name : {"empty_rows.weight", "empty_cols.weight"}) {
+      const json* l = layer(report, name);
+      ASSERT_NE(l, nullptr) << name;
+      EXPECT_EQ((*l)["quantized"].get<bool>(), min_size == 0) << name;
+    }
+    ASSERT_OK_AND_ASSIGN(json v, validate_model(m.input, out, 2, RunHooks{}));
+    EXPECT_TRUE(v["passed"].get<bool>()) << v.dump(2);
+  }
+}
+
+TEST(Engine, nan_weight_fails_the_run_naming_tensor_and_file_when_fail_fast) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kHfDir, with_nan());
+  const std::string out = (dir / "new" / "nested" / "out").string();
+  auto r = quantize_model(m.input, out, config({{"fail_fast", true}}), RunHooks{});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kNonFinite);
+  EXPECT_CONTAINS(r.status().message(), "mid_block.attentions.0.to_v.weight");
+  EXPECT_CONTAINS(r.status().message(), "model.safetensors");
+  EXPECT_CONTAINS(r.status().message(), "NaN");
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_FALSE(fs::exists(dir / "new")) << "folders made for the output are taken away again";
+  EXPECT_TRUE(staging_leftovers(dir.path()).empty());
+}
+
+TEST(Engine, nan_weight_is_listed_in_errors_and_stored_raw_without_fail_fast) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kHfDir, with_nan());
+  const std::string out = (dir / "out").string();
+  ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out, config({{"fail_fast", false}}), RunHooks{}));
+  ASSERT_EQ(report["errors"].size(), 1u) << report["errors"].dump();
+  EXPECT_EQ(report["errors"][0]["name"], "mid_block.attentions.0.to_v.weight");
+  EXPECT_CONTAINS(report["errors"][0]["error"].get<std::string>(), "NaN");
+  ASSERT_OK_AND_ASSIGN(auto src, ParquetSource::Open((fs::path(out) / "weights.parquet").string()));
+  const auto i = src->find("mid_block.attentions.0.to_v.weight");
+  ASSERT_TRUE(i.has_value());
+  EXPECT_FALSE(src->tensors()[*i].quantized);
+  ASSERT_OK_AND_ASSIGN(LoadedTensor t, src->read(*i));
+  EXPECT_EQ(std::vector<uint8_t>(t.payload.codes.begin(), t.payload.codes.end()), m.tensors.back().data);
+  EXPECT_EQ(report["quantized_layers"].get<uint64_t>(), 5u) << "the other tensors are still quantized";
+}
+
+TEST(Engine, nonfinite_keep_stores_the_tensor_raw_without_an_error) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile, with_nan());
+  const std::string out = (dir / "out").string();
+  ASSERT_OK_AND_ASSIGN(json report,
+                       quantize_model(m.input, out, config({{"nonfinite", "keep"}, {"fail_fast", true}}), RunHooks{}));
+  EXPECT_TRUE(report["errors"].empty());
+  const json* l = layer(report, "mid_block.attentions.0.to_v.weight");
+  ASSERT_NE(l, nullptr);
+  EXPECT_FALSE((*l)["quantized"].get<bool>());
+  EXPECT_CONTAINS((*l)["reason"].get<std::string>(), "non-finite");
+  ASSERT_OK_AND_ASSIGN(json v, validate_model(m.input, out, 1, RunHooks{}));
+  EXPECT_TRUE(v["passed"].get<bool>());
+}
+
+TEST(Engine, falls_back_to_more_bits_when_accuracy_is_below_min_accuracy) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile);
+  const std::string out = (dir / "out").string();
+  ASSERT_OK_AND_ASSIGN(json report,
+                       quantize_model(m.input, out, config({{"bit_width", 2}, {"min_accuracy", 0.99}}), RunHooks{}));
+  const json* l = layer(report, "down_blocks.0.resnets.0.conv1.weight");
+  ASSERT_NE(l, nullptr);
+  ASSERT_TRUE((*l)["quantized"].get<bool>()) << l->dump();
+  const auto rejected = (*l)["rejected_bits"].get<std::vector<int>>();
+  ASSERT_FALSE(rejected.empty()) << "2-bit codes of Student-t weights are far below cosine 0.99";
+  EXPECT_EQ(rejected[0], 2);
+  for (size_t i = 1; i < rejected.size(); ++i) EXPECT_EQ(rejected[i], *next_fallback_bits(rejected[i - 1]));
+  EXPECT_EQ((*l)["bits"].get<int>(), *next_fallback_bits(rejected.back()));
+  EXPECT_GE((*l)["cosine_similarity"].get<double>(), 0.99);
+  bool listed = false;
+  for (const auto& f : report["fallbacks"]) listed |= f["name"] == "down_blocks.0.resnets.0.conv1.weight";
+  EXPECT_TRUE(listed);
+  ASSERT_OK_AND_ASSIGN(auto src, ParquetSource::Open((fs::path(out) / "weights.parquet").string()));
+  const StoredTensorInfo& info = src->tensors()[*src->find("down_blocks.0.resnets.0.conv1.weight")];
+  EXPECT_EQ(info.rejected_bits, rejected);
+  EXPECT_EQ(info.scheme.bits, (*l)["bits"].get<int>());
+}
+
+TEST(Engine, keeps_a_tensor_raw_when_even_8_bits_miss_min_accuracy) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile);
+  const std::string out = (dir / "out").string();
+  ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out, config({{"bit_width", 8}, {"min_accuracy", 1.0}}),
+                                                   RunHooks{}));
+  const json* l = layer(report, "down_blocks.0.resnets.0.conv1.weight");
+  ASSERT_NE(l, nullptr);
+  EXPECT_FALSE((*l)["quantized"].get<bool>());
+  EXPECT_EQ((*l)["rejected_bits"].get<std::vector<int>>(), std::vector<int>{8});
+  EXPECT_EQ(report["quantized_layers"].get<uint64_t>(), 0u);
+  ASSERT_OK_AND_ASSIGN(json v, validate_model(m.input, out, 2, RunHooks{}));
+  EXPECT_TRUE(v["passed"].get<bool>()) << "every tensor is stored as it was";
+}
+
+TEST(Engine, without_fallback_low_accuracy_layers_stay_and_validation_fails_naming_them) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile);
+  const std::string out = (dir / "out").string();
+  ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out,
+                                                   config({{"bit_width", 2}, {"min_accuracy", 0.99},
+                                                           {"enable_fallback", false}}),
+                                                   RunHooks{}));
+  const json* l = layer(report, "down_blocks.0.resnets.0.conv1.weight");
+  ASSERT_NE(l, nullptr);
+  EXPECT_EQ((*l)["bits"].get<int>(), 2);
+  EXPECT_TRUE((*l)["rejected_bits"].empty());
+  EXPECT_TRUE(report["fallbacks"].empty());
+  ASSERT_OK_AND_ASSIGN(json v, validate_model(m.input, out, 2, RunHooks{}));
+  EXPECT_FALSE(v["passed"].get<bool>());
+  bool named = false;
+  for (const auto& f : v["failures"]) named |= f["name"] == "down_blocks.0.resnets.0.conv1.weight";
+  EXPECT_TRUE(named) << v["failures"].dump();
+}
+
+TEST(Engine, quantizes_a_model_without_tensors) {
+  testing::TempDir dir;
+  testing::write_safetensors_raw(dir / "empty.safetensors", "{}", {});
+  const std::string out = (dir / "out").string();
+  ASSERT_OK_AND_ASSIGN(json report, quantize_model((dir / "empty.safetensors").string(), out, config(), RunHooks{}));
+  EXPECT_TRUE(report["layers"].empty());
+  ASSERT_OK_AND_ASSIGN(auto src, ParquetSource::Open((fs::path(out) / "weights.parquet").string()));
+  EXPECT_TRUE(src->tensors().empty());
+  ASSERT_OK_AND_ASSIGN(json v, validate_model((dir / "empty.safetensors").string(), out, 1, RunHooks{}));
+  EXPECT_TRUE(v["passed"].get<bool>());
+}
+
+TEST(Engine, refuses_an_output_path_inside_the_input_directory) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kHfDir);
+  const std::string out = m.input + "/quantized";
+  auto r = quantize_model(m.input, out, config(), RunHooks{});
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidConfig) << r.status().ToString();
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_TRUE(staging_leftovers(m.input).empty());
+  EXPECT_EQ(quantize_model(m.input, m.input, config(), RunHooks{}).status().code(), StatusCode::kInvalidConfig);
+  EXPECT_EQ(quantize_model(m.input, dir.str(), config({{"overwrite", true}}), RunHooks{}).status().code(),
+            StatusCode::kInvalidConfig)
+      << "an output that contains the input";
+  EXPECT_TRUE(fs::exists(fs::path(m.input) / "model.safetensors"));
+}
+
+TEST(Engine, replaces_an_existing_output_only_with_overwrite) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile);
+  const fs::path out = dir / "out";
+  testing::write_text(out / "old.txt", "previous run");
+  auto r = quantize_model(m.input, out.string(), config(), RunHooks{});
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidConfig);
+  EXPECT_CONTAINS(r.status().message(), "overwrite");
+  EXPECT_TRUE(fs::exists(out / "old.txt"));
+  ASSERT_OK(quantize_model(m.input, out.string(), config({{"overwrite", true}}), RunHooks{}).status());
+  EXPECT_FALSE(fs::exists(out / "old.txt"));
+  EXPECT_TRUE(fs::exists(out / "manifest.json"));
+  EXPECT_TRUE(staging_leftovers(dir.path()).empty());
+}
+
+TEST(Engine, accepts_an_output_path_with_a_trailing_slash) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kHfDir);
+  const fs::path out = dir / "out";
+  auto r = quantize_model(m.input, out.string() + "/", config(), RunHooks{});
+  ASSERT_OK(r.status());
+  EXPECT_TRUE(fs::exists(out / "manifest.json"));
+  EXPECT_TRUE(fs::exists(out / "weights.parquet"));
+  EXPECT_TRUE(staging_leftovers(out).empty()) << "the staging directory was made inside the destination";
+  EXPECT_TRUE(staging_leftovers(dir.path()).empty());
+  // and replacing it the same way
+  ASSERT_OK(quantize_model(m.input, out.string() + "/", config({{"overwrite", true}}), RunHooks{}).status());
+  EXPECT_TRUE(fs::exists(out / "manifest.json"));
+  EXPECT_TRUE(staging_leftovers(out).empty());
+}
+
+TEST(Engine, missing_input_is_not_found_and_leaves_nothing_behind) {
+  testing::TempDir dir;
+  const fs::path out = dir / "sub" / "out";
+  auto r = quantize_model((dir / "no-such-model").string(), out.string(), config(), RunHooks{});
+  EXPECT_EQ(r.status().code(), StatusCode::kNotFound);
+  EXPECT_CONTAINS(r.status().message(), "no-such-model");
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_TRUE(staging_leftovers(dir.path()).empty());
+  EXPECT_TRUE(staging_leftovers(dir / "sub").empty());
+}
+
+TEST(Engine, a_malformed_weight_file_fails_before_any_output_is_left) {
+  testing::TempDir dir;
+  fs::create_directories(dir / "model");
+  testing::write_safetensors_raw(dir / "model" / "model.safetensors", "{\"w\": 1}", {});
+  const fs::path out = dir / "out";
+  auto r = quantize_model((dir / "model").string(), out.string(), config(), RunHooks{});
+  EXPECT_EQ(r.status().code(), StatusCode::kFormatError);
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_TRUE(staging_leftovers(dir.path()).empty());
+}
+
+TEST(Engine, a_stop_request_cancels_and_leaves_nothing_behind) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile);
+  const fs::path out = dir / "out";
+  RunHooks hooks;
+  hooks.should_stop = [] { return true; };
+  auto r = quantize_model(m.input, out.string(), config(), hooks);
+  EXPECT_EQ(r.status().code(), StatusCode::kCancelled);
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_TRUE(staging_leftovers(dir.path()).empty());
+}
+
+TEST(Engine, reports_progress_ending_with_every_tensor_done) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile);
+  std::vector<ProgressEvent> events;
+  RunHooks hooks;
+  hooks.progress = [&](const ProgressEvent& e) { events.push_back(e); };
+  hooks.progress_every_tensors = 1;
+  ASSERT_OK(quantize_model(m.input, (dir / "out").string(), config(), hooks).status());
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().tensors_done, m.tensors.size());
+  EXPECT_EQ(events.back().tensors_total, m.tensors.size());
+  EXPECT_DOUBLE_EQ(events.back().fraction(), 1.0);
+  for (size_t i = 1; i < events.size(); ++i) EXPECT_GE(events[i].tensors_done, events[i - 1].tensors_done);
+}
+
+}  // namespace
+}  // namespace aq
