@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 
-VENV="${ARROWQUANT_VENV:-.venv}"
+VENV="$(realpath "${ARROWQUANT_VENV:-.venv}")"
 PY="$VENV/bin/python"
 BUILD=build/tests
 
