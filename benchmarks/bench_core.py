@@ -51,8 +51,9 @@ def profiles_table(workdir: str, base_channels: int) -> str:
         out = os.path.join(workdir, f"out-{profile}")
         r = q.quantize_diffusion_model(model, out, cfg)
         v = q.validate_quality(model, out)
-        scheme = f"INT{cfg.bit_width} {'per-channel' if cfg.group_size == 0 else f'g{cfg.group_size}'} " \
-                 f"{'sym' if cfg.symmetric else 'asym'}"
+        scheme = (f"entropy-coded, {cfg.bit_width + 0.5:g} bits/weight budget" if cfg.scheme == "entropy" else
+                  f"INT{cfg.bit_width} {'per-channel' if cfg.group_size == 0 else f'g{cfg.group_size}'} "
+                  f"{'sym' if cfg.symmetric else 'asym'}")
         lines.append(f"| {profile} | {scheme} | {r['quantized_bits_per_weight']:.3f} | {r['bits_per_weight']:.3f} | "
                      f"{r['compression_ratio']:.2f}x | {v['cosine_similarity']:.5f} | {v['min_cosine_similarity']:.5f} | "
                      f"{r['fallback_layers']} | {'passed' if v['passed'] else 'FAILED'} |")

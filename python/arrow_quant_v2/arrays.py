@@ -28,21 +28,22 @@ class QuantizedArray:
     group_size: Optional[int] = None
     symmetric: Optional[bool] = None
     scale_type: Optional[str] = None
-    codes: Optional[bytes] = None          # packed codes (docs/format.md)
-    scales: Optional[np.ndarray] = None    # float16/float32, rows x groups
+    scheme: Optional[str] = None           # e.g. "int4_g128_asym", "entropy_4.50"
+    codes: Optional[bytes] = None          # packed codes, or rANS chunks (docs/format.md)
+    scales: Optional[np.ndarray] = None    # affine: per group; entropy: per-row steps (float32)
     zero_points: Optional[np.ndarray] = None
     cosine_similarity: float = 1.0
     relative_error: float = 0.0
     rejected_bits: List[int] = field(default_factory=list)  # widths the accuracy fallback rejected
     _raw: Optional[np.ndarray] = field(default=None, repr=False)
+    _encoded: Any = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored: codes + scales + zero points, or the kept array's bytes."""
+        """Bytes stored: codes, scales, zero points and entropy tables, or the kept array's bytes."""
         if not self.quantized:
             return int(self._raw.nbytes)
-        zp = 0 if self.zero_points is None else self.zero_points.nbytes
-        return len(self.codes) + self.scales.nbytes + zp
+        return int(self._encoded.stored_bytes)
 
     @property
     def bits_per_weight(self) -> float:
@@ -52,12 +53,7 @@ class QuantizedArray:
     def dequantize(self, dtype: Any = np.float32) -> np.ndarray:
         if not self.quantized:
             return self._raw.astype(dtype, copy=True)
-        rows = self.shape[0]
-        cols = int(np.prod(self.shape[1:]))
-        zp = None if self.zero_points is None else self.zero_points.tobytes()
-        out = _core.decode_array(self.codes, self.scales.tobytes(), zp, rows, cols, self.bits,
-                                 self.group_size, self.symmetric, self.scale_type)
-        return out.reshape(self.shape).astype(dtype, copy=False)
+        return self._encoded.decode().reshape(self.shape).astype(dtype, copy=False)
 
 
 def _as_numpy(name: str, value: Any) -> np.ndarray:
@@ -94,12 +90,17 @@ def quantize_arrays(weights: Mapping[str, Any], config: DiffusionQuantConfig) ->
             out[name] = QuantizedArray(name, tuple(a.shape), str(a.dtype), False, r["reason"], _raw=a.copy(),
                                        rejected_bits=list(r["rejected_bits"]))
             continue
-        sdt = np.float16 if r["scale_type"] == "f16" else np.float32
+        enc = r["encoded"]
+        info = enc.info()
+        entropy = info["scheme_kind"] == "entropy"
+        sdt = np.float32 if entropy or info["scale_type"] == "f32" else np.float16
+        zp = enc.zero_points
         out[name] = QuantizedArray(
             name=name, shape=tuple(a.shape), source_dtype=str(a.dtype), quantized=True, reason=r["reason"],
-            bits=r["bits"], group_size=r["group_size"], symmetric=r["symmetric"], scale_type=r["scale_type"],
-            codes=r["codes"], scales=np.frombuffer(r["scales"], dtype=sdt),
-            zero_points=None if r["zero_points"] is None else np.frombuffer(r["zero_points"], dtype=sdt),
-            cosine_similarity=r["cosine_similarity"], relative_error=r["relative_error"],
-            rejected_bits=list(r["rejected_bits"]))
+            bits=info["bits"], group_size=info["group_size"], symmetric=info["symmetric"],
+            scale_type="f32" if entropy else info["scale_type"], scheme=info["scheme"],
+            codes=enc.codes, scales=np.frombuffer(enc.scales, dtype=sdt),
+            zero_points=None if zp is None else np.frombuffer(zp, dtype=sdt),
+            cosine_similarity=info["cosine_similarity"], relative_error=info["relative_error"],
+            rejected_bits=list(r["rejected_bits"]), _encoded=enc)
     return out

@@ -260,7 +260,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
         r = _quantize(model, out, config, not a.quiet)
         v = q.validate_quality(model, out)
         results[profile] = {"quantize": r, "validate": v}
-        rows.append([profile, str(config.bit_width), "per-channel" if config.group_size == 0 else str(config.group_size),
+        scheme = (f"entropy-coded {config.bit_width + 0.5:g}" if config.scheme == "entropy" else
+                  f"int{config.bit_width} {'per-channel' if config.group_size == 0 else f'g{config.group_size}'}")
+        rows.append([profile, scheme,
                      f"{r['quantized_bits_per_weight']:.3f}", f"{r['bits_per_weight']:.3f}",
                      f"{r['compression_ratio']:.2f}x", f"{r['cosine_similarity']:.5f}",
                      f"{r['min_cosine_similarity']:.5f}", str(r["fallback_layers"]),
@@ -271,7 +273,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         print()
         return 0
     print()
-    print(_table(rows, ["profile", "bits", "group", "bits/w (quantized)", "bits/w (all)", "vs bf16", "mean cos",
+    print(_table(rows, ["profile", "scheme", "bits/w (quantized)", "bits/w (all)", "vs bf16", "mean cos",
                         "worst cos", "fallbacks", "MiB", "time s", "validate"]))
     print()
     print("bits/w (all) counts every stored byte (codes, scales, offsets, and the norms, biases and sensitive "

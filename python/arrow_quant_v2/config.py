@@ -17,18 +17,23 @@ GROUP_SIZES = (0, 32, 64, 128, 256)  # 0 = one group per output channel
 MODALITIES = ("text", "code", "image", "audio")
 PROFILES = ("edge", "local", "cloud")
 SCALE_METHODS = ("search", "minmax")
+SCHEMES = ("affine", "entropy")
 NONFINITE_POLICIES = ("error", "keep")
 KEEP_BITS = 16  # a bit override of 16 keeps a tensor unquantized
 
-# The deployment profiles. bit_width keeps its meaning (the integer code width); the result
-# reports the true bits per weight, scales included.
-PROFILE_SETTINGS: Dict[str, Dict[str, Any]] = {
-    # INT2, groups of 64: the smallest models, for phones and microcontrollers.
-    "edge": {"bit_width": 2, "group_size": 64, "symmetric": False, "min_accuracy": 0.85},
-    # INT4, groups of 128: laptops and desktops, quality close to the original.
-    "local": {"bit_width": 4, "group_size": 128, "symmetric": False, "min_accuracy": 0.95},
-    # INT8, one scale per output channel: servers, near-lossless.
-    "cloud": {"bit_width": 8, "group_size": 0, "symmetric": True, "min_accuracy": 0.99},
+# The deployment profiles pick the scheme with the least error for their budget (BENCHMARKS.md):
+# the entropy-coded scheme (per-row step, rANS-coded codes) at bit_width + 0.5 stored bits per
+# weight -- 2.5, 4.5 and 8.5, the budgets of llama.cpp's Q2_K-class, Q4_K and Q8_0. bit_width
+# keeps its meaning (the nominal code width) and the result reports the true bits per weight.
+# group_size and symmetric keep the fixed-rate settings (INT2 g64, INT4 g128, INT8 per channel)
+# for whoever sets scheme="affine" on top of a profile.
+PROFILE_SETTINGS: Dict[str, Dict[str, Any]] = {  # noqa: E501
+    # ~2.5 bits/weight: the smallest models, for phones and microcontrollers.
+    "edge": {"bit_width": 2, "group_size": 64, "symmetric": False, "scheme": "entropy", "min_accuracy": 0.85},
+    # ~4.5 bits/weight: laptops and desktops, quality close to the original.
+    "local": {"bit_width": 4, "group_size": 128, "symmetric": False, "scheme": "entropy", "min_accuracy": 0.95},
+    # ~8.5 bits/weight: servers, near-lossless.
+    "cloud": {"bit_width": 8, "group_size": 0, "symmetric": True, "scheme": "entropy", "min_accuracy": 0.99},
 }
 
 
@@ -54,6 +59,23 @@ def _check_bool(name: str) -> Callable[[Any], bool]:
         return v
 
     return check
+
+
+def _check_optional_bool(name: str) -> Callable[[Any], Optional[bool]]:
+    def check(v: Any) -> Optional[bool]:
+        if v is not None and not isinstance(v, bool):
+            raise ConfigurationError(f"{name} must be True, False or None; got {v!r}")
+        return v
+
+    return check
+
+
+def _check_target_bpw(v: Any) -> Optional[float]:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1.0 <= float(v) <= 12.0:
+        raise ConfigurationError(f"target_bits_per_weight must be None or a number between 1 and 12; got {v!r}")
+    return float(v)
 
 
 def _check_int(name: str, lo: int, hi: Optional[int] = None, note: str = "") -> Callable[[Any], int]:
@@ -162,6 +184,10 @@ _FIELDS: Dict[str, Tuple[Any, Callable[[Any], Any], str]] = {
     "deployment_profile": ("local", _check_profile, "edge, local or cloud"),
     "fail_fast": (False, _check_bool("fail_fast"), "stop at the first per-layer error instead of collecting"),
     # ArrowQuant's own fields
+    "scheme": ("affine", _check_choice("scheme", SCHEMES),
+               "'affine' (fixed-rate group-wise codes) or 'entropy' (rotated, rANS-coded: least error per bit)"),
+    "target_bits_per_weight": (None, _check_target_bpw, "entropy scheme: stored bits per weight (None = bit_width + 0.5)"),
+    "rotate": (False, _check_bool("rotate"), "randomized Hadamard rotation of rows (helps affine codes on heavy tails)"),
     "symmetric": (False, _check_bool("symmetric"), "symmetric codes (no offset) instead of asymmetric"),
     "scale_method": ("search", _check_choice("scale_method", SCALE_METHODS), "'search' (error-minimizing) or 'minmax'"),
     "enable_fallback": (True, _check_bool("enable_fallback"), "raise a layer's bits while its cosine < min_accuracy"),
@@ -217,9 +243,13 @@ class DiffusionQuantConfig:
         return DiffusionQuantConfig(deployment_profile=profile, **overrides)
 
     def validate(self) -> "DiffusionQuantConfig":
-        """Checks every field again (they are checked on assignment too); returns self."""
+        """Checks every field again (they are checked on assignment too), and the fields that
+        only make sense together; returns self."""
         for name, (_, check, _) in _FIELDS.items():
             check(getattr(self, name))
+        if self.target_bits_per_weight is not None and self.scheme != "entropy":
+            raise ConfigurationError("target_bits_per_weight applies to scheme='entropy' only; the size of "
+                                     "affine codes follows bit_width and group_size")
         return self
 
     def to_dict(self) -> Dict[str, Any]:

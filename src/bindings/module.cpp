@@ -20,7 +20,9 @@
 #include "engine/tensor_job.h"
 #include "io/modality.h"
 #include "io/model_source.h"
+#include "quant/hadamard.h"
 #include "quant/pack.h"
+#include "quant/rans.h"
 #include "quant/tensor_codec.h"
 #include "store/parquet_source.h"
 
@@ -114,7 +116,8 @@ nb::ndarray<nb::numpy, float> float_array(std::vector<float>&& v, const std::vec
 }
 
 aq::QuantScheme scheme_from(int bits, int group_size, bool symmetric, const std::string& scale_type,
-                            const std::string& method) {
+                            const std::string& method, const std::string& kind = "affine", bool rotate = false,
+                            double target_bpw = 0) {
   aq::QuantScheme s;
   s.bits = bits;
   s.group_size = group_size;
@@ -125,9 +128,102 @@ aq::QuantScheme scheme_from(int bits, int group_size, bool symmetric, const std:
   if (method == "search") s.method = aq::ScaleMethod::kSearch;
   else if (method == "minmax") s.method = aq::ScaleMethod::kMinMax;
   else raise(aq::InvalidConfig("scale_method must be 'search' or 'minmax', got '" + method + "'"));
+  if (kind == "affine") s.kind = aq::SchemeKind::kAffine;
+  else if (kind == "entropy") s.kind = aq::SchemeKind::kEntropy;
+  else raise(aq::InvalidConfig("scheme must be 'affine' or 'entropy', got '" + kind + "'"));
+  s.rotate = rotate;
+  s.target_bpw = target_bpw;
   if (auto st = aq::validate_scheme(s); !st.ok()) raise(st);
   return s;
 }
+
+void put_scheme(nb::dict& d, const aq::QuantScheme& s, uint64_t cols) {
+  d["scheme_kind"] = aq::scheme_kind_name(s.kind);
+  d["bits"] = s.bits;
+  d["group_size"] = s.group_size;
+  d["symmetric"] = s.symmetric;
+  d["scale_type"] = aq::scale_type_name(s.scale_type);
+  d["scale_method"] = aq::scale_method_name(s.method);
+  d["rotation"] = s.rotate ? aq::rotation_block(cols) : 1;
+  d["scheme"] = aq::scheme_name(s);
+  if (s.kind == aq::SchemeKind::kEntropy) d["target_bits_per_weight"] = s.entropy_budget();
+}
+
+void put_entropy(nb::dict& d, const aq::EntropySide* e) {
+  if (!e) {
+    d["entropy"] = nb::none();
+    return;
+  }
+  nb::dict t;
+  t["symbol_min"] = e->symbol_min;
+  t["frequencies"] = nb::cast(e->frequencies);
+  t["escape_symbol"] = e->escape_symbol;
+  t["chunk_rows"] = e->chunk_rows;
+  t["chunk_offsets"] = nb::cast(e->chunk_offsets);
+  t["centroids"] = nb::cast(e->centroids);
+  d["entropy"] = t;
+}
+
+// An encoded in-memory tensor (ArrowQuantV2.quantize, benchmarks): its stored form, its error
+// figures, and decoding with the same functions the loader uses.
+class Encoded {
+ public:
+  explicit Encoded(aq::EncodedTensor t) : t_(std::move(t)) {
+    if (t_.scheme.kind == aq::SchemeKind::kEntropy) table_ = unwrap(aq::make_decode_table(t_.view()));
+  }
+  uint64_t rows() const { return t_.rows; }
+  uint64_t cols() const { return t_.cols; }
+  nb::bytes codes() const { return to_bytes(t_.codes); }
+  nb::bytes scales() const { return to_bytes(t_.scales); }
+  nb::object zero_points() const { return t_.zero_points.empty() ? nb::none() : nb::object(to_bytes(t_.zero_points)); }
+  uint64_t stored_bytes() const { return t_.stored_bytes(); }
+  nb::dict info() const {
+    nb::dict d;
+    put_scheme(d, t_.scheme, t_.cols);
+    put_entropy(d, t_.entropy ? &*t_.entropy : nullptr);
+    d["stored_bytes"] = t_.stored_bytes();
+    d["bits_per_weight"] = t_.rows * t_.cols ? 8.0 * static_cast<double>(t_.stored_bytes()) / static_cast<double>(t_.rows * t_.cols) : 0.0;
+    d["cosine_similarity"] = t_.stats.cosine();
+    d["relative_error"] = t_.stats.relative_error();
+    d["sqnr_db"] = t_.stats.sqnr_db();
+    d["max_abs_error"] = t_.stats.max_abs_err;
+    return d;
+  }
+  nb::ndarray<nb::numpy, float> decode() const {
+    std::vector<float> out(t_.rows * t_.cols);
+    aq::Status st;
+    {
+      nb::gil_scoped_release release;
+      st = aq::decode_tensor(t_.scheme, t_.rows, t_.cols, view(), out.data());
+    }
+    if (!st.ok()) raise(st);
+    return float_array(std::move(out), {static_cast<size_t>(t_.rows), static_cast<size_t>(t_.cols)});
+  }
+  // Rows [r0, r0 + nr) into out (nr x cols float32, C order); r0 and nr in whole decoding units.
+  void decode_rows(uint64_t r0, uint64_t nr, nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu> out) const {
+    if (out.shape(0) != nr || out.shape(1) != t_.cols || r0 + nr > t_.rows)
+      raise(aq::InvalidConfig("decode_rows: out must be (nr, cols) and the rows inside the tensor"));
+    const uint64_t unit = aq::decode_granularity(t_.scheme, view());
+    if (r0 % unit != 0 || (nr % unit != 0 && r0 + nr != t_.rows))
+      raise(aq::InvalidConfig("decode_rows: rows must start and end on multiples of " + std::to_string(unit)));
+    aq::Status st;
+    {
+      nb::gil_scoped_release release;
+      st = aq::decode_rows(t_.scheme, t_.rows, t_.cols, view(), r0, nr, out.data());
+    }
+    if (!st.ok()) raise(st);
+  }
+  uint64_t decode_granularity() const { return aq::decode_granularity(t_.scheme, view()); }
+
+ private:
+  aq::EncodedView view() const {
+    aq::EncodedView v = t_.view();
+    v.table = table_.get();
+    return v;
+  }
+  aq::EncodedTensor t_;
+  std::shared_ptr<const aq::FrequencyTable> table_;
+};
 
 nb::dict info_dict(const aq::StoredTensorInfo& t) {
   nb::dict d;
@@ -140,12 +236,7 @@ nb::dict info_dict(const aq::StoredTensorInfo& t) {
   d["source_bytes"] = t.source_bytes();
   d["stored_bytes"] = t.stored_bytes();
   if (t.quantized) {
-    d["bits"] = t.scheme.bits;
-    d["group_size"] = t.scheme.group_size;
-    d["symmetric"] = t.scheme.symmetric;
-    d["scale_type"] = aq::scale_type_name(t.scheme.scale_type);
-    d["scale_method"] = aq::scale_method_name(t.scheme.method);
-    d["scheme"] = aq::scheme_name(t.scheme);
+    put_scheme(d, t.scheme, t.cols());
     d["cosine_similarity"] = t.cosine;
     d["relative_error"] = t.relative_error;
     d["sqnr_db"] = t.sqnr_db;
@@ -192,6 +283,7 @@ class WeightsReader {
     d["codes"] = to_bytes(t.payload.codes);
     d["scales"] = src_->tensors()[index].quantized ? nb::object(to_bytes(t.payload.scales)) : nb::none();
     d["zero_points"] = t.payload.zero_points.empty() ? nb::none() : nb::object(to_bytes(t.payload.zero_points));
+    put_entropy(d, t.entropy.get());
     return d;
   }
 
@@ -264,8 +356,9 @@ NB_MODULE(_core, m) {
 
   m.def("encode_array",
         [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> a, int bits, int group_size,
-           bool symmetric, const std::string& method, int threads, const std::string& name) {
-          aq::QuantScheme scheme = scheme_from(bits, group_size, symmetric, "f16", method);
+           bool symmetric, const std::string& method, int threads, const std::string& name, const std::string& scheme,
+           bool rotate, double target_bpw) {
+          aq::QuantScheme sch = scheme_from(bits, group_size, symmetric, "f16", method, scheme, rotate, target_bpw);
           aq::RowSource src;
           src.data = reinterpret_cast<const uint8_t*>(a.data());
           src.dtype = aq::DType::kF32;
@@ -277,22 +370,14 @@ NB_MODULE(_core, m) {
             nb::gil_scoped_release release;
             std::optional<aq::ThreadPool> pool;
             if (threads != 1) pool.emplace(threads);
-            r.emplace(aq::encode_tensor(src, scheme, pool ? &*pool : nullptr));
+            r.emplace(aq::encode_tensor(src, sch, pool ? &*pool : nullptr));
           }
-          aq::EncodedTensor t = unwrap(std::move(*r));
-          nb::dict d;
-          d["codes"] = to_bytes(t.codes);
-          d["scales"] = to_bytes(t.scales);
-          d["zero_points"] = t.scheme.symmetric ? nb::none() : nb::object(to_bytes(t.zero_points));
-          d["scale_type"] = aq::scale_type_name(t.scheme.scale_type);
-          d["cosine_similarity"] = t.stats.cosine();
-          d["relative_error"] = t.stats.relative_error();
-          d["sqnr_db"] = t.stats.sqnr_db();
-          d["max_abs_error"] = t.stats.max_abs_err;
-          return d;
+          return Encoded(unwrap(std::move(*r)));
         },
-        nb::arg("array"), nb::arg("bits"), nb::arg("group_size"), nb::arg("symmetric"),
-        nb::arg("scale_method") = "search", nb::arg("num_threads") = 0, nb::arg("name") = "array");
+        nb::arg("array"), nb::arg("bits"), nb::arg("group_size") = 128, nb::arg("symmetric") = false,
+        nb::arg("scale_method") = "search", nb::arg("num_threads") = 0, nb::arg("name") = "array",
+        nb::arg("scheme") = "affine", nb::arg("rotate") = false, nb::arg("target_bpw") = 0.0,
+        "Encodes a float32 matrix with one scheme (no layer policy); returns an Encoded.");
 
   m.def("quantize_array",
         [](const std::string& config, const std::string& name, const std::string& dtype,
@@ -315,18 +400,7 @@ NB_MODULE(_core, m) {
           d["quantized"] = o.encoded.has_value();
           d["reason"] = o.reason;
           d["rejected_bits"] = nb::cast(o.rejected_bits);
-          if (o.encoded) {
-            const aq::EncodedTensor& t = *o.encoded;
-            d["bits"] = t.scheme.bits;
-            d["group_size"] = t.scheme.group_size;
-            d["symmetric"] = t.scheme.symmetric;
-            d["scale_type"] = aq::scale_type_name(t.scheme.scale_type);
-            d["codes"] = to_bytes(t.codes);
-            d["scales"] = to_bytes(t.scales);
-            d["zero_points"] = t.scheme.symmetric ? nb::none() : nb::object(to_bytes(t.zero_points));
-            d["cosine_similarity"] = t.stats.cosine();
-            d["relative_error"] = t.stats.relative_error();
-          }
+          d["encoded"] = o.encoded ? nb::cast(Encoded(std::move(*o.encoded))) : nb::none();
           return d;
         },
         nb::arg("config_json"), nb::arg("name"), nb::arg("dtype"), nb::arg("shape"), nb::arg("data"),
@@ -343,19 +417,6 @@ NB_MODULE(_core, m) {
         },
         nb::arg("field"), nb::arg("pattern"),
         "Raises ConfigurationError unless the engine can compile the pattern.");
-
-  m.def("decode_array",
-        [](nb::bytes codes, nb::bytes scales, nb::object zero_points, uint64_t rows, uint64_t cols, int bits,
-           int group_size, bool symmetric, const std::string& scale_type) {
-          aq::QuantScheme scheme = scheme_from(bits, group_size, symmetric, scale_type, "search");
-          nb::bytes zp = zero_points.is_none() ? nb::bytes("", 0) : nb::cast<nb::bytes>(zero_points);
-          std::vector<float> out(rows * cols);
-          aq::Status st = aq::decode_tensor(scheme, rows, cols, as_span(codes), as_span(scales), as_span(zp), out.data());
-          if (!st.ok()) raise(st);
-          return float_array(std::move(out), {static_cast<size_t>(rows), static_cast<size_t>(cols)});
-        },
-        nb::arg("codes"), nb::arg("scales"), nb::arg("zero_points").none(), nb::arg("rows"), nb::arg("cols"),
-        nb::arg("bits"), nb::arg("group_size"), nb::arg("symmetric"), nb::arg("scale_type") = "f16");
 
   m.def("pack_codes",
         [](nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> codes, int bits) {
@@ -432,6 +493,18 @@ NB_MODULE(_core, m) {
 
   m.def("default_sensitive_patterns", [] { return aq::default_sensitive_patterns(); });
   m.def("hardware_threads", [] { return aq::ThreadPool::resolve_threads(0); });
+
+  nb::class_<Encoded>(m, "Encoded")
+      .def_prop_ro("rows", &Encoded::rows)
+      .def_prop_ro("cols", &Encoded::cols)
+      .def_prop_ro("codes", &Encoded::codes)
+      .def_prop_ro("scales", &Encoded::scales)
+      .def_prop_ro("zero_points", &Encoded::zero_points)
+      .def_prop_ro("stored_bytes", &Encoded::stored_bytes)
+      .def_prop_ro("decode_granularity", &Encoded::decode_granularity)
+      .def("info", &Encoded::info)
+      .def("decode", &Encoded::decode)
+      .def("decode_rows", &Encoded::decode_rows, nb::arg("r0"), nb::arg("nr"), nb::arg("out"));
 
   nb::class_<WeightsReader>(m, "WeightsReader")
       .def(nb::init<const std::string&>(), nb::arg("path"))

@@ -1,5 +1,6 @@
 #include "engine/config.h"
 
+#include <algorithm>
 #include <limits>
 #include <set>
 
@@ -83,7 +84,7 @@ Result<std::vector<std::string>> get_strings(const json& j, const char* key) {
 
 const std::set<std::string>& known_keys() {
   static const std::set<std::string> k = {
-      "bit_width", "group_size", "symmetric", "scale_method", "min_accuracy", "enable_fallback",
+      "bit_width", "group_size", "symmetric", "scale_method", "scheme", "rotate", "target_bits_per_weight", "min_accuracy", "enable_fallback",
       "fail_fast", "num_threads", "components", "skip_patterns", "bit_overrides",
       "sensitive_patterns", "sensitive_bit_width", "min_tensor_size", "nonfinite", "overwrite",
       "modality", "enable_time_aware", "enable_spatial", "num_time_groups", "calibration_samples",
@@ -108,6 +109,20 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
   if (method == "search") c.scale_method = ScaleMethod::kSearch;
   else if (method == "minmax") c.scale_method = ScaleMethod::kMinMax;
   else return InvalidConfig(StrCat("scale_method must be 'search' or 'minmax', got '", method, "'"));
+  std::string kind = "affine";
+  AQ_RETURN_IF_ERROR(get(j, "scheme", &kind, "a string"));
+  if (kind == "affine") c.scheme_kind = SchemeKind::kAffine;
+  else if (kind == "entropy") c.scheme_kind = SchemeKind::kEntropy;
+  else return InvalidConfig(StrCat("scheme must be 'affine' or 'entropy', got '", kind, "'"));
+  if (auto it = j.find("rotate"); it != j.end() && !it->is_null()) {
+    if (!it->is_boolean()) return InvalidConfig(StrCat("rotate must be true, false or null, got ", it->dump()));
+    c.rotate = it->get<bool>() ? 1 : 0;
+  }
+  AQ_RETURN_IF_ERROR(get(j, "target_bits_per_weight", &c.target_bits_per_weight, "a number"));
+  if (c.target_bits_per_weight != 0 && !(c.target_bits_per_weight >= 1.0 && c.target_bits_per_weight <= 12.0))
+    return InvalidConfig(StrCat("target_bits_per_weight must be between 1 and 12 (or None), got ", c.target_bits_per_weight));
+  if (c.target_bits_per_weight != 0 && c.scheme_kind != SchemeKind::kEntropy)
+    return InvalidConfig("target_bits_per_weight applies to scheme='entropy' only (affine schemes' size follows bit_width and group_size)");
   AQ_RETURN_IF_ERROR(validate_scheme(c.scheme(c.bit_width)));
   AQ_RETURN_IF_ERROR(get(j, "min_accuracy", &c.min_accuracy, "a number"));
   if (!(c.min_accuracy >= 0.0 && c.min_accuracy <= 1.0))
@@ -173,7 +188,10 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
 
   c.as_json = {
       {"bit_width", c.bit_width}, {"group_size", c.group_size}, {"symmetric", c.symmetric},
-      {"scale_method", method}, {"min_accuracy", c.min_accuracy}, {"enable_fallback", c.enable_fallback},
+      {"scale_method", method}, {"scheme", kind},
+      {"rotate", c.rotate < 0 ? json(nullptr) : json(c.rotate == 1)},
+      {"target_bits_per_weight", c.target_bits_per_weight > 0 ? json(c.target_bits_per_weight) : json(nullptr)},
+      {"min_accuracy", c.min_accuracy}, {"enable_fallback", c.enable_fallback},
       {"fail_fast", c.fail_fast}, {"num_threads", c.num_threads}, {"components", c.components},
       {"skip_patterns", skips}, {"bit_overrides", json::array()}, {"sensitive_patterns", sensitive},
       {"sensitive_bit_width", c.sensitive_bit_width}, {"min_tensor_size", c.min_tensor_size},
@@ -192,6 +210,13 @@ QuantScheme EngineConfig::scheme(int bits) const {
   s.group_size = group_size;
   s.symmetric = symmetric;
   s.method = scale_method;
+  s.kind = scheme_kind;
+  // Rotation is opt-in. It makes any tensor Gaussian: a gain for fixed-rate codes on heavy-tailed
+  // or outlier-channel weights, a loss for entropy coding (a Gaussian has the most entropy for its
+  // variance, so a peaky distribution codes cheaper as it is). BENCHMARKS.md has the figures.
+  s.rotate = rotate == 1;
+  if (scheme_kind == SchemeKind::kEntropy && target_bits_per_weight > 0)
+    s.target_bpw = std::clamp(target_bits_per_weight + (bits - bit_width), 1.0, 12.0);
   return s;
 }
 

@@ -27,6 +27,9 @@ struct EngineConfig {
   int group_size = 128;  // 0 = per channel
   bool symmetric = false;
   ScaleMethod scale_method = ScaleMethod::kSearch;
+  SchemeKind scheme_kind = SchemeKind::kAffine;  // "affine" | "entropy"
+  int rotate = -1;                   // randomized Hadamard rotation: 1 on; 0 or -1 (unset) off
+  double target_bits_per_weight = 0; // entropy: the budget at bit_width (0 = bit_width + 0.5)
   double min_accuracy = 0.85;
   bool enable_fallback = true;
   bool fail_fast = false;
@@ -49,6 +52,8 @@ struct EngineConfig {
   nlohmann::json as_json;  // the configuration as given, with defaults filled in
 
   static Result<EngineConfig> FromJson(const nlohmann::json& j);
+  // The scheme for a tensor planned at `bits` (bit_width, a sensitive width, or a fallback rung).
+  // Entropy budgets move with the bits: target + (bits - bit_width), or bits + 0.5.
   QuantScheme scheme(int bits) const;
 };
 

@@ -204,13 +204,13 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
     info.relative_error = enc.stats.relative_error();
     info.sqnr_db = enc.stats.sqnr_db();
     info.max_abs_error = enc.stats.max_abs_err;
-    payload.codes = enc.codes;
-    payload.scales = enc.scales;
-    payload.zero_points = enc.zero_points;
+    payload = enc.view();
+    info.stored = enc.stored_bytes();
   } else {
     info.quantized = false;
     info.reason = s.keep_reason.empty() ? s.plan.reason : s.keep_reason;
     payload.codes = std::span<const uint8_t>(s.ref.file->data(t), t.nbytes);
+    info.stored = t.nbytes;
   }
   AQ_RETURN_IF_ERROR(sink.Write(info, payload));
   s.ref.file->release(t);

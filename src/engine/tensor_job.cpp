@@ -1,14 +1,23 @@
 #include "engine/tensor_job.h"
 
 #include <algorithm>
+#include <condition_variable>
 #include <cmath>
+#include <cstring>
 
 #include "common/half.h"
 #include "quant/group_quant.h"
+#include "quant/hadamard.h"
 #include "quant/pack.h"
-#include "quant/tensor_codec.h"
 
 namespace aq {
+
+namespace {
+
+// Rotated rows sampled to choose the entropy step: about this many weights per tensor.
+constexpr uint64_t kEntropySample = 1u << 18;
+
+}  // namespace
 
 uint64_t rows_per_block(uint64_t cols) {
   const uint64_t target = 65536;
@@ -18,73 +27,177 @@ uint64_t rows_per_block(uint64_t cols) {
 }
 
 TensorJob::TensorJob(RowSource source, QuantScheme scheme) : src_(std::move(source)) {
+  if (scheme.kind == SchemeKind::kEntropy) scheme.scale_type = ScaleType::kF32;  // row steps are float32
   out_.scheme = scheme;
   out_.rows = src_.rows;
   out_.cols = src_.cols;
-  const QuantizedSize size = quantized_size(scheme, src_.rows, src_.cols);
-  out_.codes.assign(size.code_bytes, 0);
-  out_.scales.assign(size.scale_bytes, 0);
-  out_.zero_points.assign(size.zero_point_bytes, 0);
-  const uint64_t groups = src_.rows * groups_per_row(scheme, src_.cols);
-  scales_f_.assign(groups, 0.0f);
-  if (!scheme.symmetric) zeros_f_.assign(groups, 0.0f);
   block_rows_ = rows_per_block(src_.cols);
   blocks_ = src_.rows == 0 ? 0 : (src_.rows + block_rows_ - 1) / block_rows_;
   block_stats_.resize(blocks_);
   block_status_.resize(blocks_);
-  remaining_.store(static_cast<int64_t>(blocks_));
+  rotation_ = scheme.rotate ? rotation_block(src_.cols) : 1;
+  if (scheme.kind == SchemeKind::kAffine) {
+    const QuantizedSize size = quantized_size(scheme, src_.rows, src_.cols);
+    out_.codes.assign(size.code_bytes, 0);
+    out_.scales.assign(size.scale_bytes, 0);
+    out_.zero_points.assign(size.zero_point_bytes, 0);
+    const uint64_t groups = src_.rows * groups_per_row(scheme, src_.cols);
+    scales_f_.assign(groups, 0.0f);
+    if (!scheme.symmetric) zeros_f_.assign(groups, 0.0f);
+  } else {
+    out_.scales.assign(src_.rows * 4, 0);
+    out_.entropy.emplace();
+    out_.entropy->chunk_rows = static_cast<uint32_t>(block_rows_);
+    row_norm_.assign(src_.rows, 0.0f);
+    scales_f_.assign(src_.rows, 0.0f);
+    const uint64_t n = src_.rows * src_.cols;
+    sample_stride_ = std::max<uint64_t>(1, n / kEntropySample);
+    sample_.assign(((src_.rows + sample_stride_ - 1) / sample_stride_) * src_.cols, 0.0f);
+    hist_.assign(kHistBins, 0);
+    centroid_sum_.assign(blocks_, {});
+    centroid_count_.assign(blocks_, {});
+    block_bytes_.resize(blocks_);
+  }
+  if (blocks_ == 0) finished_ = true;
+}
+
+uint64_t TensorJob::block_count_rows(uint64_t b) const {
+  return std::min(block_rows_, src_.rows - block_begin(b));
 }
 
 void TensorJob::start(ThreadPool& pool, const std::atomic<bool>* stop, std::function<void()> on_block_done) {
+  pool_ = &pool;
   stop_ = stop;
+  on_block_done_ = std::move(on_block_done);
+  if (blocks_ > 0) submit_pass(0);
+}
+
+void TensorJob::submit_pass(int pass) {
+  pass_remaining_.store(static_cast<int64_t>(blocks_));
+  // The callback is copied into each task: once the job is finished the engine may destroy it,
+  // and the last task must not touch the job after that.
   for (uint64_t b = 0; b < blocks_; ++b)
-    pool.submit([this, b, on_block_done] {
-      run_block(b);
-      remaining_.fetch_sub(1, std::memory_order_acq_rel);
-      if (on_block_done) on_block_done();
+    pool_->submit([this, pass, b, notify = on_block_done_] {
+      run_block(pass, b);
+      block_done(pass);
+      if (notify) notify();
     });
 }
 
+void TensorJob::block_done(int pass) {
+  work_done_.fetch_add(1);
+  if (pass_remaining_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  const int next = after_pass(pass);
+  if (next >= 0) submit_pass(next);
+  else finished_.store(true, std::memory_order_release);
+}
+
 void TensorJob::run_inline() {
-  for (uint64_t b = 0; b < blocks_; ++b) {
-    run_block(b);
-    remaining_.fetch_sub(1, std::memory_order_acq_rel);
+  for (int pass = 0; pass >= 0 && blocks_ > 0;) {
+    for (uint64_t b = 0; b < blocks_; ++b) {
+      run_block(pass, b);
+      work_done_.fetch_add(1);
+    }
+    pass = after_pass(pass);
+  }
+  finished_ = true;
+}
+
+bool TensorJob::load_block(uint64_t b, std::vector<float>& w) {
+  if (stop_ && stop_->load(std::memory_order_relaxed)) {
+    block_status_[b] = Cancelled("stopped");
+    return false;
+  }
+  const uint64_t r0 = block_begin(b), n = block_count_rows(b) * src_.cols;
+  w.resize(n);
+  convert_to_f32(src_.dtype, src_.data + r0 * src_.cols * dtype_size(src_.dtype), n, w.data());
+  for (uint64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(w[i])) {
+      const uint64_t row = r0 + i / src_.cols, col = i % src_.cols;
+      block_status_[b] = NonFinite(StrCat(src_.file.empty() ? "" : src_.file + ": ", "tensor '", src_.name,
+                                          "': weight [", row, ", ", col, "] is ",
+                                          std::isnan(w[i]) ? "NaN" : (w[i] > 0 ? "+Inf" : "-Inf")));
+      return false;
+    }
+  }
+  return true;
+}
+
+void TensorJob::run_block(int pass, uint64_t b) {
+  if (out_.scheme.kind == SchemeKind::kAffine) return affine_block(b);
+  if (!block_status_[b].ok()) return;  // failed in an earlier pass
+  switch (pass) {
+    case 0: return entropy_norms_block(b);
+    case 1: return entropy_histogram_block(b);
+    default: return entropy_code_block(b);
   }
 }
 
-void TensorJob::run_block(uint64_t b) {
-  if (stop_ && stop_->load(std::memory_order_relaxed)) {
-    block_status_[b] = Cancelled("stopped");
-    return;
+int TensorJob::after_pass(int pass) {
+  if (!status().ok()) return -1;
+  if (out_.scheme.kind == SchemeKind::kAffine) return -1;
+  if (pass == 0) {
+    entropy_choose_step();
+    return 1;
   }
-  const QuantScheme& scheme = out_.scheme;
-  const uint64_t cols = src_.cols;
-  const uint64_t r0 = b * block_rows_;
-  const uint64_t nr = std::min(block_rows_, src_.rows - r0);
-  const uint64_t n = nr * cols;
-  const size_t gpr = groups_per_row(scheme, cols);
+  if (pass == 1) {
+    Status st = entropy_build_table();
+    if (!st.ok()) {
+      block_status_[0] = st;
+      return -1;
+    }
+    // The step came from a sample; the full histogram says what the tensor really costs. Over
+    // budget (rare symbols the sample missed), widen the step by the excess -- at the high-rate
+    // slope of one bit per doubling -- and count again.
+    const double n = static_cast<double>(src_.rows * src_.cols);
+    const double over = entropy_predicted_bits() / n - out_.scheme.entropy_budget();
+    if (over > 0 && step_retries_ < 3) {
+      ++step_retries_;
+      entropy_set_steps(step_ * static_cast<float>(std::exp2(over + 0.002)));
+      std::fill(hist_.begin(), hist_.end(), 0);
+      for (auto& c : centroid_sum_) c.fill(0.0);
+      for (auto& c : centroid_count_) c.fill(0);
+      return 1;
+    }
+    return 2;
+  }
+  // pass 2: lay the chunks end to end
+  auto& e = *out_.entropy;
+  e.chunk_offsets.assign(1, 0);
+  size_t total = 0;
+  for (const auto& bytes : block_bytes_) total += bytes.size();
+  out_.codes.reserve(total);
+  for (auto& bytes : block_bytes_) {
+    out_.codes.insert(out_.codes.end(), bytes.begin(), bytes.end());
+    e.chunk_offsets.push_back(static_cast<uint32_t>(out_.codes.size()));
+    std::vector<uint8_t>().swap(bytes);
+  }
+  return -1;
+}
 
-  thread_local std::vector<float> w, deq;
+// ---- affine ---------------------------------------------------------------------------------
+
+void TensorJob::affine_block(uint64_t b) {
+  thread_local std::vector<float> w, rot, deq;
   thread_local std::vector<uint8_t> q;
-  w.resize(n);
+  if (!load_block(b, w)) return;
+  const QuantScheme& scheme = out_.scheme;
+  const uint64_t cols = src_.cols, r0 = block_begin(b), nr = block_count_rows(b), n = nr * cols;
+  const size_t gpr = groups_per_row(scheme, cols);
+  const float* x = w.data();
+  if (rotation_ > 1) {
+    rot.assign(w.begin(), w.end());
+    rotate_rows(rot.data(), nr, cols, rotation_);
+    x = rot.data();
+  }
   deq.resize(n);
   q.resize(n);
-  convert_to_f32(src_.dtype, src_.data + r0 * cols * dtype_size(src_.dtype), n, w.data());
-
-  for (uint64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(w[i])) {
-      const uint64_t row = r0 + i / cols, col = i % cols;
-      block_status_[b] = NonFinite(StrCat(src_.file.empty() ? "" : src_.file + ": ", "tensor '", src_.name,
-                                          "': weight [", row, ", ", col, "] is ", std::isnan(w[i]) ? "NaN" : (w[i] > 0 ? "+Inf" : "-Inf")));
-      return;
-    }
-  }
-
   float* s = scales_f_.data() + r0 * gpr;
   float* z = scheme.symmetric ? nullptr : zeros_f_.data() + r0 * gpr;
-  const QuantizeRowsStats st = quantize_rows(scheme, w.data(), nr, cols, q.data(), s, z);
+  const QuantizeRowsStats st = quantize_rows(scheme, x, nr, cols, q.data(), s, z);
   if (st.f16_imprecise_groups) imprecise_.fetch_add(st.f16_imprecise_groups);
   dequantize_rows(scheme, q.data(), s, z, nr, cols, deq.data());
+  unrotate_rows(deq.data(), nr, cols, rotation_);
   block_stats_[b].add(w.data(), deq.data(), n);
 
   // r0 is a multiple of 8, so r0 * cols * bits is a whole number of bytes.
@@ -92,6 +205,124 @@ void TensorJob::run_block(uint64_t b) {
   const size_t ssize = scale_type_size(scheme.scale_type);
   store_scales(scheme.scale_type, s, nr * gpr, out_.scales.data() + r0 * gpr * ssize);
   if (z) store_scales(scheme.scale_type, z, nr * gpr, out_.zero_points.data() + r0 * gpr * ssize);
+}
+
+// ---- entropy-coded --------------------------------------------------------------------------
+
+void TensorJob::entropy_norms_block(uint64_t b) {
+  thread_local std::vector<float> w;
+  if (!load_block(b, w)) return;
+  const uint64_t cols = src_.cols, r0 = block_begin(b), nr = block_count_rows(b);
+  for (uint64_t i = 0; i < nr; ++i) {
+    const uint64_t r = r0 + i;
+    row_norm_[r] = entropy_row_norm(w.data() + i * cols, cols);
+    if (r % sample_stride_ != 0) continue;
+    float* dst = sample_.data() + (r / sample_stride_) * cols;
+    std::memcpy(dst, w.data() + i * cols, cols * sizeof(float));
+    rotate_rows(dst, 1, cols, rotation_);
+    const float inv = row_norm_[r] > 0.0f ? 1.0f / row_norm_[r] : 0.0f;
+    for (uint64_t j = 0; j < cols; ++j) dst[j] *= inv;
+  }
+}
+
+void TensorJob::entropy_choose_step() {
+  const uint64_t n = src_.rows * src_.cols;
+  const uint64_t chunks = blocks_;
+  // Side information that every tensor stores, in bits: per-row steps, chunk offsets and rANS
+  // final states, centroids and the fixed fields, and the frequency table (its size depends on
+  // the step, so it is re-estimated once).
+  const double fixed_bits = 32.0 * static_cast<double>(src_.rows) + (64.0 + 128.0) * static_cast<double>(chunks) +
+                            32.0 * (kCentroids + 4);
+  const double budget = out_.scheme.entropy_budget();
+  int max_code = 8;
+  float d = 1.0f;
+  for (int round = 0; round < 2; ++round) {
+    const double side = fixed_bits + 16.0 * (2 * max_code + 1);
+    // 0.003 bits of margin: the sample is not the tensor, and rANS adds a little to its bound
+    const double code_bits = std::max(0.05, budget - side / static_cast<double>(n) - 0.003);
+    d = choose_entropy_step(sample_, code_bits);
+    sample_code_cost(sample_, d, &max_code);
+  }
+  entropy_set_steps(d);
+  std::vector<float>().swap(sample_);
+}
+
+void TensorJob::entropy_set_steps(float d) {
+  step_ = d;
+  // An all-zero row gets step d: every code is 0 and the step is never used.
+  for (uint64_t r = 0; r < src_.rows; ++r) scales_f_[r] = row_norm_[r] > 0.0f ? d * row_norm_[r] : d;
+  store_scales(ScaleType::kF32, scales_f_.data(), src_.rows, out_.scales.data());
+}
+
+double TensorJob::entropy_predicted_bits() const {
+  const auto& e = *out_.entropy;
+  std::vector<uint64_t> counts(e.frequencies.size());
+  for (size_t i = 0; i < counts.size(); ++i)
+    counts[i] = static_cast<int32_t>(i) == e.escape_symbol ? hist_[kCodeRange] : hist_[e.symbol_min + kMaxCode + i];
+  const double codes = coded_bits(counts, table_) + 32.0 * static_cast<double>(hist_[kCodeRange]);
+  // per chunk: the escape count, four 32-bit final states and, on average, half a 16-bit word per lane
+  const double flush = static_cast<double>(blocks_) * (32 + 4 * 32 + 4 * 8);
+  EntropySide side = e;
+  side.chunk_offsets.assign(blocks_ + 1, 0);
+  side.centroids.assign(kCentroids, 0.0f);
+  return codes + flush + 8.0 * static_cast<double>(side.stored_bytes() + out_.scales.size());
+}
+
+void TensorJob::entropy_histogram_block(uint64_t b) {
+  thread_local std::vector<float> w;
+  thread_local std::vector<int32_t> q;
+  thread_local std::vector<uint64_t> hist;
+  if (!load_block(b, w)) return;
+  const uint64_t cols = src_.cols, r0 = block_begin(b), nr = block_count_rows(b);
+  rotate_rows(w.data(), nr, cols, rotation_);
+  q.resize(nr * cols);
+  hist.assign(kHistBins, 0);
+  entropy_codes_rows(w.data(), nr, cols, scales_f_.data() + r0, q.data());
+  entropy_statistics(w.data(), q.data(), nr, cols, scales_f_.data() + r0, hist.data(), centroid_sum_[b].data(),
+                     centroid_count_[b].data());
+  std::lock_guard<std::mutex> lock(hist_mu_);  // integer counts: the order of adding does not matter
+  for (int i = 0; i < kHistBins; ++i) hist_[i] += hist[i];
+}
+
+Status TensorJob::entropy_build_table() {
+  auto& e = *out_.entropy;
+  AQ_ASSIGN_OR_RETURN(table_, entropy_table(hist_, &e));
+  std::array<double, kCentroids> sum{};
+  std::array<uint64_t, kCentroids> count{};
+  for (uint64_t b = 0; b < blocks_; ++b)
+    for (int m = 0; m < kCentroids; ++m) sum[m] += centroid_sum_[b][m], count[m] += centroid_count_[b][m];
+  e.centroids.assign(kCentroids, 0.0f);
+  for (int m = 0; m < kCentroids; ++m)
+    if (count[m]) e.centroids[m] = static_cast<float>(sum[m] / static_cast<double>(count[m]));
+  symbol_values_ = entropy_symbol_values(e);
+  return Status::OK();
+}
+
+void TensorJob::entropy_code_block(uint64_t b) {
+  thread_local std::vector<float> w, y, deq;
+  thread_local std::vector<int32_t> q;
+  if (!load_block(b, w)) return;
+  const auto& e = *out_.entropy;
+  const uint64_t cols = src_.cols, r0 = block_begin(b), nr = block_count_rows(b), n = nr * cols;
+  const float* x = w.data();
+  if (rotation_ > 1) {
+    y.assign(w.begin(), w.end());
+    rotate_rows(y.data(), nr, cols, rotation_);
+    x = y.data();
+  }
+  q.resize(n);
+  entropy_codes_rows(x, nr, cols, scales_f_.data() + r0, q.data());
+  entropy_encode_chunk(table_, e, q.data(), n, &block_bytes_[b]);
+  // Measure what a reader will get: decode the chunk just written.
+  deq.resize(n);
+  Status st = entropy_decode_chunk(table_, e, symbol_values_.data(), block_bytes_[b], nr, cols,
+                                   scales_f_.data() + r0, deq.data());
+  if (!st.ok()) {
+    block_status_[b] = Internal(StrCat("tensor '", src_.name, "': a chunk did not decode: ", st.message()));
+    return;
+  }
+  unrotate_rows(deq.data(), nr, cols, rotation_);
+  block_stats_[b].add(w.data(), deq.data(), n);
 }
 
 Status TensorJob::status() const {
@@ -112,10 +343,18 @@ Result<EncodedTensor> encode_tensor(const RowSource& source, QuantScheme scheme,
   for (int attempt = 0; attempt < 2; ++attempt) {
     TensorJob job(source, scheme);
     if (pool) {
-      WaitGroup wg;
-      wg.add(static_cast<int>(job.blocks()));
-      job.start(*pool, nullptr, [&wg] { wg.done(); });
-      wg.wait();
+      // Shared so that a worker still signalling after the job finished finds it alive.
+      struct Signal {
+        std::mutex mu;
+        std::condition_variable cv;
+      };
+      auto sig = std::make_shared<Signal>();
+      job.start(*pool, nullptr, [sig] {
+        std::lock_guard<std::mutex> lock(sig->mu);
+        sig->cv.notify_all();
+      });
+      std::unique_lock<std::mutex> lock(sig->mu);
+      sig->cv.wait(lock, [&] { return job.finished(); });
     } else {
       job.run_inline();
     }

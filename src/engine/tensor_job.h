@@ -1,21 +1,33 @@
-// Quantizing one tensor: cut into blocks of whole rows, each block converted to float32,
-// checked for NaN/Inf, quantized, measured and packed into its own byte range of the output.
+// Quantizing one tensor: cut into blocks of whole rows, each block converted to float32, checked
+// for NaN/Inf, (rotated,) quantized, measured and packed into its own place in the output.
 // Blocks are a fixed number of rows chosen from the tensor's width alone, so the bytes and the
 // error figures are identical for every thread count.
+//
+// Affine schemes take one pass over the blocks. The entropy-coded scheme takes three, with a
+// tensor-level step between them (run by whichever worker finishes a pass last):
+//   1. row norms and a fixed sample of rotated rows       -> the step that meets the budget
+//   2. codes, histogram and centroid sums                  -> rANS frequencies and centroids
+//   3. codes again, rANS-coded per block; reconstruction measured against the source.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "common/status.h"
 #include "common/thread_pool.h"
 #include "io/dtype.h"
+#include "quant/entropy_quant.h"
 #include "quant/metrics.h"
+#include "quant/rans.h"
 #include "quant/scheme.h"
+#include "quant/tensor_codec.h"
 
 namespace aq {
 
@@ -33,42 +45,87 @@ struct EncodedTensor {
   QuantScheme scheme;
   uint64_t rows = 0, cols = 0;
   std::vector<uint8_t> codes, scales, zero_points;  // exactly as stored
+  std::optional<EntropySide> entropy;               // entropy-coded tensors
   ErrorStats stats;
+
+  uint64_t stored_bytes() const {
+    return codes.size() + scales.size() + zero_points.size() + (entropy ? entropy->stored_bytes() : 0);
+  }
+  EncodedView view() const { return {codes, scales, zero_points, entropy ? &*entropy : nullptr, nullptr}; }
 };
 
 // Rows per block: a multiple of 8 (so every block starts on a byte boundary of the packed
-// stream for any bit width) holding about 64K weights.
+// stream for any bit width) holding about 64K weights. Entropy-coded tensors use it as their
+// chunk size.
 uint64_t rows_per_block(uint64_t cols);
 
 class TensorJob {
  public:
   TensorJob(RowSource source, QuantScheme scheme);
 
-  // Submits every block to the pool; `on_block_done` runs on a worker after each block.
+  // Submits the first pass to the pool; `on_block_done` runs on a worker after every block.
   void start(ThreadPool& pool, const std::atomic<bool>* stop, std::function<void()> on_block_done);
-  // Runs every block on the calling thread.
+  // Runs every pass on the calling thread.
   void run_inline();
 
-  bool finished() const { return remaining_.load(std::memory_order_acquire) == 0; }
-  uint64_t blocks_done() const { return blocks_ - static_cast<uint64_t>(remaining_.load()); }
-  uint64_t blocks() const { return blocks_; }
+  bool finished() const { return finished_.load(std::memory_order_acquire); }
+  uint64_t blocks_done() const { return work_done_.load(); }
+  uint64_t blocks() const { return blocks_ * static_cast<uint64_t>(passes()); }
   // First error in block order (deterministic), or OK. Valid once finished().
   Status status() const;
   bool needs_f32_scales() const { return imprecise_.load() > 0; }
-  // Sums the per-block statistics in block order. Valid once finished() with OK status.
+  // The encoded tensor, statistics merged in block order. Valid once finished() with OK status.
   EncodedTensor take();
 
  private:
-  void run_block(uint64_t b);
+  int passes() const { return out_.scheme.kind == SchemeKind::kEntropy ? 3 : 1; }
+  void submit_pass(int pass);
+  void run_block(int pass, uint64_t b);
+  // Runs the tensor-level step after `pass`; returns the pass to run next, or -1 when done.
+  int after_pass(int pass);
+  void block_done(int pass);
+  uint64_t block_begin(uint64_t b) const { return b * block_rows_; }
+  uint64_t block_count_rows(uint64_t b) const;
+  // Converts (and checks) rows of block b into w; false after recording an error.
+  bool load_block(uint64_t b, std::vector<float>& w);
+
+  void affine_block(uint64_t b);
+  void entropy_norms_block(uint64_t b);
+  void entropy_histogram_block(uint64_t b);
+  void entropy_code_block(uint64_t b);
+  void entropy_choose_step();
+  void entropy_set_steps(float d);
+  Status entropy_build_table();
+  // Bits the tensor will take with the current table: codes at their rANS cost plus every side field.
+  double entropy_predicted_bits() const;
+
   RowSource src_;
   EncodedTensor out_;
   std::vector<ErrorStats> block_stats_;
   std::vector<Status> block_status_;
   std::vector<float> scales_f_, zeros_f_;
   uint64_t block_rows_ = 0, blocks_ = 0;
-  std::atomic<int64_t> remaining_{0};
+  int rotation_ = 1;
+  ThreadPool* pool_ = nullptr;
+  std::function<void()> on_block_done_;
+  std::atomic<int64_t> pass_remaining_{0};
+  std::atomic<bool> finished_{false};
+  std::atomic<uint64_t> work_done_{0};
   std::atomic<uint64_t> imprecise_{0};
   const std::atomic<bool>* stop_ = nullptr;
+
+  // entropy-coded scheme
+  std::vector<float> row_norm_, sample_;
+  uint64_t sample_stride_ = 1;
+  float step_ = 1.0f;
+  int step_retries_ = 0;
+  std::mutex hist_mu_;
+  std::vector<uint64_t> hist_;
+  std::vector<std::array<double, kCentroids>> centroid_sum_;
+  std::vector<std::array<uint64_t, kCentroids>> centroid_count_;
+  std::vector<std::vector<uint8_t>> block_bytes_;
+  FrequencyTable table_;
+  std::vector<float> symbol_values_;  // reconstruction, in steps, per symbol
 };
 
 // Convenience for in-memory arrays and tests: quantizes a whole tensor, in parallel when a pool

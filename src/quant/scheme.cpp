@@ -1,10 +1,17 @@
 #include "quant/scheme.h"
 
+#include <cstdio>
+
 namespace aq {
 
 Status validate_scheme(const QuantScheme& s) {
-  if (s.bits != 2 && s.bits != 3 && s.bits != 4 && s.bits != 8)
-    return InvalidConfig(StrCat("bit_width must be 2, 3, 4 or 8, got ", s.bits));
+  if (s.kind == SchemeKind::kEntropy) {
+    if (s.bits < 1 || s.bits > 12) return InvalidConfig(StrCat("bit_width must be 1..12 for the entropy scheme, got ", s.bits));
+    if (s.target_bpw != 0 && !(s.target_bpw >= 1.0 && s.target_bpw <= 12.0))
+      return InvalidConfig(StrCat("target_bits_per_weight must be between 1 and 12, got ", s.target_bpw));
+    return Status::OK();
+  }
+  if (s.bits < 2 || s.bits > 8) return InvalidConfig(StrCat("bit_width must be 2..8, got ", s.bits));
   if (s.group_size != 0 && s.group_size != 32 && s.group_size != 64 && s.group_size != 128 &&
       s.group_size != 256)
     return InvalidConfig(StrCat("group_size must be 32, 64, 128, 256 or 0 (per channel), got ", s.group_size));
@@ -12,9 +19,16 @@ Status validate_scheme(const QuantScheme& s) {
 }
 
 std::string scheme_name(const QuantScheme& s) {
+  if (s.kind == SchemeKind::kEntropy) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "entropy_%.2f", s.entropy_budget());
+    return std::string(buf) + (s.rotate ? "_rot" : "");
+  }
   return StrCat("int", s.bits, "_", s.group_size == 0 ? std::string("pc") : StrCat("g", s.group_size),
-                s.symmetric ? "_sym" : "_asym");
+                s.symmetric ? "_sym" : "_asym", s.rotate ? "_rot" : "");
 }
+
+const char* scheme_kind_name(SchemeKind k) { return k == SchemeKind::kAffine ? "affine" : "entropy"; }
 
 const char* scale_type_name(ScaleType t) { return t == ScaleType::kF16 ? "f16" : "f32"; }
 const char* scale_method_name(ScaleMethod m) { return m == ScaleMethod::kMinMax ? "minmax" : "search"; }

@@ -27,22 +27,34 @@ enum class ScaleMethod : uint8_t {
   kSearch,  // search over clipping ranges, each refit by least squares, keep the least error
 };
 
+enum class SchemeKind : uint8_t {
+  kAffine,   // fixed-rate group-wise codes (every weight costs `bits`; fastest to decode)
+  kEntropy,  // per-row uniform step, rANS-coded codes (quant/entropy_quant.h): least error per bit
+};
+
 struct QuantScheme {
-  int bits = 4;          // 2, 3, 4 or 8
-  int group_size = 128;  // 32, 64, 128, 256, or 0 = per output channel
+  SchemeKind kind = SchemeKind::kAffine;
+  int bits = 4;          // affine: the code width, 2..8. entropy: the nominal width of the budget
+  int group_size = 128;  // affine: 32, 64, 128, 256, or 0 = per output channel
   bool symmetric = false;
   ScaleType scale_type = ScaleType::kF16;
   ScaleMethod method = ScaleMethod::kSearch;
+  bool rotate = false;     // randomized Hadamard rotation of the rows first (quant/hadamard.h)
+  double target_bpw = 0;   // entropy: stored bits per weight to aim for; 0 = bits + 0.5
 
+  double entropy_budget() const { return target_bpw > 0 ? target_bpw : bits + 0.5; }
   bool operator==(const QuantScheme&) const = default;
 };
 
 Status validate_scheme(const QuantScheme& s);
 
-// "int4_g128_asym", "int8_pc_sym" (pc = per channel); scale type and method are not in the name.
+// "int4_g128_asym", "int8_pc_sym" (pc = per channel), "int4_g64_asym_rot" (rotated),
+// "entropy_4.50" (entropy-coded at a 4.5 bits/weight budget, "_rot" when rotated); scale type and
+// method are not in it.
 std::string scheme_name(const QuantScheme& s);
 const char* scale_type_name(ScaleType t);
 const char* scale_method_name(ScaleMethod m);
+const char* scheme_kind_name(SchemeKind k);
 
 inline size_t group_len(const QuantScheme& s, size_t cols) {
   return s.group_size == 0 ? cols : static_cast<size_t>(s.group_size);
@@ -56,7 +68,8 @@ inline size_t packed_code_bytes(int bits, uint64_t count) {
 }
 inline size_t scale_type_size(ScaleType t) { return t == ScaleType::kF16 ? 2 : 4; }
 
-// Bytes stored for a rows x cols tensor: packed codes + scales (+ offsets).
+// Bytes stored for a rows x cols affine tensor: packed codes + scales (+ offsets). Entropy-coded
+// sizes are known only once coded.
 struct QuantizedSize {
   uint64_t code_bytes = 0;
   uint64_t scale_bytes = 0;

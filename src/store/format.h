@@ -15,6 +15,7 @@
 
 #include "io/dtype.h"
 #include "quant/scheme.h"
+#include "quant/tensor_codec.h"
 
 namespace aq {
 
@@ -42,14 +43,13 @@ struct StoredTensorInfo {
   uint64_t numel() const;
   uint64_t cols() const { return rows() == 0 ? 0 : numel() / rows(); }
   uint64_t source_bytes() const { return numel() * dtype_size(dtype); }
-  uint64_t stored_bytes() const;  // codes + scales + zero points as stored
+  // Everything stored for the tensor: codes, scales, zero points and entropy tables (quantized),
+  // or the source bytes (raw).
+  uint64_t stored = 0;
+  uint64_t stored_bytes() const { return stored; }
 };
 
-// The data columns of one row, as views (the writer) or views into read buffers (the reader).
-struct TensorPayload {
-  std::span<const uint8_t> codes;        // packed codes, or raw little-endian source bytes
-  std::span<const uint8_t> scales;       // rows x groups, float16/float32 little-endian
-  std::span<const uint8_t> zero_points;  // asymmetric only, same layout as scales
-};
+// The data of one row: views of the encoded tensor (raw tensors: codes = the source bytes).
+using TensorPayload = EncodedView;
 
 }  // namespace aq

@@ -9,6 +9,7 @@
 
 #include "store/arrow_status.h"
 #include "store/schema.h"
+#include "quant/hadamard.h"
 
 namespace aq {
 
@@ -74,28 +75,47 @@ std::shared_ptr<arrow::Array> one(const std::shared_ptr<arrow::Scalar>& s) {
 
 std::shared_ptr<arrow::Scalar> str(const std::string& v) { return std::make_shared<arrow::StringScalar>(v); }
 
+template <typename Builder, typename T>
+std::shared_ptr<arrow::Scalar> list_scalar(const std::vector<T>& values, const std::shared_ptr<arrow::DataType>& list_type) {
+  Builder b;
+  (void)b.AppendValues(values);
+  std::shared_ptr<arrow::Array> items;
+  (void)b.Finish(&items);
+  return std::make_shared<arrow::ListScalar>(items, list_type);
+}
+
+template <typename Builder, typename T>
+std::shared_ptr<arrow::Array> list_of(const std::vector<T>& values, const std::shared_ptr<arrow::DataType>& list_type) {
+  return one(list_scalar<Builder>(values, list_type));
+}
+
 }  // namespace
 
 Status ParquetSink::Write(const StoredTensorInfo& info, const TensorPayload& payload) {
   if (!state_->writer) return Internal(StrCat(state_->path, ": write after close"));
   const std::string what = StrCat(state_->path, ": tensor '", info.name, "'");
-
-  arrow::Int64Builder shape_b;
-  AQ_ARROW_RETURN(shape_b.AppendValues(info.shape), what);
-  std::shared_ptr<arrow::Array> shape_values;
-  AQ_ARROW_RETURN(shape_b.Finish(&shape_values), what);
   const auto schema = state_->schema;
-  auto shape = one(std::make_shared<arrow::ListScalar>(shape_values, schema->field(1)->type()));
+  auto type_of = [&](const char* name) { return schema->GetFieldByName(name)->type(); };
 
-  std::shared_ptr<arrow::Array> scheme;
-  std::shared_ptr<arrow::Array> metrics;
+  auto shape = list_of<arrow::Int64Builder>(info.shape, type_of(column::kShape));
+  std::vector<int8_t> rejected_bits(info.rejected_bits.begin(), info.rejected_bits.end());
+  auto rejected = list_of<arrow::Int8Builder>(rejected_bits, type_of(column::kRejectedBits));
+
+  std::shared_ptr<arrow::Array> scheme, metrics, entropy;
+  const QuantScheme& q = info.scheme;
+  const bool is_entropy = info.quantized && q.kind == SchemeKind::kEntropy;
   if (info.quantized) {
+    const int rotation = q.rotate ? rotation_block(info.cols()) : 1;
     scheme = one(std::make_shared<arrow::StructScalar>(
-        arrow::ScalarVector{std::make_shared<arrow::Int8Scalar>(static_cast<int8_t>(info.scheme.bits)),
-                            std::make_shared<arrow::Int32Scalar>(info.scheme.group_size),
-                            std::make_shared<arrow::BooleanScalar>(info.scheme.symmetric),
-                            str(scale_type_name(info.scheme.scale_type)),
-                            str(scale_method_name(info.scheme.method))},
+        arrow::ScalarVector{str(scheme_kind_name(q.kind)),
+                            std::make_shared<arrow::Int8Scalar>(static_cast<int8_t>(q.bits)),
+                            std::make_shared<arrow::Int32Scalar>(q.group_size),
+                            std::make_shared<arrow::BooleanScalar>(q.symmetric),
+                            str(scale_type_name(q.scale_type)), str(scale_method_name(q.method)),
+                            std::make_shared<arrow::Int32Scalar>(rotation),
+                            is_entropy ? std::static_pointer_cast<arrow::Scalar>(
+                                             std::make_shared<arrow::DoubleScalar>(q.entropy_budget()))
+                                       : arrow::MakeNullScalar(arrow::float64())},
         scheme_type()));
     metrics = one(std::make_shared<arrow::StructScalar>(
         arrow::ScalarVector{std::make_shared<arrow::DoubleScalar>(info.cosine),
@@ -107,22 +127,32 @@ Status ParquetSink::Write(const StoredTensorInfo& info, const TensorPayload& pay
     scheme = arrow::MakeArrayOfNull(scheme_type(), 1).ValueOrDie();
     metrics = arrow::MakeArrayOfNull(metrics_type(), 1).ValueOrDie();
   }
-
-  arrow::Int8Builder rejected_b;
-  for (int b : info.rejected_bits) AQ_ARROW_RETURN(rejected_b.Append(static_cast<int8_t>(b)), what);
-  std::shared_ptr<arrow::Array> rejected_values;
-  AQ_ARROW_RETURN(rejected_b.Finish(&rejected_values), what);
-  auto rejected = one(std::make_shared<arrow::ListScalar>(rejected_values, schema->field(10)->type()));
+  if (is_entropy) {
+    if (!payload.entropy) return Internal(what + ": entropy-coded tensor without its tables");
+    const EntropySide& e = *payload.entropy;
+    auto et = std::static_pointer_cast<arrow::StructType>(entropy_type());
+    entropy = one(std::make_shared<arrow::StructScalar>(
+        arrow::ScalarVector{std::make_shared<arrow::Int32Scalar>(e.symbol_min),
+                            list_scalar<arrow::UInt16Builder>(e.frequencies, et->GetFieldByName("frequencies")->type()),
+                            std::make_shared<arrow::Int32Scalar>(e.escape_symbol),
+                            std::make_shared<arrow::Int32Scalar>(static_cast<int32_t>(e.chunk_rows)),
+                            list_scalar<arrow::UInt32Builder>(e.chunk_offsets, et->GetFieldByName("chunk_offsets")->type()),
+                            list_scalar<arrow::FloatBuilder>(e.centroids, et->GetFieldByName("centroids")->type())},
+        entropy_type()));
+  } else {
+    entropy = arrow::MakeArrayOfNull(entropy_type(), 1).ValueOrDie();
+  }
 
   AQ_ASSIGN_OR_RETURN(auto codes, binary_view(payload.codes, false, what + " codes"));
   AQ_ASSIGN_OR_RETURN(auto scales, binary_view(payload.scales, !info.quantized, what + " scales"));
-  AQ_ASSIGN_OR_RETURN(auto zeros, binary_view(payload.zero_points, !info.quantized || info.scheme.symmetric,
+  AQ_ASSIGN_OR_RETURN(auto zeros, binary_view(payload.zero_points, !info.quantized || q.symmetric || is_entropy,
                                               what + " zero points"));
 
   auto table = arrow::Table::Make(
       schema, {one(str(info.name)), shape, one(str(std::string(dtype_name(info.dtype)))),
-               one(str(info.quantized ? "quantized" : "raw")), scheme, codes, scales, zeros, metrics,
-               one(str(info.reason)), rejected});
+               one(str(info.quantized ? "quantized" : "raw")), scheme, codes, scales, zeros, entropy, metrics,
+               one(str(info.reason)), rejected,
+               one(std::make_shared<arrow::Int64Scalar>(static_cast<int64_t>(info.stored_bytes())))});
   AQ_ARROW_RETURN(table->Validate(), what);
   AQ_ARROW_RETURN(state_->writer->WriteTable(*table, 1), what);
   ++written_;

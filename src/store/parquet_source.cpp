@@ -9,6 +9,8 @@
 
 #include <filesystem>
 
+#include "quant/hadamard.h"
+#include "quant/rans.h"
 #include "quant/tensor_codec.h"
 #include "store/arrow_status.h"
 #include "store/schema.h"
@@ -17,7 +19,7 @@ namespace aq {
 
 struct ParquetSource::State {
   std::unique_ptr<parquet::arrow::FileReader> reader;
-  int codes_col = -1, scales_col = -1, zeros_col = -1;
+  std::vector<int> data_cols;  // leaves of codes, scales, zero_points, entropy (in schema order)
 };
 
 ParquetSource::ParquetSource(std::string path, std::unique_ptr<State> s)
@@ -77,16 +79,20 @@ Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& pa
   if (version != std::to_string(kFormatVersion))
     return FormatError(StrCat(path, ": format version ", version, "; this build reads version ", kFormatVersion));
 
-  // Column indices here are Parquet leaf indices; each binary column is a single leaf.
+  // Column indices here are Parquet leaf indices; the data columns (read per tensor) are the
+  // binary ones and the entropy tables, everything else is read up front.
   std::vector<int> small;
   const auto* pschema = st->reader->parquet_reader()->metadata()->schema();
+  int found = 0;
   for (int i = 0; i < pschema->num_columns(); ++i) {
     const std::string top = pschema->Column(i)->path()->ToDotVector().front();
-    if (top == column::kCodes) st->codes_col = i;
-    else if (top == column::kScales) st->scales_col = i;
-    else if (top == column::kZeroPoints) st->zeros_col = i;
+    const bool data = top == column::kCodes || top == column::kScales || top == column::kZeroPoints ||
+                      top == column::kEntropy;
+    if (data) st->data_cols.push_back(i);
     else small.push_back(i);
+    found += top == column::kCodes || top == column::kScales || top == column::kZeroPoints;
   }
+  if (found != 3) return FormatError(StrCat(path, ": missing one of the codes/scales/zero_points columns"));
   std::shared_ptr<arrow::Table> table;
   AQ_ARROW_ASSIGN(table, st->reader->ReadTable(small), path);
   if (table->num_rows() != st->reader->num_row_groups())
@@ -108,12 +114,16 @@ Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& pa
   auto sym = std::dynamic_pointer_cast<arrow::BooleanArray>(schemes->GetFieldByName("symmetric"));
   auto stype = std::dynamic_pointer_cast<arrow::StringArray>(schemes->GetFieldByName("scale_type"));
   auto method = std::dynamic_pointer_cast<arrow::StringArray>(schemes->GetFieldByName("method"));
+  auto kind = std::dynamic_pointer_cast<arrow::StringArray>(schemes->GetFieldByName("kind"));
+  auto rotation = std::dynamic_pointer_cast<arrow::Int32Array>(schemes->GetFieldByName("rotation"));
+  auto target = std::dynamic_pointer_cast<arrow::DoubleArray>(schemes->GetFieldByName("target_bpw"));
+  AQ_ASSIGN_OR_RETURN(auto stored, column_as<arrow::Int64Array>(*table, column::kStoredBytes, path));
   auto cosine = std::dynamic_pointer_cast<arrow::DoubleArray>(metrics->GetFieldByName("cosine"));
   auto relerr = std::dynamic_pointer_cast<arrow::DoubleArray>(metrics->GetFieldByName("relative_error"));
   auto sqnr = std::dynamic_pointer_cast<arrow::DoubleArray>(metrics->GetFieldByName("sqnr_db"));
   auto maxerr = std::dynamic_pointer_cast<arrow::DoubleArray>(metrics->GetFieldByName("max_abs_error"));
-  if (!shape_values || !rejected_values || !bits || !gsize || !sym || !stype || !method || !cosine ||
-      !relerr || !sqnr || !maxerr)
+  if (!shape_values || !rejected_values || !bits || !gsize || !sym || !stype || !method || !kind || !rotation ||
+      !target || !cosine || !relerr || !sqnr || !maxerr)
     return FormatError(StrCat(path, ": column types differ from format version 1"));
 
   auto source = std::unique_ptr<ParquetSource>(new ParquetSource(path, std::move(st)));
@@ -137,6 +147,12 @@ Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& pa
       t.scheme.symmetric = sym->Value(i);
       AQ_ASSIGN_OR_RETURN(t.scheme.scale_type, parse_scale_type(stype->GetString(i), where));
       AQ_ASSIGN_OR_RETURN(t.scheme.method, parse_method(method->GetString(i), where));
+      const std::string k = kind->GetString(i);
+      if (k == "affine") t.scheme.kind = SchemeKind::kAffine;
+      else if (k == "entropy") t.scheme.kind = SchemeKind::kEntropy;
+      else return FormatError(StrCat(where, ": unknown scheme kind '", k, "'"));
+      if (!target->IsNull(i)) t.scheme.target_bpw = target->Value(i);
+      t.scheme.rotate = rotation->Value(i) > 1;
       AQ_RETURN_IF_ERROR(validate_scheme(t.scheme).WithPrefix(where + ": "));
       t.cosine = cosine->Value(i);
       t.relative_error = relerr->Value(i);
@@ -144,6 +160,13 @@ Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& pa
       t.max_abs_error = maxerr->Value(i);
     }
     t.reason = reasons->GetString(i);
+    t.stored = static_cast<uint64_t>(stored->Value(i));
+    if (t.quantized) {
+      const int expected = t.scheme.rotate ? rotation_block(t.cols()) : 1;
+      if (rotation->Value(i) != expected)
+        return FormatError(StrCat(where, ": rotation block ", rotation->Value(i), "; format version 1 uses ", expected,
+                                  " for ", t.cols(), " columns"));
+    }
     for (int64_t k = rejected->value_offset(i); k < rejected->value_offset(i + 1); ++k)
       t.rejected_bits.push_back(rejected_values->Value(k));
     if (!source->by_name_.emplace(t.name, source->infos_.size()).second)
@@ -164,21 +187,50 @@ Result<LoadedTensor> ParquetSource::read(size_t index) const {
   const auto& info = infos_[index];
   const std::string where = StrCat(path_, ": tensor '", info.name, "'");
   std::shared_ptr<arrow::Table> table;
-  AQ_ARROW_ASSIGN(table,
-                  state_->reader->ReadRowGroup(static_cast<int>(index),
-                                               {state_->codes_col, state_->scales_col, state_->zeros_col}),
-                  where);
+  AQ_ARROW_ASSIGN(table, state_->reader->ReadRowGroup(static_cast<int>(index), state_->data_cols), where);
   LoadedTensor out;
-  std::span<const uint8_t>* spans[3] = {&out.payload.codes, &out.payload.scales, &out.payload.zero_points};
-  for (int c = 0; c < 3; ++c) {
-    auto chunks = table->column(c)->chunks();
-    if (chunks.size() != 1 || chunks[0]->length() != 1)
-      return FormatError(StrCat(where, ": expected one value per column in its row group"));
-    auto arr = std::dynamic_pointer_cast<arrow::BinaryArray>(chunks[0]);
-    if (!arr) return FormatError(StrCat(where, ": column ", c, " is not binary"));
+  const std::pair<const char*, std::span<const uint8_t>*> binaries[] = {
+      {column::kCodes, &out.payload.codes}, {column::kScales, &out.payload.scales},
+      {column::kZeroPoints, &out.payload.zero_points}};
+  for (const auto& [name, span] : binaries) {
+    auto col = table->GetColumnByName(name);
+    if (!col || col->num_chunks() != 1 || col->chunk(0)->length() != 1)
+      return FormatError(StrCat(where, ": expected one value in column ", name));
+    auto arr = std::dynamic_pointer_cast<arrow::BinaryArray>(col->chunk(0));
+    if (!arr) return FormatError(StrCat(where, ": column ", name, " is not binary"));
     if (arr->IsNull(0)) continue;
     auto view = arr->GetView(0);
-    *spans[c] = std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(view.data()), view.size());
+    *span = std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(view.data()), view.size());
+  }
+  if (auto col = table->GetColumnByName(column::kEntropy); col && col->num_chunks() == 1 && !col->chunk(0)->IsNull(0)) {
+    auto st = std::dynamic_pointer_cast<arrow::StructArray>(col->chunk(0));
+    auto symbol_min = std::dynamic_pointer_cast<arrow::Int32Array>(st ? st->GetFieldByName("symbol_min") : nullptr);
+    auto freqs = std::dynamic_pointer_cast<arrow::ListArray>(st ? st->GetFieldByName("frequencies") : nullptr);
+    auto chunk_rows = std::dynamic_pointer_cast<arrow::Int32Array>(st ? st->GetFieldByName("chunk_rows") : nullptr);
+    auto escape = std::dynamic_pointer_cast<arrow::Int32Array>(st ? st->GetFieldByName("escape_symbol") : nullptr);
+    auto offsets = std::dynamic_pointer_cast<arrow::ListArray>(st ? st->GetFieldByName("chunk_offsets") : nullptr);
+    auto centroids = std::dynamic_pointer_cast<arrow::ListArray>(st ? st->GetFieldByName("centroids") : nullptr);
+    if (!symbol_min || !freqs || !chunk_rows || !escape || !offsets || !centroids)
+      return FormatError(StrCat(where, ": entropy column types differ from format version 1"));
+    auto f = std::dynamic_pointer_cast<arrow::UInt16Array>(freqs->value_slice(0));
+    auto o = std::dynamic_pointer_cast<arrow::UInt32Array>(offsets->value_slice(0));
+    auto c = std::dynamic_pointer_cast<arrow::FloatArray>(centroids->value_slice(0));
+    if (!f || !o || !c) return FormatError(StrCat(where, ": entropy list types differ from format version 1"));
+    out.entropy = std::make_shared<EntropySide>();
+    out.entropy->symbol_min = symbol_min->Value(0);
+    out.entropy->escape_symbol = escape->Value(0);
+    out.entropy->chunk_rows = static_cast<uint32_t>(std::max(0, chunk_rows->Value(0)));
+    out.entropy->frequencies.assign(f->raw_values(), f->raw_values() + f->length());
+    out.entropy->chunk_offsets.assign(o->raw_values(), o->raw_values() + o->length());
+    out.entropy->centroids.assign(c->raw_values(), c->raw_values() + c->length());
+    out.payload.entropy = out.entropy.get();
+  }
+  if (info.quantized) {
+    AQ_RETURN_IF_ERROR(check_encoded(info.scheme, info.rows(), info.cols(), out.payload).WithPrefix(where + ": "));
+    if (info.scheme.kind == SchemeKind::kEntropy) {
+      AQ_ASSIGN_OR_RETURN(out.table, make_decode_table(out.payload));
+      out.payload.table = out.table.get();
+    }
   }
   out.keep_alive = table;
   return out;
@@ -197,9 +249,7 @@ Status ParquetSource::dequantize(size_t index, float* out) const {
     convert_to_f32(info.dtype, t.payload.codes.data(), info.numel(), out);
     return Status::OK();
   }
-  return decode_tensor(info.scheme, info.rows(), info.cols(), t.payload.codes, t.payload.scales,
-                       t.payload.zero_points, out)
-      .WithPrefix(where);
+  return decode_tensor(info.scheme, info.rows(), info.cols(), t.payload, out).WithPrefix(where);
 }
 
 }  // namespace aq

@@ -13,9 +13,11 @@
 
 namespace aq {
 
-// A tensor's data as read: the spans stay valid while this object lives.
+// A tensor's data as read: the views stay valid while this object lives (moving it is fine).
 struct LoadedTensor {
   TensorPayload payload;
+  std::shared_ptr<EntropySide> entropy;               // entropy-coded tensors
+  std::shared_ptr<const FrequencyTable> table;        // their rANS decoding table
   std::shared_ptr<void> keep_alive;
 };
 

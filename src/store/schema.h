@@ -16,6 +16,8 @@ inline constexpr const char* kScheme = "scheme";
 inline constexpr const char* kCodes = "codes";
 inline constexpr const char* kScales = "scales";
 inline constexpr const char* kZeroPoints = "zero_points";
+inline constexpr const char* kEntropy = "entropy";
+inline constexpr const char* kStoredBytes = "stored_bytes";
 inline constexpr const char* kMetrics = "metrics";
 inline constexpr const char* kReason = "reason";
 inline constexpr const char* kRejectedBits = "rejected_bits";
@@ -23,6 +25,7 @@ inline constexpr const char* kRejectedBits = "rejected_bits";
 
 std::shared_ptr<arrow::DataType> scheme_type();
 std::shared_ptr<arrow::DataType> metrics_type();
+std::shared_ptr<arrow::DataType> entropy_type();
 std::shared_ptr<arrow::Schema> weights_schema();
 
 }  // namespace aq

@@ -37,7 +37,7 @@ Result<EncodedTensor> encode(const Matrix& m, const QuantScheme& scheme, ThreadP
 
 std::vector<float> decode(const EncodedTensor& e) {
   std::vector<float> out(e.rows * e.cols, -12345.0f);
-  const Status st = decode_tensor(e.scheme, e.rows, e.cols, e.codes, e.scales, e.zero_points, out.data());
+  const Status st = decode_tensor(e.scheme, e.rows, e.cols, e.view(), out.data());
   EXPECT_TRUE(st.ok()) << st.ToString();
   return out;
 }
@@ -249,7 +249,8 @@ TEST(TensorCodec, tiny_weights_get_float32_scales_and_still_reconstruct_well) {
 
 TEST(TensorCodec, rejects_schemes_outside_the_supported_set) {
   const Matrix m{testing::gaussian(64, 1), 8, 8};
-  for (auto [bits, gs] : {std::pair{5, 128}, std::pair{1, 128}, std::pair{16, 128}, std::pair{4, 48}, std::pair{4, -32}}) {
+  // affine codes are 2..8 bits wide
+  for (auto [bits, gs] : {std::pair{9, 128}, std::pair{1, 128}, std::pair{16, 128}, std::pair{4, 48}, std::pair{4, -32}}) {
     QuantScheme s;
     s.bits = bits;
     s.group_size = gs;
@@ -265,18 +266,18 @@ TEST(TensorCodec, decode_rejects_byte_counts_that_differ_from_the_scheme) {
   ASSERT_OK_AND_ASSIGN(EncodedTensor e, encode(m, s));
   std::vector<float> out(16 * 64);
   std::vector<uint8_t> shorter(e.codes.begin(), e.codes.end() - 1);
-  Status st = decode_tensor(s, 16, 64, shorter, e.scales, e.zero_points, out.data());
+  Status st = decode_tensor(s, 16, 64, EncodedView{shorter, e.scales, e.zero_points}, out.data());
   EXPECT_EQ(st.code(), StatusCode::kFormatError);
   EXPECT_CONTAINS(st.message(), "codes");
   std::vector<uint8_t> longer_scales(e.scales);
   longer_scales.push_back(0);
-  st = decode_tensor(s, 16, 64, e.codes, longer_scales, e.zero_points, out.data());
+  st = decode_tensor(s, 16, 64, EncodedView{e.codes, longer_scales, e.zero_points}, out.data());
   EXPECT_EQ(st.code(), StatusCode::kFormatError);
   EXPECT_CONTAINS(st.message(), "scales");
-  st = decode_tensor(s, 16, 64, e.codes, e.scales, {}, out.data());
+  st = decode_tensor(s, 16, 64, EncodedView{e.codes, e.scales, {}}, out.data());
   EXPECT_EQ(st.code(), StatusCode::kFormatError);
   EXPECT_CONTAINS(st.message(), "zero_points");
-  st = decode_tensor(s, 16, 65, e.codes, e.scales, e.zero_points, out.data());
+  st = decode_tensor(s, 16, 65, e.view(), out.data());
   EXPECT_EQ(st.code(), StatusCode::kFormatError) << "the wrong shape";
 }
 
