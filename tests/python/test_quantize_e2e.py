@@ -245,7 +245,9 @@ def test_profile_settings_reach_every_default_layer(small_model, tmp_path, quant
     for layer in result["layers"]:
         if layer["quantized"]:
             assert (layer["bits"], layer["group_size"], layer["symmetric"]) == (8, 0, True)
-            assert layer["scheme"] == "int8_pc_sym"
+            # the profile's scheme: entropy-coded at the 8.5 bits/weight budget (PROFILE_SETTINGS)
+            assert layer["scheme"] == "entropy_8.50"
+            assert layer["bits_per_weight"] <= 8.5
 
 
 def test_relative_paths_are_resolved_against_the_working_directory(small_model, tmp_path, quantizer, monkeypatch):
