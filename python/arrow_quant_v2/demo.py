@@ -246,3 +246,49 @@ def generate_demo_pipeline(path: "os.PathLike[str] | str", base_channels: int = 
                                        "weights": int(sum(np.prod(s) for _, _, s in specs))}
     os.replace(tmp, path)
     return summary
+
+
+def llm_specs(layers: int, hidden: int, intermediate: int, vocab: int, dtype: str = "BF16") -> List[Spec]:
+    """Tensor names and shapes of a Llama-style transformer as diffusion language models
+    (Dream-7B, LLaDA-8B) store it: token embedding, per layer four attention and three MLP
+    projections with two RMSNorms, a final norm and the output head."""
+    specs: List[Spec] = [("model.embed_tokens.weight", dtype, (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            specs.append((f"{p}.self_attn.{n}.weight", dtype, (hidden, hidden)))
+        specs.append((f"{p}.mlp.gate_proj.weight", dtype, (intermediate, hidden)))
+        specs.append((f"{p}.mlp.up_proj.weight", dtype, (intermediate, hidden)))
+        specs.append((f"{p}.mlp.down_proj.weight", dtype, (hidden, intermediate)))
+        specs.append((f"{p}.input_layernorm.weight", dtype, (hidden,)))
+        specs.append((f"{p}.post_attention_layernorm.weight", dtype, (hidden,)))
+    specs.append(("model.norm.weight", dtype, (hidden,)))
+    specs.append(("lm_head.weight", dtype, (vocab, hidden)))
+    return specs
+
+
+def generate_diffusion_lm(path: "os.PathLike[str] | str", layers: int = 2, hidden: int = 4096,
+                          intermediate: int = 11008, vocab: int = 32000, seed: int = 0,
+                          overwrite: bool = False) -> Dict[str, object]:
+    """Writes a Dream-style diffusion language model in Hugging Face layout (config.json with
+    model_type "Dream", model.safetensors in bf16). The default widths are those of a 7B model;
+    ``layers`` sets the depth (a 7B model has 28-32)."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True")
+        shutil.rmtree(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({"architectures": ["DreamModel"], "model_type": "Dream", "hidden_size": hidden,
+                   "intermediate_size": intermediate, "num_hidden_layers": layers, "vocab_size": vocab,
+                   "torch_dtype": "bfloat16"}, f, indent=2)
+    specs = llm_specs(layers, hidden, intermediate, vocab)
+    shapes = {n: s for n, _, s in specs}
+    size = write_safetensors(os.path.join(tmp, "model.safetensors"), specs, lambda n: _values(seed, n, shapes[n]),
+                             metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return {"path": path, "tensors": len(specs), "bytes": size,
+            "weights": int(sum(np.prod(s) for _, _, s in specs))}

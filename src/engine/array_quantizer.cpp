@@ -22,7 +22,7 @@ Result<ArrayOutcome> quantize_array(const EngineConfig& config, const std::strin
   src.name = name;
   int bits = plan.bits;
   for (;;) {
-    auto enc = encode_tensor(src, config.scheme(bits), pool);
+    auto enc = encode_tensor(src, config.scheme(bits, src.rows, src.cols), pool);
     if (!enc.ok()) {
       if (enc.status().code() == StatusCode::kNonFinite && config.keep_nonfinite) {
         out.reason = StrCat("kept: non-finite weight (", enc.status().message(), ")");

@@ -1,6 +1,7 @@
 #include "engine/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <set>
 
@@ -204,7 +205,7 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
   return c;
 }
 
-QuantScheme EngineConfig::scheme(int bits) const {
+QuantScheme EngineConfig::scheme(int bits, uint64_t rows, uint64_t cols) const {
   QuantScheme s;
   s.bits = bits;
   s.group_size = group_size;
@@ -217,6 +218,8 @@ QuantScheme EngineConfig::scheme(int bits) const {
   s.rotate = rotate == 1;
   if (scheme_kind == SchemeKind::kEntropy && target_bits_per_weight > 0)
     s.target_bpw = std::clamp(target_bits_per_weight + (bits - bit_width), 1.0, 12.0);
+  (void)rows;
+  (void)cols;
   return s;
 }
 

@@ -52,9 +52,9 @@ struct EngineConfig {
   nlohmann::json as_json;  // the configuration as given, with defaults filled in
 
   static Result<EngineConfig> FromJson(const nlohmann::json& j);
-  // The scheme for a tensor planned at `bits` (bit_width, a sensitive width, or a fallback rung).
-  // Entropy budgets move with the bits: target + (bits - bit_width), or bits + 0.5.
-  QuantScheme scheme(int bits) const;
+  // The scheme for a rows x cols tensor planned at `bits` (bit_width, a sensitive width, or a
+  // fallback rung). Entropy budgets move with the bits: target + (bits - bit_width), or bits + 0.5.
+  QuantScheme scheme(int bits, uint64_t rows = 0, uint64_t cols = 0) const;
 };
 
 // Defaults that hold embeddings, timestep and conditioning embedders, adaLN modulation and the

@@ -174,7 +174,7 @@ Result<bool> QuantizeRun::settle(Slot& s) {
   if (!step.accept) {
     s.rejected_bits.push_back(s.scheme.bits);
     if (step.retry_bits) {
-      s.scheme = cfg_.scheme(*step.retry_bits);
+      s.scheme = cfg_.scheme(*step.retry_bits, s.info().shape[0], s.info().numel / std::max<uint64_t>(1, s.info().shape[0]));
       start_job(s);
       return false;
     }
@@ -282,7 +282,7 @@ Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector
       s->ref = refs[next++];
       s->plan = plan_tensor(cfg_, s->info());
       if (s->plan.quantize) {
-        s->scheme = cfg_.scheme(s->plan.bits);
+        s->scheme = cfg_.scheme(s->plan.bits, s->info().shape[0], s->info().numel / std::max<uint64_t>(1, s->info().shape[0]));
         start_job(*s);
       }
       inflight += s->info().nbytes;

@@ -86,13 +86,18 @@ class TensorJob {
   void block_done(int pass);
   uint64_t block_begin(uint64_t b) const { return b * block_rows_; }
   uint64_t block_count_rows(uint64_t b) const;
-  // Converts (and checks) rows of block b into w; false after recording an error.
-  bool load_block(uint64_t b, std::vector<float>& w);
+  // Converts rows of block b into w, checking for NaN/Inf when `check`; false after recording an
+  // error (or a stop request).
+  bool load_block(uint64_t b, std::vector<float>& w, bool check = true);
 
   void affine_block(uint64_t b);
   void entropy_norms_block(uint64_t b);
   void entropy_histogram_block(uint64_t b);
   void entropy_code_block(uint64_t b);
+  // Small tensors: the entropy scheme's tables (row steps, frequencies, chunk offsets) cost a
+  // noticeable share of the budget, so the affine codes of the same width are tried too and
+  // whichever has less error within the budget is kept.
+  void entropy_compare_affine();
   void entropy_choose_step();
   void entropy_set_steps(float d);
   Status entropy_build_table();
@@ -126,7 +131,11 @@ class TensorJob {
   std::vector<std::vector<uint8_t>> block_bytes_;
   FrequencyTable table_;
   std::vector<float> symbol_values_;  // reconstruction, in steps, per symbol
+  bool replaced_ = false;             // out_ holds the affine alternative, statistics merged
 };
+
+// Tensors up to this many weights get the affine comparison.
+inline constexpr uint64_t kEntropyCompareBelow = 1u << 20;
 
 // Convenience for in-memory arrays and tests: quantizes a whole tensor, in parallel when a pool
 // is given, retrying with float32 scales when float16 cannot hold them.

@@ -28,6 +28,17 @@ constexpr std::array<DTypeInfo, 15> kTypes = {{
 
 const DTypeInfo& info(DType t) { return kTypes[static_cast<size_t>(t)]; }
 
+// bfloat16 -> float32 for a whole block: a shift per element, vectorized per instruction set.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void bf16_block(const uint8_t* src, size_t n, float* dst) {
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, src + 2 * i, 2);
+    const uint32_t b = static_cast<uint32_t>(h) << 16;
+    std::memcpy(dst + i, &b, 4);
+  }
+}
+
 template <typename Bits, typename Fn>
 void convert_each(const uint8_t* src, size_t n, float* dst, Fn fn) {
   for (size_t i = 0; i < n; ++i) {
@@ -56,7 +67,7 @@ void convert_to_f32(DType t, const uint8_t* src, size_t n, float* dst) {
       std::memcpy(dst, src, n * 4);
       return;
     case DType::kBF16:
-      convert_each<uint16_t>(src, n, dst, bf16_to_f32);
+      bf16_block(src, n, dst);
       return;
     case DType::kF16:
       convert_each<uint16_t>(src, n, dst, f16_to_f32);

@@ -6,9 +6,15 @@
 
 namespace aq {
 
+__attribute__((target_clones("avx512f", "avx2", "default")))
 float entropy_row_norm(const float* row, size_t cols) {
-  double ss = 0;
-  for (size_t j = 0; j < cols; ++j) ss += static_cast<double>(row[j]) * row[j];
+  // four partial sums: vectorizable, and the order depends on cols alone
+  double part[4] = {0, 0, 0, 0};
+  size_t j = 0;
+  for (; j + 4 <= cols; j += 4)
+    for (int k = 0; k < 4; ++k) part[k] += static_cast<double>(row[j + k]) * row[j + k];
+  double ss = (part[0] + part[1]) + (part[2] + part[3]);
+  for (; j < cols; ++j) ss += static_cast<double>(row[j]) * row[j];
   if (ss == 0.0 || cols == 0) return 0.0f;
   return static_cast<float>(std::pow(ss / static_cast<double>(cols), 0.25));
 }
@@ -140,6 +146,20 @@ std::vector<float> entropy_symbol_values(const EntropySide& side) {
     v[i] = c < 0 ? -mag : mag;
   }
   return v;
+}
+
+void entropy_reconstruct_rows(const int32_t* q, size_t rows, size_t cols, const float* steps, const EntropySide& side,
+                              const float* symbol_values, float* out) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float step = steps[r];
+    for (size_t j = 0; j < cols; ++j) {
+      const int32_t c = q[r * cols + j];
+      // the same products the decoder forms: table value (or the escaped code) times the step
+      const float v = (c < -kMaxCode || c > kMaxCode) ? static_cast<float>(c)
+                                                      : symbol_values[c - side.symbol_min];
+      out[r * cols + j] = v * step;
+    }
+  }
 }
 
 void entropy_encode_chunk(const FrequencyTable& table, const EntropySide& side, const int32_t* q, size_t n,

@@ -71,6 +71,10 @@ Result<FrequencyTable> entropy_table(std::span<const uint64_t> hist, EntropySide
 // tensor; the escape symbol's entry is unused).
 std::vector<float> entropy_symbol_values(const EntropySide& side);
 
+// The values of codes (what entropy_decode_chunk gives for the chunk that codes them).
+void entropy_reconstruct_rows(const int32_t* q, size_t rows, size_t cols, const float* steps, const EntropySide& side,
+                              const float* symbol_values, float* out);
+
 // One chunk: appends [uint32 escape count][int32 escaped codes][rANS stream] to out.
 void entropy_encode_chunk(const FrequencyTable& table, const EntropySide& side, const int32_t* q, size_t n,
                           std::vector<uint8_t>* out);

@@ -5,6 +5,7 @@
 
 namespace aq {
 
+__attribute__((target_clones("avx512f", "avx2", "default")))
 void ErrorStats::add(const float* w, const float* deq, size_t n) {
   // Four-lane partial sums in double: vectorizable, and the order is fixed by n alone.
   double ww[4] = {}, dd[4] = {}, wd[4] = {}, ee[4] = {};

@@ -66,8 +66,8 @@ Status finish_frequency_table(FrequencyTable* t) {
 
 void rans_encode(const FrequencyTable& t, std::span<const uint16_t> symbols, std::vector<uint8_t>* out) {
   // Words are produced last-symbol-first; collect them, then lay them out in decode order.
-  std::vector<uint16_t> words;
-  words.reserve(symbols.size() / 2 + 8);
+  thread_local std::vector<uint16_t> words;
+  words.clear();
   uint32_t x[kRansLanes];
   for (auto& s : x) s = kRansLow;
   for (size_t i = symbols.size(); i-- > 0;) {

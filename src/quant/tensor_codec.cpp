@@ -120,11 +120,66 @@ uint64_t decode_granularity(const QuantScheme& scheme, const EncodedView& v) {
   return 1;
 }
 
+namespace {
+
+// Fused unpack-and-scale for byte-aligned groups of 2-, 4- and 8-bit codes: one pass from the
+// packed bytes to floats, the group's scale and offset in registers. Same arithmetic, in the
+// same order, as unpack_codes + dequantize_rows (s * c + z; symmetric s * (c - m)).
+template <int kBits, bool kSymmetric>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void decode_group_fast(const uint8_t* p, size_t n, float s, float z, float* o) {
+  constexpr int kPerByte = 8 / kBits;
+  constexpr unsigned kMask = (1u << kBits) - 1u;
+  constexpr float kMid = static_cast<float>(1 << (kBits - 1));
+  for (size_t k = 0; k < n / kPerByte; ++k) {
+    const unsigned b = p[k];
+    for (int t = 0; t < kPerByte; ++t) {
+      const float c = static_cast<float>((b >> (t * kBits)) & kMask);
+      o[k * kPerByte + t] = kSymmetric ? s * (c - kMid) : s * c + z;
+    }
+  }
+}
+
+template <int kBits>
+void decode_affine_fast(const QuantScheme& scheme, uint64_t cols, const EncodedView& v, uint64_t r0, uint64_t nr,
+                        float* out) {
+  const size_t g = group_len(scheme, cols);
+  const size_t gpr = groups_per_row(scheme, cols);
+  const size_t ssize = scale_type_size(scheme.scale_type);
+  const uint8_t* codes = v.codes.data() + r0 * cols * kBits / 8;
+  for (uint64_t r = 0; r < nr; ++r) {
+    const uint64_t row = r0 + r;
+    for (size_t j = 0; j < gpr; ++j) {
+      const size_t begin = j * g, n = std::min(g, static_cast<size_t>(cols) - begin);
+      float s, z = 0.0f;
+      load_scales(scheme.scale_type, v.scales.data() + (row * gpr + j) * ssize, 1, &s);
+      if (!scheme.symmetric) load_scales(scheme.scale_type, v.zero_points.data() + (row * gpr + j) * ssize, 1, &z);
+      const uint8_t* p = codes + (r * cols + begin) * kBits / 8;
+      float* o = out + r * cols + begin;
+      if (scheme.symmetric) decode_group_fast<kBits, true>(p, n, s, z, o);
+      else decode_group_fast<kBits, false>(p, n, s, z, o);
+    }
+  }
+}
+
+}  // namespace
+
 Status decode_rows(const QuantScheme& scheme, uint64_t rows, uint64_t cols, const EncodedView& v, uint64_t r0,
                    uint64_t nr, float* out) {
   (void)rows;
   const int rotation = scheme.rotate ? rotation_block(cols) : 1;
   if (scheme.kind == SchemeKind::kEntropy) return decode_entropy_rows(cols, v, rotation, r0, nr, out);
+  // Every group starts on a byte when group and row lengths are whole numbers of bytes.
+  const size_t g = group_len(scheme, cols);
+  const bool aligned = (cols * scheme.bits) % 8 == 0 && (g * scheme.bits) % 8 == 0 &&
+                       (scheme.bits == 2 || scheme.bits == 4 || scheme.bits == 8);
+  if (aligned) {
+    if (scheme.bits == 4) decode_affine_fast<4>(scheme, cols, v, r0, nr, out);
+    else if (scheme.bits == 8) decode_affine_fast<8>(scheme, cols, v, r0, nr, out);
+    else decode_affine_fast<2>(scheme, cols, v, r0, nr, out);
+    unrotate_rows(out, nr, cols, rotation);
+    return Status::OK();
+  }
   const size_t gpr = groups_per_row(scheme, cols);
   const size_t ssize = scale_type_size(scheme.scale_type);
   thread_local std::vector<uint8_t> q;
