@@ -72,7 +72,7 @@ def quality_table() -> str:
             errs = {}
             for method in ("minmax", "search"):
                 r = _core.encode_array(w, bits, group, bits == 8, method, 0, name)
-                errs[method] = r["relative_error"]
+                errs[method] = r.info()["relative_error"]
             lines.append(f"| {name} | {bits} | {group or 'per-channel'} | {errs['minmax']:.5f} | {errs['search']:.5f} | "
                          f"{errs['search'] / errs['minmax']:.3f} |")
     return "\n".join(lines)
@@ -82,17 +82,25 @@ def throughput_table() -> str:
     rng = np.random.default_rng(1)
     w = rng.normal(0, 0.02, (4096, 4096)).astype(np.float32)
     n = w.size
-    lines = ["| bits | group | 1 thread M weights/s | 2 threads M weights/s | 2 threads / 1 thread |", "|---|---|---|---|---|"]
-    for bits, group in ((2, 64), (4, 128), (8, 0)):
-        rates = {}
+    lines = ["| scheme | bits/weight | 1 thread M weights/s | 2 threads M weights/s | 2 threads / 1 thread |",
+             "|---|---|---|---|---|"]
+    cases = [("affine int2 g64", dict(bits=2, group_size=64)),
+             ("affine int4 g128", dict(bits=4, group_size=128)),
+             ("affine int8 per-channel sym", dict(bits=8, group_size=0, symmetric=True)),
+             ("entropy 2.5", dict(bits=2, scheme="entropy")),
+             ("entropy 4.5", dict(bits=4, scheme="entropy")),
+             ("entropy 8.5", dict(bits=8, scheme="entropy"))]
+    for name, kw in cases:
+        rates, bpw = {}, 0.0
         for threads in (1, 2):
             best = float("inf")
             for _ in range(3):
                 t = time.perf_counter()
-                _core.encode_array(w, bits, group, bits == 8, "search", threads, "bench")
+                e = _core.encode_array(w, num_threads=threads, name="bench", **kw)
                 best = min(best, time.perf_counter() - t)
             rates[threads] = n / best / 1e6
-        lines.append(f"| {bits} | {group or 'per-channel'} | {rates[1]:.1f} | {rates[2]:.1f} | {rates[2] / rates[1]:.2f} |")
+            bpw = 8.0 * e.stored_bytes / n
+        lines.append(f"| {name} | {bpw:.3f} | {rates[1]:.1f} | {rates[2]:.1f} | {rates[2] / rates[1]:.2f} |")
     return "\n".join(lines)
 
 
@@ -158,7 +166,7 @@ def main() -> None:
         print(profiles_table(workdir, a.base_channels), "\n")
         print("### Scale search against plain min/max (1024x4096, same bits, same storage)\n")
         print(quality_table(), "\n")
-        print("### Quantize throughput (4096x4096 float32 in memory: quantize + measure + pack)\n")
+        print("### Quantize throughput (4096x4096 float32 in memory: quantize, measure, pack or entropy-code)\n")
         print(throughput_table(), "\n")
         if a.rss_gb > 0:
             print("### Peak memory on a generated model\n")

@@ -49,6 +49,7 @@ TensorJob::TensorJob(RowSource source, QuantScheme scheme) : src_(std::move(sour
     out_.entropy.emplace();
     out_.entropy->chunk_rows = static_cast<uint32_t>(block_rows_);
     row_norm_.assign(src_.rows, 0.0f);
+    row_absmax_.assign(src_.rows, 0.0f);
     scales_f_.assign(src_.rows, 0.0f);
     const uint64_t n = src_.rows * src_.cols;
     sample_stride_ = std::max<uint64_t>(1, n / kEntropySample);
@@ -57,6 +58,22 @@ TensorJob::TensorJob(RowSource source, QuantScheme scheme) : src_(std::move(sour
     centroid_sum_.assign(blocks_, {});
     centroid_count_.assign(blocks_, {});
     block_bytes_.resize(blocks_);
+  }
+  if (scheme.kind == SchemeKind::kEntropy && src_.rows * src_.cols == 0) {
+    // Nothing to code: a one-symbol table, no chunks (or empty ones), zero centroids.
+    auto& e = *out_.entropy;
+    e.frequencies = {static_cast<uint16_t>(kProbScale)};
+    e.centroids.assign(kCentroids, 0.0f);
+    e.chunk_offsets.assign(blocks_ + 1, 0);
+    for (uint64_t b = 0; b < blocks_; ++b) {
+      // zero-column rows: each chunk codes no symbols, but is still a valid (empty) chunk
+      std::vector<uint8_t> chunk;
+      entropy_encode_chunk(normalize_frequencies(std::vector<uint64_t>{1}).value(), e, nullptr, nullptr, 0, 0, nullptr,
+                           &chunk);
+      out_.codes.insert(out_.codes.end(), chunk.begin(), chunk.end());
+      e.chunk_offsets[b + 1] = static_cast<uint32_t>(out_.codes.size());
+    }
+    blocks_ = 0;
   }
   if (blocks_ == 0) finished_ = true;
 }
@@ -165,16 +182,36 @@ int TensorJob::after_pass(int pass) {
       return -1;
     }
     // The step came from a sample; the full histogram says what the tensor really costs. Over
-    // budget (rare symbols the sample missed), widen the step by the excess -- at the high-rate
-    // slope of one bit per doubling -- and count again.
+    // budget (rare codes the sample missed), widen the step; well under it (a table the sample
+    // overestimated), narrow it -- each time by the excess at the high-rate slope of one bit per
+    // doubling, at most 4x, bisecting once the budget is bracketed -- and count again.
     const double n = static_cast<double>(src_.rows * src_.cols);
-    const double over = entropy_predicted_bits() / n - out_.scheme.entropy_budget();
-    if (over > 0 && step_retries_ < 3) {
+    // (a thousandth of a bit of margin for what rANS adds beyond the prediction)
+    const double over = entropy_predicted_bits() / n - (out_.scheme.entropy_budget() - 0.001);
+    if (over > 0) step_over_ = std::max(step_over_, step_);
+    else step_under_ = std::min(step_under_, step_);
+    const bool waste = over < -0.02 && step_ > step_over_;  // budget left on the table
+    if ((over > 0 || waste) && step_retries_ < 4 && !(over > 0 && step_ >= step_max_)) {
       ++step_retries_;
-      entropy_set_steps(step_ * static_cast<float>(std::exp2(over + 0.002)));
+      float next;
+      if (step_over_ > 0.0f && step_under_ < INFINITY) next = std::sqrt(step_over_ * step_under_);
+      else next = step_ * static_cast<float>(std::exp2(std::clamp(over + (over > 0 ? 0.002 : 0.0), -2.0, 2.0)));
+      next = std::min(next, step_max_);
+      if (next != step_) {
+        entropy_set_steps(next);
+        std::fill(hist_.begin(), hist_.end(), 0);
+        for (auto& c : centroid_sum_) c.fill(0.0);
+        for (auto& c : centroid_count_) c.fill(0);
+        return 1;
+      }
+    }
+    if (over > 0 && step_under_ < INFINITY && step_under_ != step_) {
+      // out of retries on the wrong side: go back to the best step known to fit
+      entropy_set_steps(step_under_);
       std::fill(hist_.begin(), hist_.end(), 0);
       for (auto& c : centroid_sum_) c.fill(0.0);
       for (auto& c : centroid_count_) c.fill(0);
+      step_retries_ = 99;
       return 1;
     }
     return 2;
@@ -262,7 +299,11 @@ void TensorJob::entropy_norms_block(uint64_t b) {
   for (uint64_t i = 0; i < nr; ++i) {
     const uint64_t r = r0 + i;
     row_norm_[r] = entropy_row_norm(w.data() + i * cols, cols);
+    float amax = 0.0f;
+    for (uint64_t j = 0; j < cols; ++j) amax = std::max(amax, std::fabs(w[i * cols + j]));
+    row_absmax_[r] = amax;
     if (r % sample_stride_ != 0) continue;
+    if (cols == 0) continue;
     float* dst = sample_.data() + (r / sample_stride_) * cols;
     std::memcpy(dst, w.data() + i * cols, cols * sizeof(float));
     rotate_rows(dst, 1, cols, rotation_);
@@ -271,29 +312,28 @@ void TensorJob::entropy_norms_block(uint64_t b) {
   }
 }
 
+double TensorJob::entropy_fixed_side_bits() const {
+  // Side information besides the frequency table, in bits: per-row steps; per chunk the offset,
+  // the escape count, the four rANS final states and about half a word per lane; the fixed fields.
+  return 32.0 * static_cast<double>(src_.rows) + (32.0 + 32.0 + 128.0 + 32.0) * static_cast<double>(blocks_) +
+         32.0 * (kCentroids + 5);
+}
+
 void TensorJob::entropy_choose_step() {
-  const uint64_t n = src_.rows * src_.cols;
-  const uint64_t chunks = blocks_;
-  // Side information that every tensor stores, in bits: per-row steps, chunk offsets and rANS
-  // final states, centroids and the fixed fields, and the frequency table (its size depends on
-  // the step, so it is re-estimated once).
-  const double fixed_bits = 32.0 * static_cast<double>(src_.rows) + (64.0 + 128.0) * static_cast<double>(chunks) +
-                            32.0 * (kCentroids + 4);
-  const double budget = out_.scheme.entropy_budget();
-  int max_code = 8;
-  float d = 1.0f;
-  for (int round = 0; round < 2; ++round) {
-    const double side = fixed_bits + 16.0 * (2 * max_code + 1);
-    // 0.003 bits of margin: the sample is not the tensor, and rANS adds a little to its bound
-    const double code_bits = std::max(0.05, budget - side / static_cast<double>(n) - 0.003);
-    d = choose_entropy_step(sample_, code_bits);
-    sample_code_cost(sample_, d, &max_code);
-  }
+  // 0.003 bits of margin: the sample is not the tensor, and rANS adds a little to the ideal
+  // entropy the search predicts. The full histogram corrects what remains (after_pass).
+  // The coarsest step worth trying: every code 0 (max |w| / norm over the tensor, twice over).
+  step_max_ = 1.0f;
+  for (uint64_t r = 0; r < src_.rows; ++r)
+    if (row_norm_[r] > 0.0f) step_max_ = std::max(step_max_, 4.0f * row_absmax_[r] / row_norm_[r]);
+  const float d = choose_entropy_step(sample_, src_.rows * src_.cols, entropy_fixed_side_bits(),
+                                      out_.scheme.entropy_budget() - 0.003);
   entropy_set_steps(d);
   std::vector<float>().swap(sample_);
 }
 
 void TensorJob::entropy_set_steps(float d) {
+  if (!std::isfinite(d) || d <= 0.0f) d = step_max_;
   step_ = d;
   // An all-zero row gets step d: every code is 0 and the step is never used.
   for (uint64_t r = 0; r < src_.rows; ++r) scales_f_[r] = row_norm_[r] > 0.0f ? d * row_norm_[r] : d;
@@ -302,12 +342,17 @@ void TensorJob::entropy_set_steps(float d) {
 
 double TensorJob::entropy_predicted_bits() const {
   const auto& e = *out_.entropy;
-  std::vector<uint64_t> counts(e.frequencies.size());
-  for (size_t i = 0; i < counts.size(); ++i)
-    counts[i] = static_cast<int32_t>(i) == e.escape_symbol ? hist_[kCodeRange] : hist_[e.symbol_min + kMaxCode + i];
-  const double codes = coded_bits(counts, table_) + 32.0 * static_cast<double>(hist_[kCodeRange]);
-  // per chunk: the escape count, four 32-bit final states and, on average, half a 16-bit word per lane
-  const double flush = static_cast<double>(blocks_) * (32 + 4 * 32 + 4 * 8);
+  std::vector<uint64_t> counts(e.frequencies.size(), 0);
+  uint64_t escaped = 0;
+  for (int i = 0; i < kHistBins; ++i) {
+    const int32_t c = i - kMaxCode;
+    if (i == kCodeRange || entropy_escaped(e, c)) escaped += hist_[i];
+    else counts[static_cast<size_t>(c - e.symbol_min)] += hist_[i];
+  }
+  if (e.escape_symbol >= 0) counts[static_cast<size_t>(e.escape_symbol)] = escaped;
+  const double codes = coded_bits(counts, table_) + 32.0 * static_cast<double>(escaped);
+  // per chunk: the escape count, four 32-bit final states and up to a 16-bit word per lane
+  const double flush = static_cast<double>(blocks_) * (32 + 4 * 32 + 4 * 16);
   EntropySide side = e;
   side.chunk_offsets.assign(blocks_ + 1, 0);
   side.centroids.assign(kCentroids, 0.0f);
@@ -359,11 +404,11 @@ void TensorJob::entropy_code_block(uint64_t b) {
   q.resize(n);
   entropy_codes_rows(x, nr, cols, scales_f_.data() + r0, q.data());
   block_bytes_[b].reserve(static_cast<size_t>(out_.scheme.entropy_budget() * static_cast<double>(n) / 8) + 1024);
-  entropy_encode_chunk(table_, e, q.data(), n, &block_bytes_[b]);
+  entropy_encode_chunk(table_, e, x, scales_f_.data() + r0, nr, cols, q.data(), &block_bytes_[b]);
   // The reconstruction a reader will get, from the codes (rANS is lossless; validate_quality
   // decodes the files and checks these statistics bit for bit).
   deq.resize(n);
-  entropy_reconstruct_rows(q.data(), nr, cols, scales_f_.data() + r0, e, symbol_values_.data(), deq.data());
+  entropy_reconstruct_rows(x, q.data(), nr, cols, scales_f_.data() + r0, e, symbol_values_.data(), deq.data());
   unrotate_rows(deq.data(), nr, cols, rotation_);
   block_stats_[b].add(w.data(), deq.data(), n);
 }

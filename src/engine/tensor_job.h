@@ -11,6 +11,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -99,6 +100,7 @@ class TensorJob {
   // whichever has less error within the budget is kept.
   void entropy_compare_affine();
   void entropy_choose_step();
+  double entropy_fixed_side_bits() const;
   void entropy_set_steps(float d);
   Status entropy_build_table();
   // Bits the tensor will take with the current table: codes at their rANS cost plus every side field.
@@ -122,7 +124,11 @@ class TensorJob {
   // entropy-coded scheme
   std::vector<float> row_norm_, sample_;
   uint64_t sample_stride_ = 1;
+  std::vector<float> row_absmax_;
   float step_ = 1.0f;
+  float step_max_ = 1.0f;              // every code 0 beyond this step
+  float step_over_ = 0.0f;             // largest step seen over budget (0: none)
+  float step_under_ = INFINITY;        // smallest step seen within budget
   int step_retries_ = 0;
   std::mutex hist_mu_;
   std::vector<uint64_t> hist_;

@@ -38,49 +38,90 @@ void codes_of_row(const float* y, size_t n, float inv, int32_t* q) {
 
 }  // namespace
 
-double sample_code_cost(std::span<const float> sample, float d, int* max_abs_code) {
-  std::vector<uint64_t> hist(kHistBins, 0);
-  const float inv = 1.0f / d;
-  int32_t maxq = 0;
-  for (float v : sample) {
-    const int32_t c = code_of(v * inv);
-    hist[static_cast<size_t>(bin_of(c))]++;
-    maxq = std::max(maxq, c < 0 ? -c : c);
+SymbolPlan plan_symbols(std::span<const uint64_t> hist) {
+  // Histogram by magnitude; codes beyond 2047 (the last bin) are always escaped.
+  const uint64_t overflow = hist[kCodeRange];
+  uint64_t total = overflow;
+  int lo_code = kCodeRange, hi_code = -1;
+  for (int i = 0; i < kCodeRange; ++i)
+    if (hist[i]) total += hist[i], lo_code = std::min(lo_code, i), hi_code = std::max(hi_code, i);
+  SymbolPlan best;
+  if (total == 0) return best;
+  const double N = static_cast<double>(total);
+  auto nlog = [&](uint64_t n) { return n ? static_cast<double>(n) * std::log2(N / static_cast<double>(n)) : 0.0; };
+  if (hi_code < 0) {  // everything escaped
+    best.escape = true;
+    best.bits = 32.0 * N;
+    best.table_bits = 16.0;
+    return best;
   }
-  if (max_abs_code) *max_abs_code = std::min<int32_t>(maxq, kMaxCode);
-  EntropySide side;
-  auto table = entropy_table(hist, &side);
-  if (!table.ok()) return 0.0;
-  const int lo = side.symbol_min + kMaxCode;
-  std::vector<uint64_t> counts(hist.begin() + lo, hist.begin() + lo + (side.escape_symbol >= 0 ? side.frequencies.size() - 1
-                                                                                               : side.frequencies.size()));
-  if (side.escape_symbol >= 0) counts.push_back(hist[kCodeRange]);
-  // The cost with the frequencies the coder will really use (rounded to 2^-15), not the ideal
-  // entropy: at high rates hundreds of rare symbols each hold at least one slot.
-  const double bits = coded_bits(counts, *table) + 32.0 * static_cast<double>(hist[kCodeRange]);
-  return bits / static_cast<double>(sample.size());
+  const int max_mag = std::max(std::abs(lo_code - kMaxCode), std::abs(hi_code - kMaxCode));
+  // Grow the direct range one magnitude at a time: +-K symbols, the rest escaped.
+  double direct_bits = 0;
+  uint64_t escaped = total;
+  double best_cost = INFINITY;
+  for (int k = 0; k <= max_mag; ++k) {
+    for (int sgn : {1, -1}) {
+      if (k == 0 && sgn < 0) continue;
+      const uint64_t n = hist[kMaxCode + sgn * k];
+      direct_bits += nlog(n);
+      escaped -= n;
+    }
+    const int lo = std::max(lo_code, kMaxCode - k) - kMaxCode;
+    const int hi = std::min(hi_code, kMaxCode + k) - kMaxCode;
+    const bool esc = escaped > 0;
+    const double code = direct_bits + (esc ? nlog(escaped) + 32.0 * static_cast<double>(escaped) : 0.0);
+    const double table = 16.0 * ((hi - lo + 1) + (esc ? 1 : 0));
+    if (code + table < best_cost) {
+      best_cost = code + table;
+      best = SymbolPlan{lo, hi, esc, code, table};
+    }
+  }
+  return best;
 }
 
-float choose_entropy_step(std::span<const float> sample, double code_bits) {
-  if (sample.empty()) return 1.0f;
+namespace {
+
+std::vector<uint64_t> sample_histogram(std::span<const float> sample, float d) {
+  std::vector<uint64_t> hist(kHistBins, 0);
+  const float inv = 1.0f / d;
+  for (float v : sample) hist[static_cast<size_t>(bin_of(code_of(v * inv)))]++;
+  return hist;
+}
+
+}  // namespace
+
+double sample_code_cost(std::span<const float> sample, float d, uint64_t weights) {
+  if (sample.empty() || weights == 0) return 0.0;
+  const SymbolPlan p = plan_symbols(sample_histogram(sample, d));
+  return p.bits / static_cast<double>(sample.size()) + p.table_bits / static_cast<double>(weights);
+}
+
+float choose_entropy_step(std::span<const float> sample, uint64_t weights, double side_bits, double budget) {
+  if (sample.empty() || weights == 0) return 1.0f;
+  float amax = 0.0f;
   double ss = 0;
-  for (float v : sample) ss += static_cast<double>(v) * v;
-  const double sigma = std::sqrt(ss / static_cast<double>(sample.size()));
-  if (sigma == 0.0) return 1.0f;
-  auto cost_at = [&](double log_d) { return sample_code_cost(sample, static_cast<float>(std::exp2(log_d)), nullptr); };
+  for (float v : sample) amax = std::max(amax, std::fabs(v)), ss += static_cast<double>(v) * v;
+  if (amax == 0.0f) return 1.0f;
+  const double target = budget - side_bits / static_cast<double>(weights);
+  // The step at which every code of the sample is 0: nothing coarser helps.
+  const double log_max = std::log2(static_cast<double>(amax)) + 2.0;
+  auto cost_at = [&](double log_d) { return sample_code_cost(sample, static_cast<float>(std::exp2(log_d)), weights); };
+  if (cost_at(log_max) > target) return static_cast<float>(std::exp2(log_max));
   // Cost falls as the step grows. Bracket the target between lo (cost above it) and hi (at or
   // below it), from the high-rate Gaussian estimate H = log2(sigma * sqrt(2 pi e)) - log2(d).
-  const double guess = std::log2(sigma) + 2.0471 - code_bits;
+  const double sigma = std::sqrt(ss / static_cast<double>(sample.size()));
+  double guess = std::min(log_max, std::log2(sigma) + 2.0471 - std::max(target, 0.1));
   double lo = guess, hi = guess;
   double h_lo = cost_at(lo), h_hi = h_lo;
-  for (int i = 0; h_lo <= code_bits && i < 64; ++i) lo -= 1.0, h_lo = cost_at(lo);
-  for (int i = 0; h_hi > code_bits && i < 64; ++i) hi += 1.0, h_hi = cost_at(hi);
+  for (int i = 0; h_lo <= target && i < 64; ++i) lo -= 1.0, h_lo = cost_at(lo);
+  for (int i = 0; h_hi > target && i < 64 && hi < log_max; ++i) hi = std::min(log_max, hi + 1.0), h_hi = cost_at(hi);
   // Secant steps kept inside the bracket (bisection when a step would leave it).
-  for (int it = 0; it < 30 && hi - lo > 1e-5 && code_bits - h_hi > 5e-4; ++it) {
-    double next = lo + (hi - lo) * (h_lo - code_bits) / (h_lo - h_hi);
+  for (int it = 0; it < 30 && hi - lo > 1e-5 && target - h_hi > 5e-4; ++it) {
+    double next = lo + (hi - lo) * (h_lo - target) / (h_lo - h_hi);
     if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
     const double h = cost_at(next);
-    if (h > code_bits) lo = next, h_lo = h;
+    if (h > target) lo = next, h_lo = h;
     else hi = next, h_hi = h;
   }
   return static_cast<float>(std::exp2(hi));  // the side that does not exceed the budget
@@ -120,16 +161,21 @@ void entropy_statistics(const float* y, const int32_t* q, size_t rows, size_t co
 }
 
 Result<FrequencyTable> entropy_table(std::span<const uint64_t> hist, EntropySide* side) {
-  int lo = 0, hi = kCodeRange - 1;
-  while (lo < hi && hist[lo] == 0) ++lo;
-  while (hi > lo && hist[hi] == 0) --hi;
-  std::vector<uint64_t> counts(hist.begin() + lo, hist.begin() + hi + 1);
-  side->symbol_min = lo - kMaxCode;
-  side->escape_symbol = -1;
-  if (hist[kCodeRange] > 0) {
-    side->escape_symbol = static_cast<int32_t>(counts.size());
-    counts.push_back(hist[kCodeRange]);
+  const SymbolPlan p = plan_symbols(hist);
+  std::vector<uint64_t> counts;
+  uint64_t escaped = hist[kCodeRange];
+  for (int i = 0; i < kCodeRange; ++i) {
+    const int c = i - kMaxCode;
+    if (c >= p.lo && c <= p.hi) counts.push_back(hist[i]);
+    else escaped += hist[i];
   }
+  side->symbol_min = p.lo;
+  side->escape_symbol = -1;
+  if (escaped > 0) {
+    side->escape_symbol = static_cast<int32_t>(counts.size());
+    counts.push_back(escaped);
+  }
+  if (std::all_of(counts.begin(), counts.end(), [](uint64_t c) { return c == 0; })) counts.assign(1, 1);  // no codes
   AQ_ASSIGN_OR_RETURN(FrequencyTable t, normalize_frequencies(counts));
   side->frequencies = t.freq;
   return t;
@@ -148,31 +194,38 @@ std::vector<float> entropy_symbol_values(const EntropySide& side) {
   return v;
 }
 
-void entropy_reconstruct_rows(const int32_t* q, size_t rows, size_t cols, const float* steps, const EntropySide& side,
-                              const float* symbol_values, float* out) {
+float entropy_escaped_value(float y, float step) {
+  const float inv = step > 0.0f ? 1.0f / step : 0.0f;
+  const float lim = 3.0e38f;
+  return std::nearbyint(std::clamp(y * inv, -lim, lim));
+}
+
+void entropy_reconstruct_rows(const float* y, const int32_t* q, size_t rows, size_t cols, const float* steps,
+                              const EntropySide& side, const float* symbol_values, float* out) {
   for (size_t r = 0; r < rows; ++r) {
     const float step = steps[r];
     for (size_t j = 0; j < cols; ++j) {
-      const int32_t c = q[r * cols + j];
+      const size_t i = r * cols + j;
+      const int32_t c = q[i];
       // the same products the decoder forms: table value (or the escaped code) times the step
-      const float v = (c < -kMaxCode || c > kMaxCode) ? static_cast<float>(c)
-                                                      : symbol_values[c - side.symbol_min];
-      out[r * cols + j] = v * step;
+      const float v = entropy_escaped(side, c) ? entropy_escaped_value(y[i], step) : symbol_values[c - side.symbol_min];
+      out[i] = v * step;
     }
   }
 }
 
-void entropy_encode_chunk(const FrequencyTable& table, const EntropySide& side, const int32_t* q, size_t n,
-                          std::vector<uint8_t>* out) {
+void entropy_encode_chunk(const FrequencyTable& table, const EntropySide& side, const float* y, const float* steps,
+                          size_t rows, size_t cols, const int32_t* q, std::vector<uint8_t>* out) {
   thread_local std::vector<uint16_t> sym;
-  thread_local std::vector<int32_t> escapes;
+  thread_local std::vector<float> escapes;
+  const size_t n = rows * cols;
   sym.resize(n);
   escapes.clear();
   for (size_t i = 0; i < n; ++i) {
     const int32_t c = q[i];
-    if (c < -kMaxCode || c > kMaxCode) {
+    if (entropy_escaped(side, c)) {
       sym[i] = static_cast<uint16_t>(side.escape_symbol);
-      escapes.push_back(c);
+      escapes.push_back(entropy_escaped_value(y[i], steps[i / cols]));
     } else {
       sym[i] = static_cast<uint16_t>(c - side.symbol_min);
     }
@@ -213,9 +266,9 @@ Status entropy_decode_chunk(const FrequencyTable& table, const EntropySide& side
     for (size_t i = 0; i < sym.size(); ++i) {
       if (sym[i] != esc) continue;
       if (k == count) return FormatError("more escape symbols than escaped codes");
-      int32_t c;
+      float c;
       std::memcpy(&c, escapes + 4 * static_cast<size_t>(k++), 4);
-      out[i] = static_cast<float>(c) * steps[i / cols];
+      out[i] = c * steps[i / cols];
     }
     if (k != count) return FormatError("fewer escape symbols than escaped codes");
   } else if (count) {

@@ -59,6 +59,7 @@ Status check_entropy(uint64_t rows, uint64_t cols, const EncodedView& v) {
     if (e.chunk_offsets[i] < e.chunk_offsets[i - 1]) return FormatError("chunk offsets decrease");
   if (e.frequencies.empty() || e.frequencies.size() > kMaxAlphabet)
     return FormatError(StrCat(e.frequencies.size(), " symbol frequencies"));
+  if (e.escape_symbol < -1) return FormatError(StrCat("escape symbol ", e.escape_symbol, " (must be the last symbol or -1)"));
   const int64_t direct = static_cast<int64_t>(e.frequencies.size()) - (e.escape_symbol >= 0 ? 1 : 0);
   if (e.escape_symbol >= 0 && e.escape_symbol != direct)
     return FormatError(StrCat("escape symbol ", e.escape_symbol, " is not the last of ", e.frequencies.size()));

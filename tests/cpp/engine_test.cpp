@@ -3,6 +3,8 @@
 // behind.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -355,6 +357,161 @@ TEST(Engine, without_fallback_low_accuracy_layers_stay_and_validation_fails_nami
   bool named = false;
   for (const auto& f : v["failures"]) named |= f["name"] == "down_blocks.0.resnets.0.conv1.weight";
   EXPECT_TRUE(named) << v["failures"].dump();
+}
+
+// ---- the entropy-coded scheme ---------------------------------------------------------------
+
+// The stored budget of a layer: entropy-coded tensors carry it; the affine codes a small tensor
+// may keep instead cost bits + their scales.
+double stored_budget(const StoredTensorInfo& info) { return info.scheme.entropy_budget(); }
+
+TEST(Engine, entropy_scheme_writes_a_model_that_validates_with_the_recorded_cosines) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kPipeline);
+  const std::string out = (dir / "out").string();
+  ASSERT_OK_AND_ASSIGN(json report,
+                       quantize_model(m.input, out, config({{"scheme", "entropy"}, {"bit_width", 4}}), RunHooks{}));
+  ASSERT_OK_AND_ASSIGN(json manifest, read_manifest(out));
+  EXPECT_EQ(manifest["config"]["scheme"], "entropy");
+  ASSERT_OK_AND_ASSIGN(auto src, ParquetSource::Open((fs::path(out) / m.weights_rel).string()));
+  size_t entropy_coded = 0;
+  for (size_t i = 0; i < src->tensors().size(); ++i) {
+    const StoredTensorInfo& info = src->tensors()[i];
+    if (!info.quantized) continue;
+    SCOPED_TRACE(info.name);
+    const json* l = layer(report, info.name);
+    ASSERT_NE(l, nullptr);
+    EXPECT_EQ((*l)["cosine_similarity"].get<double>(), info.cosine);
+    EXPECT_EQ((*l)["stored_bytes"].get<uint64_t>(), info.stored_bytes());
+    ASSERT_OK_AND_ASSIGN(LoadedTensor t, src->read(i));
+    if (info.scheme.kind == SchemeKind::kEntropy) {
+      ++entropy_coded;
+      EXPECT_NE(t.payload.entropy, nullptr);
+      EXPECT_EQ(stored_budget(info), info.scheme.bits + 0.5) << "no target: bits + 0.5";
+      EXPECT_EQ((*l)["scheme"], scheme_name(info.scheme));
+    }
+    EXPECT_LE((*l)["bits_per_weight"].get<double>(), info.scheme.bits + 0.5) << l->dump();
+  }
+  EXPECT_GE(entropy_coded, 1u) << "the 64 x 288 Student-t layer at least is entropy-coded";
+  const StoredTensorInfo& big = src->tensors()[*src->find("down_blocks.0.resnets.0.conv1.weight")];
+  EXPECT_TRUE(big.quantized);
+  EXPECT_EQ(big.scheme.kind, SchemeKind::kEntropy);
+
+  ASSERT_OK_AND_ASSIGN(json v, validate_model(m.input, out, 2, RunHooks{}));
+  EXPECT_TRUE(v["passed"].get<bool>()) << v.dump(2);
+  size_t checked = 0;
+  for (const auto& l : v["layers"]) {
+    if (!l["quantized"].get<bool>()) {
+      EXPECT_TRUE(l["identical_to_source"].get<bool>()) << l.dump();
+      continue;
+    }
+    const std::string name = l["name"];
+    const json* rec = layer(report, name.substr(name.find('/') + 1));
+    ASSERT_NE(rec, nullptr) << name;
+    EXPECT_EQ(l["cosine_similarity"].get<double>(), (*rec)["cosine_similarity"].get<double>()) << name;
+    EXPECT_EQ(v["per_layer_accuracy"][name].get<double>(), (*rec)["cosine_similarity"].get<double>()) << name;
+    EXPECT_TRUE(l["matches_recorded"].get<bool>()) << name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, report["quantized_layers"].get<uint64_t>());
+}
+
+TEST(Engine, entropy_scheme_is_byte_identical_for_one_and_two_threads) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile);
+  const std::string out1 = (dir / "out1").string(), out2 = (dir / "out2").string();
+  const json base = {{"scheme", "entropy"}, {"rotate", true}, {"target_bits_per_weight", 3.3}, {"bit_width", 3}};
+  json c1 = base, c2 = base;
+  c1["num_threads"] = 1;
+  c2["num_threads"] = 2;
+  ASSERT_OK(quantize_model(m.input, out1, config(c1), RunHooks{}).status());
+  ASSERT_OK(quantize_model(m.input, out2, config(c2), RunHooks{}).status());
+  const auto a = testing::read_bytes(fs::path(out1) / m.weights_rel);
+  const auto b = testing::read_bytes(fs::path(out2) / m.weights_rel);
+  ASSERT_FALSE(a.empty());
+  EXPECT_TRUE(a == b) << "weights.parquet differs between 1 and 2 threads";
+}
+
+TEST(Engine, entropy_scheme_quantizes_sensitive_layers_at_their_higher_budget) {
+  // Sensitive layers are planned at sensitive_bit_width (8): an entropy budget of 8.5 bits per
+  // weight, where a reconstruction is all but exact. They must be stored quantized, close to the
+  // source, and within that budget.
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile);
+  const std::string out = (dir / "out").string();
+  ASSERT_OK_AND_ASSIGN(json report,
+                       quantize_model(m.input, out, config({{"scheme", "entropy"}, {"bit_width", 4}}), RunHooks{}));
+  for (const char* name : {"conv_in.weight", "time_embedding.linear_1.weight"}) {
+    const json* l = layer(report, name);
+    ASSERT_NE(l, nullptr) << name;
+    EXPECT_TRUE((*l)["quantized"].get<bool>()) << l->dump();
+    EXPECT_TRUE((*l)["rejected_bits"].empty()) << l->dump();
+    if (!(*l)["quantized"].get<bool>()) continue;
+    EXPECT_EQ((*l)["bits"].get<int>(), 8) << name;
+    EXPECT_GE((*l)["cosine_similarity"].get<double>(), 0.999) << l->dump();
+    EXPECT_LE((*l)["bits_per_weight"].get<double>(), 8.5) << l->dump();
+  }
+}
+
+TEST(Engine, entropy_fallback_raises_the_budget_with_the_bits) {
+  // The ladder 2 -> 3 -> 4 -> 8 moves the budget with the bits: bits + 0.5 without a target,
+  // target + (bits - bit_width) with one.
+  struct Case {
+    json cfg;
+    double budget_at_2;
+  };
+  const Case cases[] = {{{{"scheme", "entropy"}, {"bit_width", 2}, {"min_accuracy", 0.99}}, 2.5},
+                        {{{"scheme", "entropy"}, {"bit_width", 2}, {"min_accuracy", 0.99}, {"target_bits_per_weight", 2.2}},
+                         2.2}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.cfg.dump());
+    testing::TempDir dir;
+    const Model m = make_model(dir.path(), Layout::kSingleFile);
+    const std::string out = (dir / "out").string();
+    ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out, config(c.cfg), RunHooks{}));
+    const json* l = layer(report, "down_blocks.0.resnets.0.conv1.weight");
+    ASSERT_NE(l, nullptr);
+    ASSERT_TRUE((*l)["quantized"].get<bool>()) << l->dump();
+    const auto rejected = (*l)["rejected_bits"].get<std::vector<int>>();
+    ASSERT_FALSE(rejected.empty()) << "Student-t weights at " << c.budget_at_2 << " bits are below cosine 0.99";
+    EXPECT_EQ(rejected[0], 2);
+    for (size_t i = 1; i < rejected.size(); ++i) EXPECT_EQ(rejected[i], *next_fallback_bits(rejected[i - 1]));
+    const int bits = (*l)["bits"].get<int>();
+    EXPECT_EQ(bits, *next_fallback_bits(rejected.back()));
+    EXPECT_GE((*l)["cosine_similarity"].get<double>(), 0.99);
+    const double budget = c.budget_at_2 + (bits - 2);
+    const double bpw = (*l)["bits_per_weight"].get<double>();
+    EXPECT_LE(bpw, budget) << "the budget of the rung taken";
+    EXPECT_GT(bpw, c.budget_at_2) << "more bits than the rejected rung's budget";
+    ASSERT_OK_AND_ASSIGN(auto src, ParquetSource::Open((fs::path(out) / "weights.parquet").string()));
+    const StoredTensorInfo& info = src->tensors()[*src->find("down_blocks.0.resnets.0.conv1.weight")];
+    EXPECT_EQ(info.rejected_bits, rejected);
+    EXPECT_EQ(info.scheme.bits, bits);
+    if (info.scheme.kind == SchemeKind::kEntropy) {
+      EXPECT_DOUBLE_EQ(stored_budget(info), budget);
+    }
+    ASSERT_OK_AND_ASSIGN(json v, validate_model(m.input, out, 2, RunHooks{}));
+    EXPECT_TRUE(v["passed"].get<bool>()) << v.dump(2);
+  }
+}
+
+TEST(Engine, entropy_scheme_quantizes_and_validates_tensors_with_a_zero_dimension) {
+  testing::TempDir dir;
+  std::vector<StEntry> t = unet_tensors();
+  t.push_back(testing::f32_entry("empty_rows.weight", {0, 64}, {}));
+  t.push_back(testing::f32_entry("empty_cols.weight", {4, 0}, {}));
+  const Model m = make_model(dir.str(), Layout::kSingleFile, t);
+  const std::string out = dir.str() + "/out";
+  ASSERT_OK_AND_ASSIGN(json r, quantize_model(m.input, out, config({{"scheme", "entropy"}, {"min_tensor_size", 0},
+                                                                    {"fail_fast", true}}),
+                                              RunHooks{}));
+  for (const char* name : {"empty_rows.weight", "empty_cols.weight"}) {
+    const json* l = layer(r, name);
+    ASSERT_NE(l, nullptr) << name;
+    EXPECT_TRUE((*l)["quantized"].get<bool>()) << l->dump();
+  }
+  ASSERT_OK_AND_ASSIGN(json v, validate_model(m.input, out, 2, RunHooks{}));
+  EXPECT_TRUE(v["passed"].get<bool>()) << v.dump();
 }
 
 TEST(Engine, quantizes_a_model_without_tensors) {

@@ -6,6 +6,8 @@
 #include <parquet/arrow/reader.h>
 #include <parquet/arrow/writer.h>
 
+#include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -231,6 +233,202 @@ TEST_F(StoreTest, a_parquet_file_written_by_someone_else_is_a_format_error) {
 TEST_F(StoreTest, a_missing_file_is_not_found) {
   auto r = ParquetSource::Open((dir_ / "absent.parquet").string());
   EXPECT_EQ(r.status().code(), StatusCode::kNotFound) << r.status().ToString();
+}
+
+// ---- entropy-coded tensors ------------------------------------------------------------------
+
+struct EntropyWritten {
+  StoredTensorInfo info;
+  EncodedTensor enc;
+  std::vector<float> w;
+};
+
+// An entropy-coded tensor as the engine would write it. The nominal width is ceil(budget), so
+// the affine codes of that width (which a small tensor may get instead) are over the budget.
+EntropyWritten entropy_tensor(const std::string& name, size_t rows, size_t cols, double budget, bool rotate,
+                              uint32_t seed, bool outliers) {
+  EntropyWritten t;
+  t.w = testing::student_t4(rows * cols, seed, 0.02f);
+  if (outliers)
+    for (size_t r = 0; r < rows; r += 97) t.w[r * cols + (r % cols)] = (r % 2 ? -1e4f : 1e4f);
+  const std::vector<uint8_t> bytes = testing::f32_bytes(t.w);
+  RowSource src;
+  src.data = bytes.data();
+  src.rows = rows;
+  src.cols = cols;
+  src.name = name;
+  QuantScheme s;
+  s.kind = SchemeKind::kEntropy;
+  s.bits = static_cast<int>(std::ceil(budget));
+  s.target_bpw = budget;
+  s.rotate = rotate;
+  auto enc = encode_tensor(src, s, nullptr);
+  EXPECT_TRUE(enc.ok()) << enc.status().ToString();
+  t.enc = std::move(enc).value();
+  EXPECT_EQ(t.enc.scheme.kind, SchemeKind::kEntropy) << name;
+  t.info.name = name;
+  t.info.shape = {static_cast<int64_t>(rows), static_cast<int64_t>(cols)};
+  t.info.dtype = DType::kF32;
+  t.info.quantized = true;
+  t.info.scheme = t.enc.scheme;
+  t.info.reason = "default";
+  t.info.cosine = t.enc.stats.cosine();
+  t.info.relative_error = t.enc.stats.relative_error();
+  t.info.sqnr_db = t.enc.stats.sqnr_db();
+  t.info.max_abs_error = t.enc.stats.max_abs_err;
+  t.info.stored = t.enc.stored_bytes();
+  return t;
+}
+
+TEST(StoreEntropy, round_trips_entropy_coded_tensors_with_their_tables) {
+  testing::TempDir dir;
+  std::vector<EntropyWritten> tensors;
+  tensors.push_back(entropy_tensor("blocks.0.ff.weight", 300, 256, 4.5, true, 1, false));   // rotation 256
+  tensors.push_back(entropy_tensor("blocks.1.ff.weight", 1400, 96, 3.0, false, 2, true));   // escapes, 3 chunks
+  tensors.push_back(entropy_tensor("blocks.2.attn.weight", 200, 96, 8.25, true, 3, true));  // rotation 32
+  ASSERT_GE(tensors[1].enc.entropy->escape_symbol, 0) << "the test wants escapes";
+  ASSERT_GE(tensors[1].enc.entropy->chunk_offsets.size(), 3u);
+  Written affine = quantized("blocks.3.affine.weight", 24, 300, QuantScheme{}, 4);
+  affine.info.stored = quantized_size(affine.info.scheme, 24, 300).total();
+
+  const std::string path = (dir / "weights.parquet").string();
+  {
+    ASSERT_OK_AND_ASSIGN(auto sink, ParquetSink::Open(path, ""));
+    for (const auto& t : tensors) ASSERT_OK(sink->Write(t.info, t.enc.view()));
+    ASSERT_OK(sink->Write(affine.info, TensorPayload{affine.codes, affine.scales, affine.zeros}));
+    ASSERT_OK(sink->Close());
+  }
+  ASSERT_OK_AND_ASSIGN(auto src, ParquetSource::Open(path));
+  ASSERT_EQ(src->tensors().size(), 4u);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const EntropyWritten& t = tensors[i];
+    const StoredTensorInfo& got = src->tensors()[i];
+    SCOPED_TRACE(t.info.name);
+    EXPECT_EQ(got.name, t.info.name);
+    EXPECT_TRUE(got.quantized);
+    EXPECT_EQ(got.scheme.kind, SchemeKind::kEntropy);
+    EXPECT_EQ(got.scheme.bits, t.enc.scheme.bits);
+    EXPECT_EQ(got.scheme.rotate, t.enc.scheme.rotate);
+    EXPECT_EQ(got.scheme.scale_type, ScaleType::kF32);
+    EXPECT_EQ(got.scheme.entropy_budget(), t.enc.scheme.entropy_budget());
+    EXPECT_EQ(got.cosine, t.info.cosine);
+    EXPECT_EQ(got.relative_error, t.info.relative_error);
+    EXPECT_EQ(got.max_abs_error, t.info.max_abs_error);
+    EXPECT_EQ(got.stored_bytes(), t.enc.stored_bytes());
+
+    ASSERT_OK_AND_ASSIGN(LoadedTensor l, src->read(i));
+    EXPECT_TRUE(std::vector<uint8_t>(l.payload.codes.begin(), l.payload.codes.end()) == t.enc.codes);
+    EXPECT_TRUE(std::vector<uint8_t>(l.payload.scales.begin(), l.payload.scales.end()) == t.enc.scales);
+    EXPECT_TRUE(l.payload.zero_points.empty());
+    ASSERT_NE(l.entropy, nullptr);
+    ASSERT_EQ(l.payload.entropy, l.entropy.get());
+    const EntropySide &a = *l.entropy, &b = *t.enc.entropy;
+    EXPECT_EQ(a.symbol_min, b.symbol_min);
+    EXPECT_EQ(a.frequencies, b.frequencies);
+    EXPECT_EQ(a.escape_symbol, b.escape_symbol);
+    EXPECT_EQ(a.chunk_rows, b.chunk_rows);
+    EXPECT_EQ(a.chunk_offsets, b.chunk_offsets);
+    ASSERT_EQ(a.centroids.size(), b.centroids.size());
+    EXPECT_EQ(std::memcmp(a.centroids.data(), b.centroids.data(), 4 * a.centroids.size()), 0);
+
+    // what the source dequantizes is what decode_tensor gives for the encoded tensor, and its
+    // error against the source weights is the recorded one
+    const uint64_t n = got.numel();
+    std::vector<float> from_file(n + 1, -7.0f), from_memory(n, 0.0f);
+    ASSERT_OK(src->dequantize(i, from_file.data()));
+    EXPECT_EQ(from_file[n], -7.0f) << "wrote past numel";
+    from_file.pop_back();
+    ASSERT_OK(decode_tensor(t.enc.scheme, t.enc.rows, t.enc.cols, t.enc.view(), from_memory.data()));
+    EXPECT_EQ(std::memcmp(from_file.data(), from_memory.data(), 4 * n), 0);
+    ErrorStats stats;
+    const uint64_t block = rows_per_block(got.cols());
+    for (uint64_t r0 = 0; r0 < got.rows(); r0 += block) {
+      ErrorStats b2;
+      const uint64_t nr = std::min(block, got.rows() - r0);
+      b2.add(t.w.data() + r0 * got.cols(), from_file.data() + r0 * got.cols(), nr * got.cols());
+      stats.merge(b2);
+    }
+    EXPECT_EQ(stats.cosine(), got.cosine);
+  }
+  // the affine tensor beside them is unaffected
+  const StoredTensorInfo& a = src->tensors()[3];
+  EXPECT_EQ(a.scheme.kind, SchemeKind::kAffine);
+  ASSERT_OK_AND_ASSIGN(LoadedTensor la, src->read(3));
+  EXPECT_EQ(la.entropy, nullptr);
+  EXPECT_EQ(la.payload.entropy, nullptr);
+}
+
+TEST(StoreEntropy, the_parquet_columns_follow_the_format_document) {
+  testing::TempDir dir;
+  EntropyWritten rot = entropy_tensor("a.weight", 64, 96, 4.25, true, 5, false);
+  EntropyWritten plain = entropy_tensor("b.weight", 700, 160, 3.0, false, 6, true);
+  Written affine = quantized("c.weight", 24, 300, QuantScheme{}, 7);
+  affine.info.stored = quantized_size(affine.info.scheme, 24, 300).total();
+  Written bias = raw("c.bias", DType::kF32, {4}, testing::f32_bytes({1, 2, 3, 4}));
+  bias.info.stored = 16;
+  const std::string path = (dir / "weights.parquet").string();
+  {
+    ASSERT_OK_AND_ASSIGN(auto sink, ParquetSink::Open(path, "unet"));
+    ASSERT_OK(sink->Write(rot.info, rot.enc.view()));
+    ASSERT_OK(sink->Write(plain.info, plain.enc.view()));
+    ASSERT_OK(sink->Write(affine.info, TensorPayload{affine.codes, affine.scales, affine.zeros}));
+    ASSERT_OK(sink->Write(bias.info, TensorPayload{bias.codes, {}, {}}));
+    ASSERT_OK(sink->Close());
+  }
+  auto file = arrow::io::ReadableFile::Open(path);
+  ASSERT_TRUE(file.ok());
+  auto reader = parquet::arrow::OpenFile(*file, arrow::default_memory_pool());
+  ASSERT_TRUE(reader.ok()) << reader.status().ToString();
+  auto read = (*reader)->ReadTable();
+  ASSERT_TRUE(read.ok()) << read.status().ToString();
+  auto combined = (*read)->CombineChunks();
+  ASSERT_TRUE(combined.ok());
+  const auto& t = **combined;
+  auto scheme = std::static_pointer_cast<arrow::StructArray>(t.GetColumnByName("scheme")->chunk(0));
+  auto entropy = std::static_pointer_cast<arrow::StructArray>(t.GetColumnByName("entropy")->chunk(0));
+  auto zeros = t.GetColumnByName("zero_points")->chunk(0);
+  auto kind = std::static_pointer_cast<arrow::StringArray>(scheme->GetFieldByName("kind"));
+  auto rotation = std::static_pointer_cast<arrow::Int32Array>(scheme->GetFieldByName("rotation"));
+  auto target = std::static_pointer_cast<arrow::DoubleArray>(scheme->GetFieldByName("target_bpw"));
+  auto scale_type = std::static_pointer_cast<arrow::StringArray>(scheme->GetFieldByName("scale_type"));
+  auto stored = std::static_pointer_cast<arrow::Int64Array>(t.GetColumnByName("stored_bytes")->chunk(0));
+  auto codes = std::static_pointer_cast<arrow::BinaryArray>(t.GetColumnByName("codes")->chunk(0));
+  auto scales = std::static_pointer_cast<arrow::BinaryArray>(t.GetColumnByName("scales")->chunk(0));
+
+  EXPECT_EQ(kind->GetString(0), "entropy");
+  EXPECT_EQ(kind->GetString(1), "entropy");
+  EXPECT_EQ(kind->GetString(2), "affine");
+  EXPECT_TRUE(scheme->IsNull(3));
+  EXPECT_EQ(rotation->Value(0), 32) << "96 columns: blocks of 32";
+  EXPECT_EQ(rotation->Value(1), 1);
+  EXPECT_EQ(target->Value(0), 4.25);
+  EXPECT_EQ(target->Value(1), 3.0);
+  EXPECT_TRUE(target->IsNull(2)) << "affine tensors have no budget";
+  EXPECT_EQ(scale_type->GetString(0), "f32");
+  for (int64_t i : {0, 1}) {
+    EXPECT_FALSE(entropy->IsNull(i));
+    EXPECT_TRUE(zeros->IsNull(i)) << "entropy-coded tensors have no zero points";
+  }
+  EXPECT_TRUE(entropy->IsNull(2));
+  EXPECT_TRUE(entropy->IsNull(3));
+
+  // stored_bytes: codes, steps and the entropy fields at their types' sizes
+  auto freqs = std::static_pointer_cast<arrow::ListArray>(entropy->GetFieldByName("frequencies"));
+  auto offsets = std::static_pointer_cast<arrow::ListArray>(entropy->GetFieldByName("chunk_offsets"));
+  auto centroids = std::static_pointer_cast<arrow::ListArray>(entropy->GetFieldByName("centroids"));
+  auto chunk_rows = std::static_pointer_cast<arrow::Int32Array>(entropy->GetFieldByName("chunk_rows"));
+  const EntropyWritten* written[] = {&rot, &plain};
+  for (int64_t i : {0, 1}) {
+    const int64_t expect = codes->value_length(i) + scales->value_length(i) + 4 /* symbol_min */ +
+                           4 /* escape_symbol */ + 4 /* chunk_rows */ + 2 * freqs->value_length(i) +
+                           4 * offsets->value_length(i) + 4 * centroids->value_length(i);
+    EXPECT_EQ(stored->Value(i), expect) << i;
+    EXPECT_EQ(scales->value_length(i), 4 * written[i]->info.shape[0]) << "one float32 step per row";
+    EXPECT_EQ(centroids->value_length(i), 8);
+    EXPECT_EQ(static_cast<uint64_t>(chunk_rows->Value(i)), written[i]->enc.entropy->chunk_rows);
+    EXPECT_EQ(offsets->value_length(i),
+              (written[i]->info.shape[0] + chunk_rows->Value(i) - 1) / chunk_rows->Value(i) + 1);
+  }
 }
 
 TEST(Manifest, reads_only_complete_arrowquant_manifests_of_our_version) {

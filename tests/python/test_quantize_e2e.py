@@ -245,8 +245,10 @@ def test_profile_settings_reach_every_default_layer(small_model, tmp_path, quant
     for layer in result["layers"]:
         if layer["quantized"]:
             assert (layer["bits"], layer["group_size"], layer["symmetric"]) == (8, 0, True)
-            # the profile's scheme: entropy-coded at the 8.5 bits/weight budget (PROFILE_SETTINGS)
-            assert layer["scheme"] == "entropy_8.50"
+            # the profile's scheme: entropy-coded at the 8.5 bits/weight budget (PROFILE_SETTINGS),
+            # or, for a tensor too small to amortize its tables, the fixed-rate codes of the
+            # profile when they have less error within that budget
+            assert layer["scheme"] in ("entropy_8.50", "int8_pc_sym")
             assert layer["bits_per_weight"] <= 8.5
 
 
