@@ -135,6 +135,13 @@ bool all_finite(const float* w, size_t n) {
   return bad == 0;
 }
 
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float row_absmax(const float* x, size_t n) {
+  float m = 0.0f;
+  for (size_t j = 0; j < n; ++j) m = std::max(m, std::fabs(x[j]));
+  return m;
+}
+
 }  // namespace
 
 bool TensorJob::load_block(uint64_t b, std::vector<float>& w, bool check) {
@@ -299,9 +306,7 @@ void TensorJob::entropy_norms_block(uint64_t b) {
   for (uint64_t i = 0; i < nr; ++i) {
     const uint64_t r = r0 + i;
     row_norm_[r] = entropy_row_norm(w.data() + i * cols, cols);
-    float amax = 0.0f;
-    for (uint64_t j = 0; j < cols; ++j) amax = std::max(amax, std::fabs(w[i * cols + j]));
-    row_absmax_[r] = amax;
+    row_absmax_[r] = row_absmax(w.data() + i * cols, cols);
     if (r % sample_stride_ != 0) continue;
     if (cols == 0) continue;
     float* dst = sample_.data() + (r / sample_stride_) * cols;
@@ -369,8 +374,12 @@ void TensorJob::entropy_histogram_block(uint64_t b) {
   q.resize(nr * cols);
   hist.assign(kHistBins, 0);
   entropy_codes_rows(w.data(), nr, cols, scales_f_.data() + r0, q.data());
-  entropy_statistics(w.data(), q.data(), nr, cols, scales_f_.data() + r0, hist.data(), centroid_sum_[b].data(),
-                     centroid_count_[b].data());
+  entropy_histogram(q.data(), nr * cols, hist.data());
+  // Centroids are means: the sampled rows (every sample_stride_-th) estimate them well enough.
+  for (uint64_t i = 0; i < nr; ++i)
+    if ((r0 + i) % sample_stride_ == 0)
+      entropy_centroid_sums(w.data() + i * cols, q.data() + i * cols, 1, cols, scales_f_.data() + r0 + i,
+                            centroid_sum_[b].data(), centroid_count_[b].data());
   std::lock_guard<std::mutex> lock(hist_mu_);  // integer counts: the order of adding does not matter
   for (int i = 0; i < kHistBins; ++i) hist_[i] += hist[i];
 }

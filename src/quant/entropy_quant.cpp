@@ -134,10 +134,27 @@ void entropy_codes_rows(const float* y, size_t rows, size_t cols, const float* s
   }
 }
 
-void entropy_statistics(const float* y, const int32_t* q, size_t rows, size_t cols, const float* steps,
-                        uint64_t* hist, double* centroid_sum, uint64_t* centroid_count) {
-  // Centroid sums in float per call (the caller merges calls in a fixed order), one slot per
-  // magnitude 0..kCentroids and one for everything beyond.
+void entropy_histogram(const int32_t* q, size_t n, uint64_t* hist) {
+  // Two interleaved sub-histograms: neighbouring weights often share a code, and a single table
+  // would make each increment wait for the previous one to the same bin.
+  thread_local std::vector<uint32_t> tls_a, tls_b;
+  std::vector<uint32_t>& a = tls_a;
+  std::vector<uint32_t>& b = tls_b;
+  a.assign(kHistBins, 0);
+  b.assign(kHistBins, 0);
+  size_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    a[static_cast<size_t>(bin_of(q[i]))]++;
+    b[static_cast<size_t>(bin_of(q[i + 1]))]++;
+  }
+  if (i < n) a[static_cast<size_t>(bin_of(q[i]))]++;
+  for (int k = 0; k < kHistBins; ++k) hist[k] += static_cast<uint64_t>(a[k]) + b[k];
+}
+
+void entropy_centroid_sums(const float* y, const int32_t* q, size_t rows, size_t cols, const float* steps,
+                           double* centroid_sum, uint64_t* centroid_count) {
+  // In float per call (the caller merges calls in a fixed order), one slot per magnitude
+  // 0..kCentroids and one for everything beyond.
   float sums[kCentroids + 2] = {};
   uint32_t counts[kCentroids + 2] = {};
   for (size_t r = 0; r < rows; ++r) {
@@ -147,7 +164,6 @@ void entropy_statistics(const float* y, const int32_t* q, size_t rows, size_t co
     const int32_t* qr = q + r * cols;
     for (size_t j = 0; j < cols; ++j) {
       const int32_t c = qr[j];
-      hist[bin_of(c)]++;
       const int32_t m = c < 0 ? -c : c;
       const int slot = m <= kCentroids ? m : kCentroids + 1;
       sums[slot] += std::fabs(yr[j] * inv) - static_cast<float>(std::min<int32_t>(m, kCentroids + 1));
@@ -202,33 +218,60 @@ float entropy_escaped_value(float y, float step) {
 
 void entropy_reconstruct_rows(const float* y, const int32_t* q, size_t rows, size_t cols, const float* steps,
                               const EntropySide& side, const float* symbol_values, float* out) {
+  const int64_t direct = static_cast<int64_t>(side.frequencies.size()) - (side.escape_symbol >= 0 ? 1 : 0);
+  const int32_t last = static_cast<int32_t>(std::max<int64_t>(direct - 1, 0));
   for (size_t r = 0; r < rows; ++r) {
     const float step = steps[r];
+    const int32_t* qr = q + r * cols;
+    float* o = out + r * cols;
+    // the same products the decoder forms: table value times the step ...
+    bool any_escaped = false;
     for (size_t j = 0; j < cols; ++j) {
-      const size_t i = r * cols + j;
-      const int32_t c = q[i];
-      // the same products the decoder forms: table value (or the escaped code) times the step
-      const float v = entropy_escaped(side, c) ? entropy_escaped_value(y[i], step) : symbol_values[c - side.symbol_min];
-      out[i] = v * step;
+      const int32_t k = qr[j] - side.symbol_min;
+      any_escaped |= k < 0 || k > last;
+      o[j] = symbol_values[std::clamp(k, 0, last)] * step;
     }
+    // ... and for the rare escaped code, the code itself
+    if (any_escaped)
+      for (size_t j = 0; j < cols; ++j)
+        if (entropy_escaped(side, qr[j])) o[j] = entropy_escaped_value(y[r * cols + j], step) * step;
   }
 }
 
+namespace {
+
+// Symbol indices of codes, clamped into the direct range (escapes are fixed up afterwards);
+// returns whether any code lies outside it.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+bool symbols_of(const int32_t* q, size_t n, int32_t symbol_min, int32_t last, uint16_t* sym) {
+  int32_t outside = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const int32_t k = q[i] - symbol_min;
+    outside |= static_cast<int32_t>(k < 0) | static_cast<int32_t>(k > last);
+    sym[i] = static_cast<uint16_t>(std::clamp(k, 0, last));
+  }
+  return outside != 0;
+}
+
+}  // namespace
+
 void entropy_encode_chunk(const FrequencyTable& table, const EntropySide& side, const float* y, const float* steps,
                           size_t rows, size_t cols, const int32_t* q, std::vector<uint8_t>* out) {
-  thread_local std::vector<uint16_t> sym;
-  thread_local std::vector<float> escapes;
+  thread_local std::vector<uint16_t> tls_sym;
+  thread_local std::vector<float> tls_escapes;
+  std::vector<uint16_t>& sym = tls_sym;
+  std::vector<float>& escapes = tls_escapes;
   const size_t n = rows * cols;
   sym.resize(n);
   escapes.clear();
-  for (size_t i = 0; i < n; ++i) {
-    const int32_t c = q[i];
-    if (entropy_escaped(side, c)) {
-      sym[i] = static_cast<uint16_t>(side.escape_symbol);
-      escapes.push_back(entropy_escaped_value(y[i], steps[i / cols]));
-    } else {
-      sym[i] = static_cast<uint16_t>(c - side.symbol_min);
-    }
+  const int64_t direct = static_cast<int64_t>(side.frequencies.size()) - (side.escape_symbol >= 0 ? 1 : 0);
+  const int32_t last = static_cast<int32_t>(std::max<int64_t>(direct - 1, 0));
+  if (n > 0 && symbols_of(q, n, side.symbol_min, last, sym.data())) {
+    for (size_t i = 0; i < n; ++i)
+      if (entropy_escaped(side, q[i])) {
+        sym[i] = static_cast<uint16_t>(side.escape_symbol);
+        escapes.push_back(entropy_escaped_value(y[i], steps[i / cols]));
+      }
   }
   const uint32_t count = static_cast<uint32_t>(escapes.size());
   const size_t base = out->size();
@@ -256,7 +299,8 @@ Status entropy_decode_chunk(const FrequencyTable& table, const EntropySide& side
   if (count > rows * cols || 4 + 4 * static_cast<uint64_t>(count) > chunk.size())
     return FormatError(StrCat("chunk claims ", count, " escaped codes"));
   const uint8_t* escapes = chunk.data() + 4;
-  thread_local std::vector<uint16_t> sym;
+  thread_local std::vector<uint16_t> tls_sym;
+  std::vector<uint16_t>& sym = tls_sym;
   sym.resize(rows * cols);
   AQ_RETURN_IF_ERROR(rans_decode(table, chunk.subspan(4 + 4 * static_cast<size_t>(count)), sym));
   for (size_t r = 0; r < rows; ++r) values_of_row(sym.data() + r * cols, cols, symbol_values, steps[r], out + r * cols);

@@ -74,10 +74,14 @@ double sample_code_cost(std::span<const float> sample, float d, uint64_t weights
 // Codes of `rows` rows at their steps.
 void entropy_codes_rows(const float* y, size_t rows, size_t cols, const float* steps, int32_t* q);
 
-// Adds codes to a histogram of kHistBins counts (index q + kMaxCode; escapes in the last bin)
-// and to the centroid sums (kCentroids each: sum of |y|/step - |q|, and counts).
-void entropy_statistics(const float* y, const int32_t* q, size_t rows, size_t cols, const float* steps,
-                        uint64_t* hist, double* centroid_sum, uint64_t* centroid_count);
+// Adds n codes to a histogram of kHistBins counts (index q + kMaxCode; codes beyond +-2047 in
+// the last bin).
+void entropy_histogram(const int32_t* q, size_t n, uint64_t* hist);
+
+// Adds to the centroid sums (kCentroids each: sum of |y|/step - |q| over weights coded +-m, and
+// their counts) of `rows` rows.
+void entropy_centroid_sums(const float* y, const int32_t* q, size_t rows, size_t cols, const float* steps,
+                           double* centroid_sum, uint64_t* centroid_count);
 
 // Symbols of a histogram (plan_symbols' range): fills symbol_min, frequencies and escape_symbol.
 Result<FrequencyTable> entropy_table(std::span<const uint64_t> hist, EntropySide* side);

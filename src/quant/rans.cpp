@@ -66,13 +66,14 @@ Status finish_frequency_table(FrequencyTable* t) {
 
 void rans_encode(const FrequencyTable& t, std::span<const uint16_t> symbols, std::vector<uint8_t>* out) {
   // Words are produced last-symbol-first; collect them, then lay them out in decode order.
-  thread_local std::vector<uint16_t> words;
+  thread_local std::vector<uint16_t> tls_words;
+  std::vector<uint16_t>& words = tls_words;  // one TLS lookup, not one per word
   words.clear();
+  words.reserve(symbols.size() + 8);  // at most one word per symbol
   uint32_t x[kRansLanes];
   for (auto& s : x) s = kRansLow;
-  for (size_t i = symbols.size(); i-- > 0;) {
-    uint32_t& st = x[i % kRansLanes];
-    const uint32_t f = t.freq[symbols[i]];
+  auto put = [&](uint32_t& st, uint16_t sym) {
+    const uint32_t f = t.freq[sym];
     const uint64_t x_max = static_cast<uint64_t>((kRansLow >> kProbBits) << 16) * f;  // 2^32 when f = 2^15
     if (st >= x_max) {
       words.push_back(static_cast<uint16_t>(st & 0xffffu));
@@ -80,11 +81,24 @@ void rans_encode(const FrequencyTable& t, std::span<const uint16_t> symbols, std
     }
     // st / f through the reciprocal (exact after the correction: the double estimate is off by
     // at most one for st < 2^32)
-    uint32_t q = static_cast<uint32_t>(static_cast<double>(st) * t.inverse[symbols[i]]);
+    uint32_t q = static_cast<uint32_t>(static_cast<double>(st) * t.inverse[sym]);
     int64_t r = static_cast<int64_t>(st) - static_cast<int64_t>(q) * f;
     if (r < 0) --q, r += f;
     else if (r >= f) ++q, r -= f;
-    st = (q << kProbBits) + static_cast<uint32_t>(r) + t.cum[symbols[i]];
+    st = (q << kProbBits) + static_cast<uint32_t>(r) + t.cum[sym];
+  };
+  size_t i = symbols.size();
+  // the tail that is not a whole group of four, then four lanes at a time (independent chains)
+  while (i % kRansLanes != 0) {
+    --i;
+    put(x[i % kRansLanes], symbols[i]);
+  }
+  while (i > 0) {
+    i -= kRansLanes;
+    put(x[3], symbols[i + 3]);
+    put(x[2], symbols[i + 2]);
+    put(x[1], symbols[i + 1]);
+    put(x[0], symbols[i]);
   }
   const size_t base = out->size();
   out->resize(base + 4 * kRansLanes + 2 * words.size());
