@@ -15,7 +15,7 @@ namespace aq {
 namespace {
 
 // Rotated rows sampled to choose the entropy step: about this many weights per tensor.
-constexpr uint64_t kEntropySample = 1u << 18;
+constexpr uint64_t kEntropySample = 1u << 16;
 
 }  // namespace
 
