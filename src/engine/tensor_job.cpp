@@ -91,10 +91,14 @@ void TensorJob::start(ThreadPool& pool, const std::atomic<bool>* stop, std::func
 
 void TensorJob::submit_pass(int pass) {
   pass_remaining_.store(static_cast<int64_t>(blocks_));
-  // The callback is copied into each task: once the job is finished the engine may destroy it,
-  // and the last task must not touch the job after that.
-  for (uint64_t b = 0; b < blocks_; ++b)
-    pool_->submit([this, pass, b, notify = on_block_done_] {
+  // Everything the loop needs is copied first: the tasks it submits may finish the whole job
+  // before the loop ends, and the engine may then destroy the job. The callback is copied into
+  // each task for the same reason (the last task runs it after the job may be gone).
+  ThreadPool* pool = pool_;
+  const uint64_t blocks = blocks_;
+  const std::function<void()> notify = on_block_done_;
+  for (uint64_t b = 0; b < blocks; ++b)
+    pool->submit([this, pass, b, notify] {
       run_block(pass, b);
       block_done(pass);
       if (notify) notify();
