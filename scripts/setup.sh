@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${ARROWQUANT_VENV:-.venv}"
-APT_PACKAGES=(libgtest-dev nlohmann-json3-dev)
+APT_PACKAGES=(libgtest-dev nlohmann-json3-dev libeigen3-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

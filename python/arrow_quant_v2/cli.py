@@ -92,6 +92,12 @@ def _config_from_args(a: argparse.Namespace) -> DiffusionQuantConfig:
         fields["fail_fast"] = True
     if a.overwrite:
         fields["overwrite"] = True
+    if a.calibration:
+        fields["calibration_path"] = a.calibration
+    if a.time_groups is not None:
+        fields["num_time_groups"] = a.time_groups
+    if a.no_time_aware:
+        fields["enable_time_aware"] = False
     return DiffusionQuantConfig(**fields)
 
 
@@ -119,6 +125,8 @@ def _print_quantize_summary(r: Dict[str, Any]) -> None:
     for key in ("time_aware", "spatial"):
         if r[key]["requested"] and not r[key]["applied"]:
             print(f"  {key.replace('_', '-')} pass   not applied: {r[key]['reason']}")
+        elif r[key]["applied"]:
+            print(f"  {key.replace('_', '-')} pass   {r[key]['reason']}")
     for e in r["errors"]:
         print(f"  error               {e['name']}: {e['error']}")
     for w in r.get("warnings", []):
@@ -224,7 +232,27 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     hidden = len(infos) - len(rows)
     if hidden:
         print(f"({hidden} small kept tensors not shown; --all shows them)")
+    _print_output_errors(m)
     return 0
+
+
+def _print_output_errors(m: Dict[str, Any]) -> None:
+    """The per-timestep-group output errors recorded when the model was quantized with calibration."""
+    data = (m.get("calibration") or {}).get("data")
+    if not data:
+        return
+    groups = data["time_groups"]
+    kind = data["step_kind"]
+    print(f"\nCalibration {data['path']}: {data['samples']} samples, {len(groups)} {kind} groups "
+          + ", ".join(f"g{i}=[{g['step_lo']:g}, {g['step_hi']:g})" for i, g in enumerate(groups)))
+    print(f"  {data['layers_calibrated']} layers calibrated, {data['layers_gptq']} by GPTQ. "
+          "Output relative error ||W x - Q x|| / ||W x|| per group (held-out inputs):")
+    rows = []
+    for name, e in data["output_error"].items():
+        per = {g["group"]: g["relative_error"] for g in e["groups"]}
+        rows.append([name, e["method"]] + [f"{per[i]:.4f}" if i in per else "-" for i in range(len(groups))]
+                    + [f"{max(per.values()):.4f}" if per else "-"])
+    print(_table(rows, ["layer", "method"] + [f"g{i}" for i in range(len(groups))] + ["worst"]))
 
 
 def cmd_generate_demo(a: argparse.Namespace) -> int:
@@ -312,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nonfinite", choices=("error", "keep"))
     q.add_argument("--fail-fast", action="store_true")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--calibration", metavar="PARQUET",
+                   help="calibration file from arrow_quant_v2.calibration (default: MODEL/calibration.parquet if present)")
+    q.add_argument("--time-groups", dest="time_groups", type=int, help="timestep groups (num_time_groups)")
+    q.add_argument("--no-time-aware", action="store_true", help="no GPTQ: calibration only measures output error")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     q.set_defaults(func=cmd_quantize)

@@ -8,6 +8,7 @@ names the field and the values allowed.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import ConfigurationError
@@ -75,6 +76,25 @@ def _check_target_bpw(v: Any) -> Optional[float]:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1.0 <= float(v) <= 12.0:
         raise ConfigurationError(f"target_bits_per_weight must be None or a number between 1 and 12; got {v!r}")
+    return float(v)
+
+
+def _check_path(name: str) -> Callable[[Any], Optional[str]]:
+    def check(v: Any) -> Optional[str]:
+        if v is None:
+            return None
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        if not isinstance(v, str) or not v:
+            raise ConfigurationError(f"{name} must be None or a path; got {v!r}")
+        return v
+
+    return check
+
+
+def _check_damp(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
+        raise ConfigurationError(f"gptq_damp must be a number in (0, 1]; got {v!r}")
     return float(v)
 
 
@@ -200,6 +220,10 @@ _FIELDS: Dict[str, Tuple[Any, Callable[[Any], Any], str]] = {
     "min_tensor_size": (1024, _check_int("min_tensor_size", 0), "tensors with fewer weights are kept"),
     "nonfinite": ("error", _check_choice("nonfinite", NONFINITE_POLICIES), "'error' or 'keep' for NaN/Inf weights"),
     "overwrite": (False, _check_bool("overwrite"), "replace an existing output directory"),
+    "calibration_path": (None, _check_path("calibration_path"),
+                         "calibration.parquet recorded by arrow_quant_v2.calibration; None = <model>/calibration.parquet if present"),
+    "gptq_damp": (0.01, _check_damp, "GPTQ dampening: fraction of the Hessian's mean diagonal added to it"),
+    "gptq_act_order": (True, _check_bool("gptq_act_order"), "GPTQ: quantize input columns in order of decreasing activation energy"),
 }
 
 

@@ -89,7 +89,7 @@ const std::set<std::string>& known_keys() {
       "fail_fast", "num_threads", "components", "skip_patterns", "bit_overrides",
       "sensitive_patterns", "sensitive_bit_width", "min_tensor_size", "nonfinite", "overwrite",
       "modality", "enable_time_aware", "enable_spatial", "num_time_groups", "calibration_samples",
-      "deployment_profile"};
+      "deployment_profile", "calibration_path", "gptq_damp", "gptq_act_order"};
   return k;
 }
 
@@ -186,6 +186,11 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
   if (c.calibration_samples < 1)
     return InvalidConfig(StrCat("calibration_samples must be >= 1, got ", c.calibration_samples));
   AQ_RETURN_IF_ERROR(get(j, "deployment_profile", &c.deployment_profile, "a string"));
+  AQ_RETURN_IF_ERROR(get(j, "calibration_path", &c.calibration_path, "a string"));
+  AQ_RETURN_IF_ERROR(get(j, "gptq_damp", &c.gptq_damp, "a number"));
+  if (!(c.gptq_damp > 0.0 && c.gptq_damp <= 1.0))
+    return InvalidConfig(StrCat("gptq_damp must be in (0, 1], got ", c.gptq_damp));
+  AQ_RETURN_IF_ERROR(get(j, "gptq_act_order", &c.gptq_act_order, "true or false"));
 
   c.as_json = {
       {"bit_width", c.bit_width}, {"group_size", c.group_size}, {"symmetric", c.symmetric},
@@ -200,7 +205,9 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
       {"modality", c.modality.empty() ? json(nullptr) : json(c.modality)},
       {"enable_time_aware", c.enable_time_aware}, {"enable_spatial", c.enable_spatial},
       {"num_time_groups", c.num_time_groups}, {"calibration_samples", c.calibration_samples},
-      {"deployment_profile", c.deployment_profile}};
+      {"deployment_profile", c.deployment_profile},
+      {"calibration_path", c.calibration_path.empty() ? json(nullptr) : json(c.calibration_path)},
+      {"gptq_damp", c.gptq_damp}, {"gptq_act_order", c.gptq_act_order}};
   for (const auto& [p, b] : c.bit_overrides) c.as_json["bit_overrides"].push_back(json::array({p.text, b}));
   return c;
 }

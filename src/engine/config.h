@@ -48,6 +48,10 @@ struct EngineConfig {
   int num_time_groups = 10;
   int calibration_samples = 128;
   std::string deployment_profile = "local";
+  // Calibration (docs/calibration.md): "" = <model>/calibration.parquet when it exists.
+  std::string calibration_path;
+  double gptq_damp = 0.01;    // GPTQ dampening, a fraction of the Hessian's mean diagonal
+  bool gptq_act_order = true; // GPTQ: columns in order of decreasing input energy
 
   nlohmann::json as_json;  // the configuration as given, with defaults filled in
 

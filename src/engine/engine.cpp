@@ -13,6 +13,8 @@
 #include "engine/tensor_job.h"
 #include "io/modality.h"
 #include "io/model_source.h"
+#include "quant/gptq.h"
+#include "store/calibration.h"
 #include "store/format.h"
 #include "store/manifest.h"
 #include "store/parquet_sink.h"
@@ -46,6 +48,11 @@ struct Slot {
   std::vector<int> rejected_bits;
   std::string keep_reason;  // non-empty: store raw
   std::string error;        // a per-layer error collected under fail_fast = false
+  // calibration (when the layer has it): Hessians per timestep group, the GPTQ factor
+  std::shared_ptr<const LayerHessians> hessians;
+  std::shared_ptr<const GptqFactor> gptq;
+  json output_error;        // per timestep group, once encoded
+  double output_cosine = 1; // worst group's output cosine
   const TensorInfo& info() const { return *ref.info; }
 };
 
@@ -67,6 +74,11 @@ class QuantizeRun {
   Status write(Slot& s, ParquetSink& sink, json& comp_report);
   void drain(std::deque<std::unique_ptr<Slot>>& window);
   void emit_progress(bool force, const std::string& current, uint64_t partial_weights = 0);
+  // Looks up the slot's calibration and, when time-aware quantization is on, prepares GPTQ.
+  void attach_calibration(Slot& s);
+  QuantScheme scheme_for(const Slot& s, int bits) const;
+  // Output-space error of the encoded tensor on each timestep group's (held-out) inputs.
+  Status measure_output(Slot& s, const EncodedTensor& enc);
 
   const EngineConfig& cfg_;
   const RunHooks& hooks_;
@@ -83,6 +95,10 @@ class QuantizeRun {
 
   json layers_ = json::array(), skipped_ = json::array(), fallbacks_ = json::array(), errors_ = json::array();
   json warnings_ = json::array();
+  std::optional<CalibrationData> calib_;
+  std::vector<TimeGroup> groups_;
+  uint64_t gptq_layers_ = 0, calibrated_layers_ = 0;
+  json output_errors_ = json::object();  // qualified layer -> output error per timestep group
   uint64_t source_bytes_ = 0, stored_bytes_ = 0, quantized_weights_ = 0, quantized_stored_bytes_ = 0;
   double cosine_sum_ = 0, cosine_min_ = 1.0;
   uint64_t quantized_layers_ = 0;
@@ -122,11 +138,80 @@ void QuantizeRun::start_job(Slot& s) {
   src.cols = src.rows ? t.numel / src.rows : 0;
   src.name = t.name;
   src.file = s.ref.file->path();
-  s.job = std::make_unique<TensorJob>(src, s.scheme);
+  s.job = s.gptq ? std::make_unique<TensorJob>(src, s.scheme, s.gptq) : std::make_unique<TensorJob>(src, s.scheme);
   s.job->start(pool_, &stop_, [this] {
     std::lock_guard<std::mutex> lock(mu_);
     cv_.notify_all();
   });
+}
+
+QuantScheme QuantizeRun::scheme_for(const Slot& s, int bits) const {
+  const uint64_t rows = s.info().shape[0], cols = s.info().numel / std::max<uint64_t>(1, rows);
+  QuantScheme scheme = cfg_.scheme(bits, rows, cols);
+  if (s.gptq) {
+    // GPTQ works on the group-wise affine codes at the configured bits and group size. At the
+    // profiles' settings these cost no more than the entropy budget they replace (2.5 / 4.25 /
+    // 8.0 bits per weight against 2.5 / 4.5 / 8.5), and the rotation does not apply.
+    scheme.kind = SchemeKind::kAffine;
+    scheme.rotate = false;
+    scheme.target_bpw = 0;
+  }
+  return scheme;
+}
+
+void QuantizeRun::attach_calibration(Slot& s) {
+  const TensorInfo& t = s.info();
+  const LayerCalibration* lc = calib_->find(s.component, t.name);
+  if (!lc && !s.component.empty()) lc = calib_->find("", t.name);
+  if (!lc) return;
+  const uint64_t rows = t.shape[0], cols = t.numel / std::max<uint64_t>(1, rows);
+  const std::string qualified = s.component.empty() ? t.name : s.component + "/" + t.name;
+  if (static_cast<uint64_t>(lc->in_features) != cols) {
+    warnings_.push_back(StrCat(qualified, ": calibration recorded ", lc->in_features, " input features, the weight has ",
+                               cols, " columns; its calibration is not used"));
+    return;
+  }
+  auto h = layer_hessians(*lc, groups_);
+  if (!h) {
+    std::string why = "no Hessian was recorded";
+    for (const auto& b : lc->fit)
+      if (!b.hessian_reason.empty()) why = b.hessian_reason;
+    warnings_.push_back(StrCat(qualified, ": quantized data-free (", why, ")"));
+    return;
+  }
+  s.hessians = std::make_shared<const LayerHessians>(std::move(*h));
+  ++calibrated_layers_;
+  if (!cfg_.enable_time_aware) return;
+  GptqOptions o;
+  o.damp = cfg_.gptq_damp;
+  o.act_order = cfg_.gptq_act_order;
+  auto f = gptq_factor(s.hessians->gptq.data(), cols, o);
+  if (!f.ok()) {
+    warnings_.push_back(StrCat(qualified, ": GPTQ not applied (", f.status().message(), "); quantized data-free"));
+    return;
+  }
+  s.gptq = std::make_shared<const GptqFactor>(std::move(*f));
+  ++gptq_layers_;
+}
+
+Status QuantizeRun::measure_output(Slot& s, const EncodedTensor& enc) {
+  const TensorInfo& t = s.info();
+  const uint64_t rows = enc.rows, cols = enc.cols;
+  std::vector<float> w(rows * cols), q(rows * cols);
+  convert_to_f32(t.dtype, s.ref.file->data(t), rows * cols, w.data());
+  AQ_RETURN_IF_ERROR(decode_tensor(enc.scheme, rows, cols, enc.view(), q.data()));
+  const size_t row_step = std::max<size_t>(1, static_cast<size_t>(rows / 256));  // at most ~256 rows
+  s.output_error = json::array();
+  s.output_cosine = 1.0;
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    if (s.hessians->rows[g] == 0 && !s.hessians->check_held_out[g]) continue;
+    const OutputError e = output_error(w.data(), q.data(), rows, cols, s.hessians->check[g].data(), row_step);
+    s.output_error.push_back({{"group", g}, {"step_lo", groups_[g].step_lo}, {"step_hi", groups_[g].step_hi},
+                              {"relative_error", e.rel_error}, {"cosine", e.cosine},
+                              {"held_out", static_cast<bool>(s.hessians->check_held_out[g])}});
+    s.output_cosine = std::min(s.output_cosine, e.cosine);
+  }
+  return Status::OK();
 }
 
 Status QuantizeRun::wait_for(Slot& s) {
@@ -170,11 +255,16 @@ Result<bool> QuantizeRun::settle(Slot& s) {
   }
   EncodedTensor enc = s.job->take();
   s.job.reset();
-  const FallbackStep step = fallback_step(cfg_, s.scheme.bits, enc.stats.cosine());
+  double cosine = enc.stats.cosine();
+  if (s.hessians) {
+    AQ_RETURN_IF_ERROR(measure_output(s, enc));
+    cosine = s.output_cosine;  // what the layer's outputs see, on held-out inputs
+  }
+  const FallbackStep step = fallback_step(cfg_, s.scheme.bits, cosine);
   if (!step.accept) {
     s.rejected_bits.push_back(s.scheme.bits);
     if (step.retry_bits) {
-      s.scheme = cfg_.scheme(*step.retry_bits, s.info().shape[0], s.info().numel / std::max<uint64_t>(1, s.info().shape[0]));
+      s.scheme = scheme_for(s, *step.retry_bits);
       start_job(s);
       return false;
     }
@@ -238,6 +328,13 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
     layer["relative_error"] = info.relative_error;
     layer["sqnr_db"] = info.sqnr_db;
     layer["bits_per_weight"] = 8.0 * static_cast<double>(stored) / static_cast<double>(t.numel);
+    layer["method"] = s.gptq ? "gptq" : "data-free";
+    if (!s.output_error.is_null()) {
+      layer["output_error"] = s.output_error;
+      layer["output_cosine"] = s.output_cosine;
+      output_errors_[qualified] = {{"method", layer["method"]}, {"output_cosine", s.output_cosine},
+                                   {"groups", s.output_error}};
+    }
     ++quantized_layers_;
     cosine_sum_ += info.cosine;
     if (info.cosine < cosine_min_ || worst_layer_.empty()) cosine_min_ = info.cosine, worst_layer_ = qualified;
@@ -282,7 +379,8 @@ Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector
       s->ref = refs[next++];
       s->plan = plan_tensor(cfg_, s->info());
       if (s->plan.quantize) {
-        s->scheme = cfg_.scheme(s->plan.bits, s->info().shape[0], s->info().numel / std::max<uint64_t>(1, s->info().shape[0]));
+        if (calib_) attach_calibration(*s);
+        s->scheme = scheme_for(*s, s->plan.bits);
         start_job(*s);
       }
       inflight += s->info().nbytes;
@@ -323,6 +421,27 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
       progress_.weights_total += r.info->numel;
     }
   }
+  // Calibration: the configured file, or calibration.parquet beside the weights.
+  std::string calib_path = cfg_.calibration_path;
+  if (calib_path.empty()) {
+    // calibration.parquet in the model directory, else in a selected component's folder
+    const fs::path dir = model.layout == ModelLayout::kSingleFile ? fs::path(model.root).parent_path() : fs::path(model.root);
+    std::vector<fs::path> candidates = {dir / "calibration.parquet"};
+    for (const auto& c : model.components)
+      if (c.selected && !c.name.empty()) candidates.push_back(dir / c.name / "calibration.parquet");
+    for (const auto& p : candidates) {
+      std::error_code ec;
+      if (fs::is_regular_file(p, ec)) {
+        calib_path = p.string();
+        break;
+      }
+    }
+  }
+  if (!calib_path.empty()) {
+    AQ_ASSIGN_OR_RETURN(CalibrationData data, read_calibration(calib_path));
+    groups_ = group_time_bins(data, cfg_.num_time_groups);
+    calib_ = std::move(data);
+  }
   // Only now, with every header validated, is anything created on disk.
   AQ_ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(output_path, model.root, cfg_.overwrite));
   ModalityGuess modality = detect_modality(model, names);
@@ -354,12 +473,35 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
   const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
   const double mean_cos = quantized_layers_ ? cosine_sum_ / static_cast<double>(quantized_layers_) : 1.0;
   const char* no_calibration =
-      "needs calibration data (activations recorded across the sampling trajectory); calibration capture is "
-      "not part of this version, so weights were quantized data-free";
+      "needs calibration data (activations recorded across the sampling trajectory with "
+      "arrow_quant_v2.calibration, saved as calibration.parquet beside the model or given as calibration_path); "
+      "none was found, so weights were quantized data-free";
   json time_aware = {{"requested", cfg_.enable_time_aware}, {"applied", false},
                      {"reason", cfg_.enable_time_aware ? no_calibration : "disabled in the config"}};
   json spatial = {{"requested", cfg_.enable_spatial}, {"applied", false},
                   {"reason", cfg_.enable_spatial ? no_calibration : "disabled in the config"}};
+  json calibration = nullptr;
+  if (calib_) {
+    json groups = json::array();
+    for (const auto& g : groups_) groups.push_back({{"bins", g.bins}, {"step_lo", g.step_lo}, {"step_hi", g.step_hi}});
+    calibration = {{"path", calib_->path}, {"step_kind", calib_->step_kind},
+                   {"step_range", {calib_->step_lo, calib_->step_hi}}, {"num_bins", calib_->num_bins},
+                   {"samples", calib_->samples}, {"time_groups", groups},
+                   {"grouping_rule", "adjacent bins with the closest activation ranges merged until num_time_groups remain"},
+                   {"layers_calibrated", calibrated_layers_}, {"layers_gptq", gptq_layers_},
+                   {"output_error", output_errors_}};
+    if (cfg_.enable_time_aware) {
+      time_aware["applied"] = gptq_layers_ > 0;
+      time_aware["reason"] = gptq_layers_ > 0
+          ? StrCat("GPTQ on H = sum_g X_g^T X_g / n_g over ", groups_.size(), " timestep groups (uniform weights) for ",
+                   gptq_layers_, " layers; output error per group measured on held-out inputs")
+          : std::string("the calibration file matched no quantized layer with a Hessian");
+      time_aware["time_groups"] = groups.size();
+    }
+    if (cfg_.enable_spatial)
+      spatial["reason"] = "channel equalization is not implemented in this version; calibration was used for GPTQ "
+                          "and output-space validation only";
+  }
   uint64_t total_weights = 0;
   for (const auto& l : layers_) total_weights += shape_numel(l["shape"].get<std::vector<int64_t>>()).value_or(0);
 
@@ -389,7 +531,7 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
       {"components", components},
       {"copied_files", model.auxiliary_files},
       {"summary", summary},
-      {"calibration", {{"time_aware", time_aware}, {"spatial", spatial}}},
+      {"calibration", {{"time_aware", time_aware}, {"spatial", spatial}, {"data", calibration}}},
   };
   AQ_RETURN_IF_ERROR(write_json_file((fs::path(staging.path()) / kManifestFile).string(), manifest));
 
@@ -420,6 +562,7 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
   report["warnings"] = warnings_;
   report["time_aware"] = time_aware;
   report["spatial"] = spatial;
+  report["calibration"] = calibration;
   report["copied_files"] = model.auxiliary_files.size();
   return report;
 }

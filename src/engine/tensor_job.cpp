@@ -26,6 +26,16 @@ uint64_t rows_per_block(uint64_t cols) {
   return r;
 }
 
+TensorJob::TensorJob(RowSource source, QuantScheme scheme, std::shared_ptr<const GptqFactor> gptq)
+    : TensorJob(std::move(source), scheme) {
+  if (gptq && (scheme.kind != SchemeKind::kAffine || scheme.rotate || gptq->cols != src_.cols)) {
+    init_error_ = QuantizationFailure(StrCat(src_.name, ": GPTQ needs an unrotated affine scheme and a Hessian of ",
+                                         src_.cols, " columns"));
+    return;
+  }
+  gptq_ = std::move(gptq);
+}
+
 TensorJob::TensorJob(RowSource source, QuantScheme scheme) : src_(std::move(source)) {
   if (scheme.kind == SchemeKind::kEntropy) scheme.scale_type = ScaleType::kF32;  // row steps are float32
   out_.scheme = scheme;
@@ -86,7 +96,12 @@ void TensorJob::start(ThreadPool& pool, const std::atomic<bool>* stop, std::func
   pool_ = &pool;
   stop_ = stop;
   on_block_done_ = std::move(on_block_done);
-  if (blocks_ > 0) submit_pass(0);
+  if (!init_error_.ok() || blocks_ == 0) {
+    finished_.store(true, std::memory_order_release);
+    if (on_block_done_) on_block_done_();
+    return;
+  }
+  submit_pass(0);
 }
 
 void TensorJob::submit_pass(int pass) {
@@ -114,7 +129,7 @@ void TensorJob::block_done(int pass) {
 }
 
 void TensorJob::run_inline() {
-  for (int pass = 0; pass >= 0 && blocks_ > 0;) {
+  for (int pass = 0; pass >= 0 && blocks_ > 0 && init_error_.ok();) {
     for (uint64_t b = 0; b < blocks_; ++b) {
       run_block(pass, b);
       work_done_.fetch_add(1);
@@ -288,7 +303,8 @@ void TensorJob::affine_block(uint64_t b) {
   q.resize(n);
   float* s = scales_f_.data() + r0 * gpr;
   float* z = scheme.symmetric ? nullptr : zeros_f_.data() + r0 * gpr;
-  const QuantizeRowsStats st = quantize_rows(scheme, x, nr, cols, q.data(), s, z);
+  const QuantizeRowsStats st = gptq_ ? gptq_quantize_rows(scheme, *gptq_, x, nr, cols, q.data(), s, z)
+                                     : quantize_rows(scheme, x, nr, cols, q.data(), s, z);
   if (st.f16_imprecise_groups) imprecise_.fetch_add(st.f16_imprecise_groups);
   dequantize_rows(scheme, q.data(), s, z, nr, cols, deq.data());
   unrotate_rows(deq.data(), nr, cols, rotation_);
@@ -427,6 +443,7 @@ void TensorJob::entropy_code_block(uint64_t b) {
 }
 
 Status TensorJob::status() const {
+  if (!init_error_.ok()) return init_error_;
   for (const auto& s : block_status_)
     if (!s.ok() && s.code() != StatusCode::kCancelled) return s;
   for (const auto& s : block_status_)

@@ -25,6 +25,7 @@
 #include "common/thread_pool.h"
 #include "io/dtype.h"
 #include "quant/entropy_quant.h"
+#include "quant/gptq.h"
 #include "quant/metrics.h"
 #include "quant/rans.h"
 #include "quant/scheme.h"
@@ -63,6 +64,9 @@ uint64_t rows_per_block(uint64_t cols);
 class TensorJob {
  public:
   TensorJob(RowSource source, QuantScheme scheme);
+  // GPTQ instead of the data-free scale search (affine, unrotated schemes only): the factor of
+  // the layer's input Hessian, shared by every block.
+  TensorJob(RowSource source, QuantScheme scheme, std::shared_ptr<const GptqFactor> gptq);
 
   // Submits the first pass to the pool; `on_block_done` runs on a worker after every block.
   void start(ThreadPool& pool, const std::atomic<bool>* stop, std::function<void()> on_block_done);
@@ -113,6 +117,8 @@ class TensorJob {
   std::vector<float> scales_f_, zeros_f_;
   uint64_t block_rows_ = 0, blocks_ = 0;
   int rotation_ = 1;
+  std::shared_ptr<const GptqFactor> gptq_;
+  Status init_error_ = Status::OK();
   ThreadPool* pool_ = nullptr;
   std::function<void()> on_block_done_;
   std::atomic<int64_t> pass_remaining_{0};

@@ -241,6 +241,8 @@ Result<ModelSource> discover_model(const std::string& path, const std::vector<st
     if (in_selected && (ends_with(fname, ".safetensors") || ends_with(fname, ".safetensors.index.json") ||
                         is_foreign_weight_file(fname) || ends_with(fname, ".bin.index.json")))
       continue;
+    // Calibration data (docs/calibration.md) is input to the engine, not part of the model.
+    if (fname == "calibration.parquet") continue;
     m.auxiliary_files.push_back(f);
   }
   return m;

@@ -1,0 +1,881 @@
+"""Recording calibration statistics from a PyTorch diffusion model.
+
+A diffusion model's weights do not depend on the timestep, but the inputs of its layers do. This
+module records, for every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` of a
+denoiser, statistics of the layer *inputs* per timestep bin (for masked diffusion language models:
+per mask-ratio bin), and writes them to ``calibration.parquet`` (docs/calibration.md). The engine
+reads that file to run GPTQ on ``H = sum_g w_g X_g^T X_g``, to pick per-timestep-group activation
+quantization parameters and channel equalization, and to measure output error on held-out inputs.
+
+    from arrow_quant_v2.calibration import CalibrationRecorder
+    with CalibrationRecorder(model, step_range=(0, 1000), num_bins=10, max_samples=128,
+                             total_calls=50) as rec:
+        for t in timesteps:
+            with rec.step(t):
+                eps = model(x, t)
+        rec.save("model_dir/calibration.parquet")
+
+PyTorch is an optional dependency of ``arrow_quant_v2``: importing the package does not import
+torch; importing this module does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ConfigurationError, ModelFormatError, ModelNotFoundError, QuantizationError
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+except ImportError as _e:  # pragma: no cover - exercised only without torch
+    raise ImportError(
+        "arrow_quant_v2.calibration records calibration data from a PyTorch model and needs PyTorch: "
+        "pip install torch (or pip install 'arrow_quant_v2[torch]')") from _e
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+CALIBRATION_VERSION = "1"
+STEP_KINDS = ("timestep", "mask_ratio")
+SPLITS = ("fit", "holdout")
+DEFAULT_STEP_RANGES = {"timestep": (0.0, 1000.0), "mask_ratio": (0.0, 1.0)}
+# A Hessian is stored as one Parquet list of in_features^2 float64 values; a list's offsets are int32.
+HESSIAN_FEATURES_LIMIT = 46340  # floor(sqrt(2^31 - 1))
+# Bound on the elements of one chunk of X processed at once (64 MiB as float32); Hessian products
+# use at most HESSIAN_CHUNK_ROWS rows per matmul.
+_CHUNK_ELEMENTS = 1 << 24
+HESSIAN_CHUNK_ROWS = 8192
+# The keyword names, in order, that attach_timestep reads the step value from.
+TIMESTEP_KWARGS = ("timestep", "t", "timesteps")
+
+# Column order and types of calibration.parquet, version 1.
+SCHEMA_FIELDS: List[Tuple[str, pa.DataType, bool]] = [
+    ("component", pa.string(), False),
+    ("layer", pa.string(), False),
+    ("bin", pa.int32(), False),
+    ("step_lo", pa.float64(), False),
+    ("step_hi", pa.float64(), False),
+    ("split", pa.string(), False),
+    ("samples", pa.int64(), False),
+    ("rows", pa.int64(), False),
+    ("step_sum", pa.float64(), False),
+    ("in_features", pa.int32(), False),
+    ("absmax", pa.list_(pa.float32()), False),
+    ("min", pa.list_(pa.float32()), False),
+    ("max", pa.list_(pa.float32()), False),
+    ("hessian", pa.list_(pa.float64()), True),
+    ("hessian_reason", pa.string(), True),
+]
+
+__all__ = [
+    "CalibrationRecorder",
+    "CalibrationData",
+    "record_pipeline",
+    "load_calibration",
+    "calibration_schema",
+    "step_bin",
+    "sample_indices",
+    "CALIBRATION_VERSION",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# small pure helpers (the rules the file format documents)
+# ---------------------------------------------------------------------------------------------
+
+def calibration_schema(metadata: Optional[Mapping[str, str]] = None) -> pa.Schema:
+    """The Arrow schema of ``calibration.parquet`` (version 1), with ``metadata`` attached."""
+    schema = pa.schema([pa.field(n, t, nullable=nullable) for n, t, nullable in SCHEMA_FIELDS])
+    if metadata:
+        schema = schema.with_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+    return schema
+
+
+def step_bin(step: float, step_range: Tuple[float, float], num_bins: int) -> int:
+    """The bin of step value ``step``: ``min(num_bins - 1, max(0, floor((t - lo) / (hi - lo) * num_bins)))``.
+
+    Values outside ``step_range`` fall into the first or last bin.
+    """
+    lo, hi = step_range
+    return min(num_bins - 1, max(0, int(math.floor((step - lo) / (hi - lo) * num_bins))))
+
+
+def bin_edges(b: int, step_range: Tuple[float, float], num_bins: int) -> Tuple[float, float]:
+    """(step_lo, step_hi) of bin ``b``: the bins are uniform over ``step_range``."""
+    lo, hi = step_range
+    width = (hi - lo) / num_bins
+    return lo + b * width, (hi if b == num_bins - 1 else lo + (b + 1) * width)
+
+
+def sample_indices(total_calls: int, max_samples: int) -> List[int]:
+    """The call indices recorded when ``total_calls`` is known: ``max_samples`` indices evenly spaced
+    over ``[0, total_calls)`` -- ``linspace(0, total_calls - 1, max_samples)`` rounded half up -- or
+    every call when ``max_samples >= total_calls``. Sorted and distinct."""
+    n = min(max_samples, total_calls)
+    if n == 1:
+        return [0]
+    step = (total_calls - 1) / (n - 1)
+    return sorted({int(math.floor(i * step + 0.5)) for i in range(n)})
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _step_value(value: Any, what: str) -> float:
+    """A step value as a Python float: a number, or a 0-d / 1-d tensor or array (the mean)."""
+    if isinstance(value, bool):
+        raise ConfigurationError(f"{what} must be a number or a 0-d / 1-d tensor; got {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or value.numel() == 0:
+            raise ConfigurationError(f"{what} must be a number or a 0-d / 1-d tensor; got a tensor of shape "
+                                     f"{tuple(value.shape)}")
+        if value.is_complex():
+            raise ConfigurationError(f"{what} must be real; got a {value.dtype} tensor")
+        v = float(value.detach().to(torch.float64).mean().item())
+    elif isinstance(value, np.ndarray) or isinstance(value, np.generic):
+        arr = np.asarray(value)
+        if arr.ndim > 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+            raise ConfigurationError(f"{what} must be a number or a 0-d / 1-d array; got {value!r}")
+        v = float(arr.astype(np.float64).mean())
+    elif isinstance(value, numbers.Real):
+        v = float(value)
+    else:
+        raise ConfigurationError(f"{what} must be a number or a 0-d / 1-d tensor; got {type(value).__name__} "
+                                 f"{value!r}")
+    if not math.isfinite(v):
+        raise ConfigurationError(f"{what} must be finite; got {v!r}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# per-layer description and statistics
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Layer:
+    name: str                 # weight tensor name: f"{module_name}.weight"
+    module: nn.Module
+    kind: str                 # "linear", "conv1d", "conv2d", "conv3d"
+    in_features: int          # columns of X = weight.reshape(out, -1).shape[1]
+    hessian_reason: Optional[str]  # None: a Hessian is recorded
+    order: int
+
+
+@dataclass
+class _Stats:
+    in_features: int
+    with_hessian: bool
+    samples: int = 0
+    rows: int = 0
+    step_sum: float = 0.0
+    last_call: int = -1
+    absmax: Optional[torch.Tensor] = None
+    min: Optional[torch.Tensor] = None
+    max: Optional[torch.Tensor] = None
+    hessian: Optional[torch.Tensor] = None
+
+
+@dataclass
+class _Call:
+    index: int                # call number (0-based, every counted call)
+    record: bool
+    step: float = 0.0
+    bin: int = 0
+    split: str = "fit"
+    sample: int = -1          # recorded-sample number (0-based) when record is True
+    owners: List[Any] = field(default_factory=list)
+
+
+def _layer_info(module: nn.Module) -> Optional[Tuple[str, int, int]]:
+    """(kind, in_features, groups) of a supported layer, None for anything else."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or isinstance(w, nn.parameter.UninitializedParameter):
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear", int(module.in_features), 1
+    for cls, kind in ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Conv3d, "conv3d")):
+        if isinstance(module, cls):
+            k = 1
+            for s in module.kernel_size:
+                k *= int(s)
+            return kind, int(module.in_channels) // int(module.groups) * k, int(module.groups)
+    return None
+
+
+def _conv_padded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input as the convolution sees it after its padding (any padding mode, 'same' included)."""
+    pad = list(module._reversed_padding_repeated_twice)
+    if not any(pad):
+        return x
+    if module.padding_mode == "zeros":
+        return F.pad(x, pad, mode="constant", value=0.0)
+    return F.pad(x, pad, mode=module.padding_mode)
+
+
+def _conv_patches(module: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """X of a convolution: (rows, in_channels / groups * prod(kernel)), columns ordered as the weight
+    flattened to ``[out, in/groups * k...]``. A grouped convolution stacks its groups as rows
+    (group g's rows hold input channels g*Cg .. (g+1)*Cg - 1)."""
+    g = int(module.groups)
+    c = int(module.in_channels)
+    cg = c // g
+    x = _conv_padded(module, x)
+    if kind in ("conv1d", "conv2d"):
+        if kind == "conv1d":
+            x = x.unsqueeze(2)
+            kernel, dilation, stride = (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
+        else:
+            kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+        cols = F.unfold(x, kernel_size=kernel, dilation=dilation, padding=0, stride=stride)  # (n, c*K, L)
+        n, ck, length = cols.shape
+        return cols.reshape(n, g, ck // g, length).permute(1, 0, 3, 2).reshape(-1, ck // g)
+    # conv3d: sliding windows of the dilated extent, then every dilation-th element of each.
+    y = x
+    for d in range(3):
+        k, s, dil = module.kernel_size[d], module.stride[d], module.dilation[d]
+        y = y.unfold(2 + d, (k - 1) * dil + 1, s)
+    dd, dh, dw = module.dilation
+    y = y[..., ::dd, ::dh, ::dw]  # (n, c, oD, oH, oW, kd, kh, kw)
+    n = y.shape[0]
+    kk = y.shape[5] * y.shape[6] * y.shape[7]
+    y = y.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, g, cg * kk)
+    return y.permute(1, 0, 2).reshape(-1, cg * kk)
+
+
+def _x_chunks(layer: _Layer, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The layer input as chunks of X (rows x in_features), each of a bounded size."""
+    f = layer.in_features
+    if layer.kind == "linear":
+        if x.dim() == 0 or x.shape[-1] != f:
+            return  # the layer itself will reject this input
+        flat = x.reshape(-1, f)
+        rows = max(1, min(HESSIAN_CHUNK_ROWS, _CHUNK_ELEMENTS // max(f, 1)))
+        for i in range(0, flat.shape[0], rows):
+            yield flat[i:i + rows]
+        return
+    spatial = {"conv1d": 1, "conv2d": 2, "conv3d": 3}[layer.kind]
+    if x.dim() == spatial + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    if x.dim() != spatial + 2 or x.shape[1] != layer.module.in_channels:
+        return
+    n = x.shape[0]
+    per_sample = max(1, x[:1].numel() * int(np.prod(layer.module.kernel_size)))
+    step = max(1, _CHUNK_ELEMENTS // per_sample)
+    for i in range(0, n, step):
+        yield _conv_patches(layer.module, x[i:i + step], layer.kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# the recorder
+# ---------------------------------------------------------------------------------------------
+
+class CalibrationRecorder:
+    """Records the inputs of a denoiser's Linear / Conv layers per step bin.
+
+    Parameters
+    ----------
+    model:
+        The denoiser (``nn.Module``). Every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and
+        ``nn.Conv3d`` in ``model.named_modules()`` is recorded under the name of its weight tensor,
+        ``f"{module_name}.weight"`` -- the name in the model's state_dict / safetensors file.
+    step_range:
+        ``(lo, hi)`` of the step values: timesteps (default ``(0, 1000)``) or mask ratios (default
+        ``(0, 1)`` for ``step_kind="mask_ratio"``).
+    num_bins:
+        Number of bins, uniform over ``step_range``.
+    max_samples:
+        How many forward calls to record (``DiffusionQuantConfig.calibration_samples``).
+    total_calls:
+        If known, how many calls the sampling loop makes: the recorded calls are then spread evenly
+        over them (:func:`sample_indices`). Without it the first ``max_samples`` calls are recorded.
+    holdout_every:
+        Every ``holdout_every``-th recorded call (the 4th, 8th, ...) goes to the ``holdout`` split,
+        the others to ``fit``; 0 puts every call in ``fit``.
+    max_hessian_features:
+        Layers whose X has more columns than this get no Hessian (``hessian`` null,
+        ``hessian_reason`` says why); their absmax / min / max are still recorded.
+    component:
+        The pipeline component the model is (``"unet"``, ``"transformer"``), ``""`` for a single model.
+    step_kind:
+        ``"timestep"`` or ``"mask_ratio"``.
+    device:
+        Where statistics are accumulated. ``None``: on the device of each layer's input (CPU for
+        Apple ``mps``, which has no float64).
+
+    A forward call is counted, and possibly recorded, inside ``with rec.step(t):`` or, after
+    :meth:`attach_timestep`, for each forward of the attached module. Layers that run outside both
+    are not recorded (one warning says so).
+    """
+
+    def __init__(self, model: "nn.Module", step_range: Optional[Tuple[float, float]] = None, num_bins: int = 10,
+                 max_samples: int = 128, total_calls: Optional[int] = None, holdout_every: int = 4,
+                 max_hessian_features: int = 4096, component: str = "", step_kind: str = "timestep",
+                 device: Optional[Union[str, "torch.device"]] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if step_kind not in STEP_KINDS:
+            raise ConfigurationError(f"step_kind must be one of {', '.join(map(repr, STEP_KINDS))}; got {step_kind!r}")
+        if step_range is None:
+            step_range = DEFAULT_STEP_RANGES[step_kind]
+        if (isinstance(step_range, (str, bytes)) or not isinstance(step_range, Sequence) or len(step_range) != 2
+                or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in step_range)
+                or not all(math.isfinite(float(v)) for v in step_range)
+                or not float(step_range[0]) < float(step_range[1])):
+            raise ConfigurationError(f"step_range must be (lo, hi) with finite numbers lo < hi; got {step_range!r}")
+        if not _is_int(num_bins) or not 1 <= num_bins <= 100000:
+            raise ConfigurationError(f"num_bins must be an integer between 1 and 100000; got {num_bins!r}")
+        if not _is_int(max_samples) or max_samples < 1:
+            raise ConfigurationError(f"max_samples must be an integer >= 1; got {max_samples!r}")
+        if total_calls is not None and (not _is_int(total_calls) or total_calls < 1):
+            raise ConfigurationError(f"total_calls must be None or an integer >= 1; got {total_calls!r}")
+        if not _is_int(holdout_every) or holdout_every < 0 or holdout_every == 1:
+            raise ConfigurationError(f"holdout_every must be 0 (no held-out split) or an integer >= 2; "
+                                     f"got {holdout_every!r}")
+        if not _is_int(max_hessian_features) or not 0 <= max_hessian_features <= HESSIAN_FEATURES_LIMIT:
+            raise ConfigurationError(f"max_hessian_features must be an integer between 0 and {HESSIAN_FEATURES_LIMIT}; "
+                                     f"got {max_hessian_features!r}")
+        if not isinstance(component, str):
+            raise ConfigurationError(f"component must be a string ('' for a single model); got {component!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise ConfigurationError(f"device must be None or a torch device; got {device!r}") from e
+            if device.type == "mps":
+                raise ConfigurationError("device 'mps' has no float64 for Hessians; use 'cpu' or None")
+
+        self.model = model
+        self.step_range: Tuple[float, float] = (float(step_range[0]), float(step_range[1]))
+        self.num_bins = int(num_bins)
+        self.max_samples = int(max_samples)
+        self.total_calls = None if total_calls is None else int(total_calls)
+        self.holdout_every = int(holdout_every)
+        self.max_hessian_features = int(max_hessian_features)
+        self.component = component
+        self.step_kind = step_kind
+        self.device = device
+
+        self._selected = (None if self.total_calls is None
+                          else frozenset(sample_indices(self.total_calls, self.max_samples)))
+        self._calls = 0          # calls counted
+        self._recorded = 0       # calls recorded
+        self._active: Optional[_Call] = None
+        self._stats: Dict[Tuple[str, int, str], _Stats] = {}
+        self._handles: List[Any] = []
+        self._closed = False
+        self._warned: set = set()
+
+        self._layers: List[_Layer] = []
+        for module_name, module in model.named_modules():
+            info = _layer_info(module)
+            if info is None:
+                continue
+            kind, f, groups = info
+            name = f"{module_name}.weight" if module_name else "weight"
+            reason = None
+            if groups > 1:
+                reason = (f"grouped convolution (groups={groups}): per-group Hessians are not recorded "
+                          f"(absmax/min/max stack the groups as rows)")
+            elif f > self.max_hessian_features:
+                reason = f"in_features {f} > max_hessian_features {self.max_hessian_features}"
+            layer = _Layer(name, module, kind, f, reason, len(self._layers))
+            self._layers.append(layer)
+            self._handles.append(module.register_forward_pre_hook(self._make_layer_hook(layer)))
+        if not self._layers:
+            raise ConfigurationError(f"model {type(model).__name__} has no nn.Linear / nn.Conv1d / nn.Conv2d / "
+                                     f"nn.Conv3d layer to record")
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> List[str]:
+        """The recorded layers' weight tensor names, in model order."""
+        return [layer.name for layer in self._layers]
+
+    @property
+    def calls(self) -> int:
+        """Forward calls counted so far (recorded or not)."""
+        return self._calls
+
+    @property
+    def recorded_calls(self) -> int:
+        """Forward calls recorded so far."""
+        return self._recorded
+
+    @property
+    def hessian_reasons(self) -> Dict[str, str]:
+        """{layer: why it gets no Hessian} for the layers without one."""
+        return {layer.name: layer.hessian_reason for layer in self._layers if layer.hessian_reason}
+
+    def hessian_bytes(self) -> int:
+        """Bytes the Hessians take now (each is in_features^2 float64 per (layer, bin, split))."""
+        return sum(st.hessian.numel() * 8 for st in self._stats.values() if st.hessian is not None)
+
+    def max_hessian_bytes(self) -> int:
+        """Upper bound of :meth:`hessian_bytes`: every layer with a Hessian in every bin and split."""
+        per_bin = sum(layer.in_features ** 2 * 8 for layer in self._layers if layer.hessian_reason is None)
+        return per_bin * self.num_bins * (2 if self.holdout_every else 1)
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigurationError("this CalibrationRecorder is closed (its hooks are removed); "
+                                     "create a new one to record more")
+
+    def _begin_call(self, step: float) -> _Call:
+        index = self._calls
+        self._calls += 1
+        if self._selected is not None:
+            record = index in self._selected
+            if index >= self.total_calls:
+                self._warn_once("total_calls", f"CalibrationRecorder: call {index + 1} is beyond total_calls="
+                                f"{self.total_calls}; calls past total_calls are not recorded")
+        else:
+            record = self._recorded < self.max_samples
+            if not record:
+                self._warn_once("max_samples", f"CalibrationRecorder: the first max_samples={self.max_samples} "
+                                f"calls were recorded and later calls (from call {index + 1} on) are not; pass "
+                                f"total_calls to spread the samples over the whole sampling loop")
+        if not record:
+            return _Call(index, False)
+        lo, hi = self.step_range
+        tol = 1e-9 * (hi - lo)
+        if step < lo - tol or step > hi + tol:
+            self._warn_once("range", f"CalibrationRecorder: {self.step_kind} value {step!r} is outside step_range "
+                            f"[{lo}, {hi}]; it is counted in the {'first' if step < lo else 'last'} bin")
+        sample = self._recorded
+        self._recorded += 1
+        holdout = self.holdout_every > 0 and sample % self.holdout_every == self.holdout_every - 1
+        return _Call(index, True, step, step_bin(step, self.step_range, self.num_bins),
+                     "holdout" if holdout else "fit", sample)
+
+    @contextlib.contextmanager
+    def step(self, t: Any) -> Iterator["CalibrationRecorder"]:
+        """``with rec.step(t): out = model(...)`` -- one call at step value ``t`` (a number, or a 0-d or
+        1-d tensor whose mean is taken). Every layer forward inside the block belongs to this call;
+        forwards of an attached module inside it do not start another call."""
+        self._check_open()
+        if self._active is not None:
+            raise ConfigurationError("rec.step(...) blocks cannot be nested (a call is already in progress "
+                                     f"at {self.step_kind} {self._active.step!r})")
+        value = _step_value(t, f"rec.step(t): {self.step_kind}")
+        self._active = self._begin_call(value)
+        try:
+            yield self
+        finally:
+            self._active = None
+
+    def attach_timestep(self, module: Optional["nn.Module"] = None, arg: Optional[Union[str, int]] = None,
+                        scale: float = 1.0) -> "CalibrationRecorder":
+        """Makes every forward of ``module`` (default: the recorded model) one call, reading its step
+        value from the call's arguments: ``arg`` if given (a keyword name or a positional index),
+        else the keyword ``timestep``, ``t`` or ``timesteps``, else the 2nd positional argument. The
+        value is multiplied by ``scale`` (e.g. 1000 for a model that is passed ``t / 1000``).
+
+        This is how diffusers pipelines are recorded: ``rec.attach_timestep(pipe.unet); pipe(...)``.
+        A classifier-free-guidance batch (doubled) is one call whose rows are all recorded.
+        Returns ``self``.
+        """
+        self._check_open()
+        module = self.model if module is None else module
+        if not isinstance(module, nn.Module):
+            raise ConfigurationError(f"attach_timestep: module must be a torch.nn.Module; got {type(module).__name__}")
+        if arg is not None and not isinstance(arg, str) and not _is_int(arg):
+            raise ConfigurationError(f"attach_timestep: arg must be None, a keyword name or a positional index; "
+                                     f"got {arg!r}")
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale == 0:
+            raise ConfigurationError(f"attach_timestep: scale must be a finite non-zero number; got {scale!r}")
+        owner = object()
+        where = type(module).__name__
+
+        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._active is not None:
+                return  # inside rec.step(...) or an outer attached call: part of that call
+            value = _find_step_arg(args, kwargs, arg, where)
+            call = self._begin_call(_step_value(value, f"{where} timestep argument") * float(scale))
+            call.owners.append(owner)
+            self._active = call
+
+        def post_hook(mod: nn.Module, args: tuple, output: Any) -> None:
+            if self._active is not None and self._active.owners and self._active.owners[-1] is owner:
+                self._active = None
+
+        # prepend: when the attached module is itself a recorded layer, the call must start before
+        # that layer's own hook runs.
+        self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
+        try:
+            self._handles.append(module.register_forward_hook(post_hook, always_call=True))
+        except TypeError:  # torch without always_call
+            self._handles.append(module.register_forward_hook(post_hook))
+        return self
+
+    # -- accumulation -------------------------------------------------------------------------
+
+    def _make_layer_hook(self, layer: _Layer):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            call = self._active
+            if call is None:
+                self._warn_once("outside", f"CalibrationRecorder: layer {layer.name!r} ran outside rec.step(...) "
+                                f"and attach_timestep; such calls are not recorded")
+                return
+            if not call.record or not args or not isinstance(args[0], torch.Tensor):
+                return
+            x = args[0]
+            if not (x.is_floating_point()):
+                return
+            with torch.no_grad(), torch.inference_mode(False):
+                self._accumulate(layer, x.detach(), call)
+        return hook
+
+    def _accumulate(self, layer: _Layer, x: torch.Tensor, call: _Call) -> None:
+        key = (layer.name, call.bin, call.split)
+        st = self._stats.get(key)
+        for chunk in _x_chunks(layer, x):
+            if chunk.shape[0] == 0:
+                continue
+            if st is None:
+                st = self._stats[key] = _Stats(layer.in_features, layer.hessian_reason is None)
+            dev = st.absmax.device if st.absmax is not None else (self.device or _stats_device(chunk))
+            chunk = chunk.to(dev)
+            xf = chunk.float()
+            amax, cmin, cmax = xf.abs().amax(0), xf.amin(0), xf.amax(0)
+            if st.absmax is None:
+                st.absmax, st.min, st.max = amax, cmin, cmax
+            else:
+                torch.maximum(st.absmax, amax, out=st.absmax)
+                torch.minimum(st.min, cmin, out=st.min)
+                torch.maximum(st.max, cmax, out=st.max)
+            if st.with_hessian:
+                if st.hessian is None:
+                    st.hessian = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=dev)
+                for i in range(0, chunk.shape[0], HESSIAN_CHUNK_ROWS):
+                    xd = chunk[i:i + HESSIAN_CHUNK_ROWS].to(torch.float64)
+                    st.hessian.addmm_(xd.t(), xd)
+            st.rows += int(chunk.shape[0])
+            if st.last_call != call.index:
+                st.last_call = call.index
+                st.samples += 1
+                st.step_sum += call.step
+
+    # -- output -------------------------------------------------------------------------------
+
+    def metadata(self) -> Dict[str, str]:
+        """The file's key-value metadata."""
+        from . import __version__
+
+        return {
+            "arrowquant.calibration_version": CALIBRATION_VERSION,
+            "arrowquant.step_kind": self.step_kind,
+            "arrowquant.step_range": json.dumps([self.step_range[0], self.step_range[1]]),
+            "arrowquant.num_bins": str(self.num_bins),
+            "arrowquant.samples": str(self._recorded),
+            "arrowquant.producer": f"arrow_quant_v2 {__version__}",
+        }
+
+    def _rows(self) -> Iterator[Dict[str, Any]]:
+        order = {layer.name: layer for layer in self._layers}
+        keys = sorted(self._stats, key=lambda k: (order[k[0]].order, k[1], SPLITS.index(k[2])))
+        for name, b, split in keys:
+            st = self._stats[(name, b, split)]
+            if st.samples == 0 or st.absmax is None:
+                continue
+            lo, hi = bin_edges(b, self.step_range, self.num_bins)
+            absmax = st.absmax.detach().cpu().numpy().astype(np.float32, copy=False)
+            hessian = None if st.hessian is None else st.hessian.detach().cpu().numpy().reshape(-1)
+            for what, values in (("absmax", absmax), ("hessian", hessian)):
+                if values is not None and not np.isfinite(values).all():
+                    bad = int(np.flatnonzero(~np.isfinite(values))[0])
+                    raise QuantizationError(
+                        f"calibration data of layer {name!r} ({self.step_kind} bin {b}, split {split!r}) is not "
+                        f"finite: {what} value {values[bad]!r} at {'column' if what == 'absmax' else 'index'} {bad}; "
+                        f"the layer saw NaN or infinite inputs")
+            yield {
+                "component": self.component, "layer": name, "bin": b, "step_lo": lo, "step_hi": hi,
+                "split": split, "samples": st.samples, "rows": st.rows, "step_sum": st.step_sum,
+                "in_features": st.in_features,
+                "absmax": absmax,
+                "min": st.min.detach().cpu().numpy().astype(np.float32, copy=False),
+                "max": st.max.detach().cpu().numpy().astype(np.float32, copy=False),
+                "hessian": hessian,
+                "hessian_reason": order[name].hessian_reason,
+            }
+
+    def save(self, path: PathLike) -> str:
+        """Writes ``calibration.parquet`` (docs/calibration.md): one row per (layer, bin, split) with at
+        least one sample, one row group per row. The file appears atomically (written to a temporary
+        file in the same directory, then renamed); returns its path. Works after :meth:`close`."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise ModelNotFoundError(f"cannot save calibration data to {path!r}: directory {directory!r} "
+                                     f"does not exist")
+        if self._recorded == 0:
+            warnings.warn(f"CalibrationRecorder.save({path!r}): no call was recorded (run the model inside "
+                          f"rec.step(t) or after rec.attach_timestep()); the file has no rows", UserWarning,
+                          stacklevel=2)
+        schema = calibration_schema(self.metadata())
+        fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".parquet.tmp", dir=directory)
+        os.close(fd)
+        try:
+            with pq.ParquetWriter(tmp, schema, compression={n: ("NONE" if n == "hessian" else "ZSTD")
+                                                            for n, _, _ in SCHEMA_FIELDS},
+                                  use_dictionary=["component", "layer", "split", "hessian_reason"],
+                                  write_statistics=["component", "layer", "bin", "split"]) as writer:
+                for row in self._rows():
+                    writer.write_table(_row_table(row, schema))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def close(self) -> None:
+        """Removes every hook; the statistics stay (``save`` still works)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._active = None
+        self._closed = True
+
+    def __enter__(self) -> "CalibrationRecorder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"CalibrationRecorder({type(self.model).__name__}, layers={len(self._layers)}, "
+                f"step_kind={self.step_kind!r}, step_range={self.step_range}, num_bins={self.num_bins}, "
+                f"calls={self._calls}, recorded={self._recorded}/{self.max_samples})")
+
+
+def _stats_device(t: torch.Tensor) -> torch.device:
+    return torch.device("cpu") if t.device.type == "mps" else t.device
+
+
+def _find_step_arg(args: tuple, kwargs: dict, arg: Optional[Union[str, int]], where: str) -> Any:
+    if isinstance(arg, str):
+        if kwargs.get(arg) is None:
+            raise ConfigurationError(f"attach_timestep: {where} was called without keyword argument {arg!r} "
+                                     f"(keywords given: {sorted(kwargs)})")
+        return kwargs[arg]
+    if arg is not None:
+        if not -len(args) <= arg < len(args):
+            raise ConfigurationError(f"attach_timestep: {where} was called with {len(args)} positional arguments; "
+                                     f"positional index {arg} is not one of them")
+        return args[arg]
+    for key in TIMESTEP_KWARGS:
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    if len(args) >= 2:
+        return args[1]
+    raise ConfigurationError(f"attach_timestep: cannot find the timestep of a call of {where}: no keyword "
+                             f"{', '.join(TIMESTEP_KWARGS)} and fewer than 2 positional arguments (keywords "
+                             f"given: {sorted(kwargs)}); pass arg= to attach_timestep")
+
+
+def _list_array(values: Optional[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    if values is None:
+        return pa.array([None], type=pa.list_(value_type))
+    flat = pa.array(np.ascontiguousarray(values), type=value_type)
+    return pa.ListArray.from_arrays(pa.array([0, len(flat)], type=pa.int32()), flat)
+
+
+def _row_table(row: Dict[str, Any], schema: pa.Schema) -> pa.Table:
+    cols = []
+    for name, typ, _ in SCHEMA_FIELDS:
+        if pa.types.is_list(typ):
+            cols.append(_list_array(row[name], typ.value_type))
+        else:
+            cols.append(pa.array([row[name]], type=typ))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers pipelines
+# ---------------------------------------------------------------------------------------------
+
+def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int, max_samples: int = 128,
+                    num_bins: int = 10, holdout_every: int = 4, max_hessian_features: int = 4096,
+                    calls_per_step: int = 1, step_range: Optional[Tuple[float, float]] = None,
+                    timestep_scale: Optional[float] = None, output_path: Optional[PathLike] = None,
+                    device: Optional[Union[str, "torch.device"]] = None, **pipe_kwargs: Any) -> CalibrationRecorder:
+    """Runs a diffusers pipeline and records its denoiser (``pipe.transformer`` or ``pipe.unet``).
+
+    ``prompts_or_kwargs`` is a prompt, a list of prompts (each run as ``pipe(prompt=p, ...)``), a
+    dict of pipeline arguments or a list of such dicts; ``pipe_kwargs`` are added to every run.
+    ``step_range`` defaults to ``(0, pipe.scheduler.config.num_train_timesteps)``; ``total_calls`` is
+    ``num_inference_steps * calls_per_step * number of runs`` (``calls_per_step``: denoiser calls per
+    step -- 1 for most pipelines, whose classifier-free guidance doubles the batch instead).
+    ``timestep_scale`` multiplies the timestep the denoiser receives (default: 1000 for Flux
+    transformers, which are passed ``t / 1000``; else 1). The recorder is returned closed (hooks
+    removed), ready for ``save``; with ``output_path`` it is also saved there.
+    """
+    denoiser, component = None, ""
+    for attr in ("transformer", "unet"):
+        m = getattr(pipe, attr, None)
+        if isinstance(m, nn.Module):
+            denoiser, component = m, attr
+            break
+    if denoiser is None:
+        raise ConfigurationError(f"record_pipeline: {type(pipe).__name__} has no 'transformer' or 'unet' module")
+    if not _is_int(num_inference_steps) or num_inference_steps < 1:
+        raise ConfigurationError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
+    if not _is_int(calls_per_step) or calls_per_step < 1:
+        raise ConfigurationError(f"calls_per_step must be an integer >= 1; got {calls_per_step!r}")
+    if step_range is None:
+        config = getattr(getattr(pipe, "scheduler", None), "config", None)
+        if isinstance(config, Mapping):
+            n = config.get("num_train_timesteps")
+        else:
+            n = getattr(config, "num_train_timesteps", None)
+        if not _is_int(n) or n < 1:
+            raise ConfigurationError(f"record_pipeline: pipe.scheduler.config.num_train_timesteps is {n!r}; "
+                                     f"pass step_range=(lo, hi)")
+        step_range = (0.0, float(n))
+    if timestep_scale is None:
+        timestep_scale = 1000.0 if type(denoiser).__name__.startswith("Flux") else 1.0
+
+    if isinstance(prompts_or_kwargs, (str, Mapping)):
+        runs = [prompts_or_kwargs]
+    else:
+        runs = list(prompts_or_kwargs)
+    if not runs:
+        raise ConfigurationError("record_pipeline: prompts_or_kwargs is empty")
+    for r in runs:
+        if not isinstance(r, (str, Mapping)):
+            raise ConfigurationError(f"record_pipeline: each run must be a prompt or a dict of pipeline arguments; "
+                                     f"got {r!r}")
+
+    rec = CalibrationRecorder(denoiser, step_range=step_range, num_bins=num_bins, max_samples=max_samples,
+                              total_calls=num_inference_steps * calls_per_step * len(runs),
+                              holdout_every=holdout_every, max_hessian_features=max_hessian_features,
+                              component=component, step_kind="timestep", device=device)
+    try:
+        rec.attach_timestep(denoiser, scale=timestep_scale)
+        with torch.no_grad():
+            for r in runs:
+                kwargs = dict(pipe_kwargs)
+                kwargs.update({"prompt": r} if isinstance(r, str) else dict(r))
+                kwargs["num_inference_steps"] = num_inference_steps
+                pipe(**kwargs)
+    finally:
+        rec.close()
+    if rec.calls != rec.total_calls:
+        warnings.warn(f"record_pipeline: the denoiser was called {rec.calls} times, not the expected "
+                      f"{rec.total_calls} (num_inference_steps * calls_per_step * runs); pass calls_per_step so "
+                      f"the samples spread over the whole loop", UserWarning, stacklevel=2)
+    if output_path is not None:
+        rec.save(output_path)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+class CalibrationData(dict):
+    """``{(layer, bin, split): entry}`` read from calibration.parquet, plus ``metadata`` (the file's
+    key-value metadata, decoded) and ``step_range`` / ``num_bins`` / ``step_kind``.
+
+    Each entry is a dict of the row's columns; ``absmax``, ``min``, ``max`` are float32 arrays,
+    ``hessian`` a float64 ``(in_features, in_features)`` array or None, and ``mean_step`` is
+    ``step_sum / samples``.
+    """
+
+    metadata: Dict[str, str]
+
+    @property
+    def step_kind(self) -> str:
+        return self.metadata["arrowquant.step_kind"]
+
+    @property
+    def step_range(self) -> Tuple[float, float]:
+        lo, hi = json.loads(self.metadata["arrowquant.step_range"])
+        return float(lo), float(hi)
+
+    @property
+    def num_bins(self) -> int:
+        return int(self.metadata["arrowquant.num_bins"])
+
+    @property
+    def layers(self) -> List[str]:
+        seen: Dict[str, None] = {}
+        for layer, _, _ in self:
+            seen.setdefault(layer)
+        return list(seen)
+
+
+def load_calibration(path: PathLike) -> CalibrationData:
+    """Reads a calibration.parquet written by :meth:`CalibrationRecorder.save` (version 1)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"calibration file {path!r} does not exist")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ModelFormatError(f"{path!r} is not a Parquet file: {e}") from e
+    raw = pf.schema_arrow.metadata or {}
+    meta = {k.decode(): v.decode() for k, v in raw.items()}
+    version = meta.get("arrowquant.calibration_version")
+    if version != CALIBRATION_VERSION:
+        raise ModelFormatError(f"{path!r}: arrowquant.calibration_version is {version!r}; this reader reads "
+                               f"version {CALIBRATION_VERSION!r}")
+    missing = [n for n, _, _ in SCHEMA_FIELDS if n not in pf.schema_arrow.names]
+    if missing:
+        raise ModelFormatError(f"{path!r}: missing columns {missing}")
+    out = CalibrationData()
+    out.metadata = meta
+    scalars = [n for n, t, _ in SCHEMA_FIELDS if not pa.types.is_list(t)]
+    for g in range(pf.num_row_groups):
+        table = pf.read_row_group(g)
+        columns = {n: table.column(n).to_pylist() for n in scalars}
+        lists = {n: table.column(n).combine_chunks() for n in ("absmax", "min", "max", "hessian")}
+        for i in range(table.num_rows):
+            row: Dict[str, Any] = {n: columns[n][i] for n in scalars}
+            key = (row["layer"], int(row["bin"]), row["split"])
+            where = f"{path!r}: layer {key[0]!r} bin {key[1]} split {key[2]!r}"
+            if key in out:
+                raise ModelFormatError(f"{where}: more than one row")
+            f = int(row["in_features"])
+            for col in ("absmax", "min", "max"):
+                values = lists[col][i].values
+                row[col] = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32) if values is not None \
+                    else np.zeros(0, np.float32)
+                if row[col].shape != (f,):
+                    raise ModelFormatError(f"{where}: {col} has {row[col].size} values, in_features is {f}")
+            h = lists["hessian"][i]
+            if h.is_valid:
+                hv = np.asarray(h.values.to_numpy(zero_copy_only=False), dtype=np.float64)
+                if hv.size != f * f:
+                    raise ModelFormatError(f"{where}: hessian has {hv.size} values, expected in_features^2 = {f * f}")
+                row["hessian"] = hv.reshape(f, f)
+            else:
+                row["hessian"] = None
+            row["mean_step"] = row["step_sum"] / row["samples"] if row["samples"] else float("nan")
+            out[key] = row
+    return out

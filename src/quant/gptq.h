@@ -1,0 +1,69 @@
+// GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+// Transformers", 2022) on the group-wise affine codes of quant/scheme.h.
+//
+// A linear layer y = W x sees inputs whose second moment is H = sum x x^T (recorded by
+// calibration, see docs/calibration.md). GPTQ quantizes W one input column at a time and, after
+// each column, moves that column's rounding error onto the columns not yet quantized, in the
+// proportions given by the inverse of H: what it minimises is the output error
+// tr((W - Q) H (W - Q)^T), not the weight error. Written here from the paper's algorithm:
+//   - dampening: H + damp * mean(diag H) * I (dead inputs, H_jj = 0, get H_jj = 1);
+//   - act-order: columns taken in order of decreasing H_jj, so the large-activation columns are
+//     quantized first, while many columns remain to absorb their error;
+//   - lazy batches: the error of a block of `block_size` columns is applied to the rest of the
+//     matrix in one matrix product (Eigen) instead of column by column;
+//   - groups: with act-order, each group's scale and offset are chosen up front from the original
+//     weights (static groups, so the order does not change what is stored); without it, at the
+//     group's first column from the weights as updated so far. Either way by the same scale
+//     search as the data-free scheme (quant/group_quant.h).
+// Rows are independent given H, so the engine runs GPTQ over the same row blocks as every other
+// scheme, and the output does not depend on the thread count.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "common/status.h"
+#include "quant/group_quant.h"
+#include "quant/scheme.h"
+
+namespace aq {
+
+struct GptqOptions {
+  double damp = 0.01;     // fraction of mean(diag H) added to the diagonal
+  bool act_order = true;  // quantize columns in order of decreasing H_jj
+  int block_size = 128;   // columns per lazy batch
+};
+
+// What GPTQ needs of H, computed once per tensor and shared by every row block.
+struct GptqFactor {
+  size_t cols = 0;
+  bool act_order = true;
+  int block_size = 128;
+  double damp_used = 0;          // the dampening that made H positive definite
+  std::vector<uint32_t> order;   // order[k]: the column quantized k-th
+  std::vector<float> u;          // cols x cols row-major: upper Cholesky factor of (P^T H P)^-1
+};
+
+// H: cols x cols, row-major, symmetric positive semi-definite (the sum of x x^T). Fails when H is
+// not finite or stays indefinite after dampening is raised a thousandfold.
+Result<GptqFactor> gptq_factor(const double* h, size_t cols, const GptqOptions& options);
+
+// Quantizes rows x cols weights (row-major) into the layout of quantize_rows: one code per weight
+// (in the weight's own position), scales and zeros per row per group, rounded to the scheme's
+// scale type. The scheme must be affine and not rotated.
+QuantizeRowsStats gptq_quantize_rows(const QuantScheme& scheme, const GptqFactor& factor, const float* w,
+                                     size_t rows, size_t cols, uint8_t* codes, float* scales, float* zeros);
+
+// Output-space comparison of a weight W and its reconstruction Q over inputs with second moment H
+// (cols x cols): rel_error = sqrt(tr(D H D^T) / tr(W H W^T)) with D = W - Q, and the cosine
+// between the outputs, tr(W H Q^T) / sqrt(tr(W H W^T) tr(Q H Q^T)); both over every input the
+// Hessian summed and every output row (`row_step` > 1 takes every row_step-th row only).
+struct OutputError {
+  double rel_error = 0;
+  double cosine = 1;
+};
+OutputError output_error(const float* w, const float* q, size_t rows, size_t cols, const double* h,
+                         size_t row_step = 1);
+
+}  // namespace aq

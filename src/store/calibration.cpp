@@ -1,0 +1,241 @@
+#include "store/calibration.h"
+
+#include <arrow/api.h>
+#include <arrow/io/file.h>
+#include <parquet/arrow/reader.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "store/arrow_status.h"
+
+namespace aq {
+
+const LayerCalibration* CalibrationData::find(const std::string& component, const std::string& tensor) const {
+  auto it = layers.find({component, tensor});
+  return it == layers.end() ? nullptr : &it->second;
+}
+
+std::vector<int> CalibrationData::bins_present() const {
+  std::set<int> s;
+  for (const auto& [key, layer] : layers)
+    for (const auto& b : layer.fit) s.insert(b.bin);
+  return {s.begin(), s.end()};
+}
+
+namespace {
+
+template <typename ArrayT>
+Result<std::shared_ptr<ArrayT>> column(const arrow::Table& t, const char* name, const std::string& path) {
+  auto col = t.GetColumnByName(name);
+  if (!col) return FormatError(StrCat(path, ": calibration file has no column '", name, "'"));
+  auto merged = arrow::Concatenate(col->chunks());
+  if (!merged.ok()) return FormatError(StrCat(path, ": column '", name, "': ", merged.status().ToString()));
+  auto typed = std::dynamic_pointer_cast<ArrayT>(*merged);
+  if (!typed) return FormatError(StrCat(path, ": calibration column '", name, "' has type ", col->type()->ToString()));
+  return typed;
+}
+
+template <typename ValueArrayT, typename T>
+Result<std::vector<T>> list_at(const arrow::ListArray& list, int64_t i, const std::string& what) {
+  if (list.IsNull(i)) return std::vector<T>{};
+  auto values = std::dynamic_pointer_cast<ValueArrayT>(list.values());
+  if (!values) return FormatError(StrCat(what, ": unexpected list value type ", list.values()->type()->ToString()));
+  const int64_t off = list.value_offset(i), len = list.value_length(i);
+  const auto* raw = values->raw_values() + off;
+  return std::vector<T>(raw, raw + len);
+}
+
+}  // namespace
+
+Result<CalibrationData> read_calibration(const std::string& path) {
+  CalibrationData d;
+  d.path = path;
+  std::shared_ptr<arrow::io::ReadableFile> file;
+  {
+    auto f = arrow::io::ReadableFile::Open(path);
+    if (!f.ok()) {
+      std::error_code ec;
+      if (!std::filesystem::exists(path, ec)) return NotFound(StrCat(path, ": no such calibration file"));
+      return from_arrow(f.status(), path);
+    }
+    file = *f;
+  }
+  std::unique_ptr<parquet::arrow::FileReader> reader;
+  AQ_ARROW_ASSIGN(reader, parquet::arrow::OpenFile(file, arrow::default_memory_pool()), path);
+  std::shared_ptr<arrow::Table> t;
+  AQ_ARROW_ASSIGN(t, reader->ReadTable(), path);
+  auto meta = t->schema()->metadata();
+  const std::string version = meta ? meta->Get("arrowquant.calibration_version").ValueOr("") : "";
+  if (version.empty())
+    return FormatError(StrCat(path, ": not an ArrowQuant calibration file (no arrowquant.calibration_version metadata)"));
+  if (version != "1") return FormatError(StrCat(path, ": calibration version ", version, "; this build reads version 1"));
+  d.step_kind = meta->Get("arrowquant.step_kind").ValueOr("timestep");
+  try {
+    const auto range = nlohmann::json::parse(meta->Get("arrowquant.step_range").ValueOr("[0, 1]"));
+    d.step_lo = range.at(0).get<double>();
+    d.step_hi = range.at(1).get<double>();
+    d.num_bins = std::stoi(meta->Get("arrowquant.num_bins").ValueOr("0"));
+    d.samples = std::stoll(meta->Get("arrowquant.samples").ValueOr("0"));
+  } catch (const std::exception& e) {
+    return FormatError(StrCat(path, ": bad calibration metadata: ", e.what()));
+  }
+
+  AQ_ASSIGN_OR_RETURN(auto comp, column<arrow::StringArray>(*t, "component", path));
+  AQ_ASSIGN_OR_RETURN(auto layer, column<arrow::StringArray>(*t, "layer", path));
+  AQ_ASSIGN_OR_RETURN(auto bin, column<arrow::Int32Array>(*t, "bin", path));
+  AQ_ASSIGN_OR_RETURN(auto step_lo, column<arrow::DoubleArray>(*t, "step_lo", path));
+  AQ_ASSIGN_OR_RETURN(auto step_hi, column<arrow::DoubleArray>(*t, "step_hi", path));
+  AQ_ASSIGN_OR_RETURN(auto split, column<arrow::StringArray>(*t, "split", path));
+  AQ_ASSIGN_OR_RETURN(auto samples, column<arrow::Int64Array>(*t, "samples", path));
+  AQ_ASSIGN_OR_RETURN(auto rows, column<arrow::Int64Array>(*t, "rows", path));
+  AQ_ASSIGN_OR_RETURN(auto step_sum, column<arrow::DoubleArray>(*t, "step_sum", path));
+  AQ_ASSIGN_OR_RETURN(auto in_features, column<arrow::Int32Array>(*t, "in_features", path));
+  AQ_ASSIGN_OR_RETURN(auto absmax, column<arrow::ListArray>(*t, "absmax", path));
+  AQ_ASSIGN_OR_RETURN(auto mins, column<arrow::ListArray>(*t, "min", path));
+  AQ_ASSIGN_OR_RETURN(auto maxs, column<arrow::ListArray>(*t, "max", path));
+  AQ_ASSIGN_OR_RETURN(auto hessian, column<arrow::ListArray>(*t, "hessian", path));
+  AQ_ASSIGN_OR_RETURN(auto reason, column<arrow::StringArray>(*t, "hessian_reason", path));
+
+  for (int64_t i = 0; i < t->num_rows(); ++i) {
+    const std::string name = layer->GetString(i);
+    const std::string where = StrCat(path, ": layer ", name, " bin ", bin->Value(i));
+    CalibrationBin b;
+    b.bin = bin->Value(i);
+    b.step_lo = step_lo->Value(i);
+    b.step_hi = step_hi->Value(i);
+    b.samples = samples->Value(i);
+    b.rows = rows->Value(i);
+    b.step_sum = step_sum->Value(i);
+    const int n = in_features->Value(i);
+    if (n <= 0) return FormatError(StrCat(where, ": in_features is ", n));
+    AQ_ASSIGN_OR_RETURN(b.absmax, (list_at<arrow::FloatArray, float>(*absmax, i, where)));
+    AQ_ASSIGN_OR_RETURN(b.min, (list_at<arrow::FloatArray, float>(*mins, i, where)));
+    AQ_ASSIGN_OR_RETURN(b.max, (list_at<arrow::FloatArray, float>(*maxs, i, where)));
+    AQ_ASSIGN_OR_RETURN(b.hessian, (list_at<arrow::DoubleArray, double>(*hessian, i, where)));
+    if (!reason->IsNull(i)) b.hessian_reason = reason->GetString(i);
+    const size_t nf = static_cast<size_t>(n);
+    if (b.absmax.size() != nf || b.min.size() != nf || b.max.size() != nf)
+      return FormatError(StrCat(where, ": absmax/min/max hold ", b.absmax.size(), "/", b.min.size(), "/", b.max.size(),
+                                " values, in_features is ", n));
+    if (!b.hessian.empty() && b.hessian.size() != nf * nf)
+      return FormatError(StrCat(where, ": hessian holds ", b.hessian.size(), " values, expected ", nf * nf));
+    for (double v : b.hessian)
+      if (!std::isfinite(v)) return FormatError(StrCat(where, ": hessian has a non-finite value ", v));
+    if (b.rows < 0 || b.samples < 0) return FormatError(StrCat(where, ": negative row or sample count"));
+    LayerCalibration& lc = d.layers[{comp->GetString(i), name}];
+    if (lc.in_features != 0 && lc.in_features != n)
+      return FormatError(StrCat(where, ": in_features ", n, " differs from ", lc.in_features, " in another row"));
+    lc.in_features = n;
+    const std::string sp = split->GetString(i);
+    if (sp == "fit") {
+      lc.fit.push_back(std::move(b));
+    } else if (sp == "holdout") {
+      lc.holdout.push_back(std::move(b));
+    } else {
+      return FormatError(StrCat(where, ": split is '", sp, "', expected 'fit' or 'holdout'"));
+    }
+  }
+  for (auto& [key, lc] : d.layers) {
+    auto by_bin = [](const CalibrationBin& a, const CalibrationBin& b) { return a.bin < b.bin; };
+    std::sort(lc.fit.begin(), lc.fit.end(), by_bin);
+    std::sort(lc.holdout.begin(), lc.holdout.end(), by_bin);
+  }
+  return d;
+}
+
+std::vector<TimeGroup> group_time_bins(const CalibrationData& data, int num_groups) {
+  std::vector<TimeGroup> groups;
+  const std::vector<int> bins = data.bins_present();
+  auto bin_edges = [&](int b) {
+    const double w = data.num_bins > 0 ? (data.step_hi - data.step_lo) / data.num_bins : 0.0;
+    return std::make_pair(data.step_lo + w * b, data.step_lo + w * (b + 1));
+  };
+  for (int b : bins) {
+    const auto [lo, hi] = bin_edges(b);
+    groups.push_back({{b}, lo, hi});
+  }
+  if (num_groups < 1) num_groups = 1;
+  // Per layer and group: the elementwise max of the bins' absmax (the group's activation range).
+  auto range_of = [&](const LayerCalibration& lc, const TimeGroup& g) {
+    std::vector<float> r(static_cast<size_t>(lc.in_features), 0.0f);
+    for (const auto& b : lc.fit)
+      if (std::find(g.bins.begin(), g.bins.end(), b.bin) != g.bins.end())
+        for (size_t j = 0; j < r.size(); ++j) r[j] = std::max(r[j], b.absmax[j]);
+    return r;
+  };
+  while (static_cast<int>(groups.size()) > num_groups) {
+    size_t best = 0;
+    double best_d = std::numeric_limits<double>::infinity();
+    for (size_t i = 0; i + 1 < groups.size(); ++i) {
+      double sum = 0;
+      size_t count = 0;
+      for (const auto& [key, lc] : data.layers) {
+        const auto a = range_of(lc, groups[i]), b = range_of(lc, groups[i + 1]);
+        double worst = 0;
+        bool any = false;
+        for (size_t j = 0; j < a.size(); ++j) {
+          const double eps = 1e-6 * std::max<double>({a[j], b[j], 1e-30});
+          if (a[j] == 0.0f && b[j] == 0.0f) continue;
+          worst = std::max(worst, std::fabs(std::log((a[j] + eps) / (b[j] + eps))));
+          any = true;
+        }
+        if (any) sum += worst, ++count;
+      }
+      const double dist = count ? sum / static_cast<double>(count) : 0.0;
+      if (dist < best_d) best_d = dist, best = i;
+    }
+    TimeGroup& a = groups[best];
+    const TimeGroup& b = groups[best + 1];
+    a.bins.insert(a.bins.end(), b.bins.begin(), b.bins.end());
+    a.step_hi = b.step_hi;
+    groups.erase(groups.begin() + static_cast<std::ptrdiff_t>(best) + 1);
+  }
+  return groups;
+}
+
+std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups) {
+  LayerHessians out;
+  out.cols = static_cast<size_t>(layer.in_features);
+  const size_t nn = out.cols * out.cols;
+  out.gptq.assign(nn, 0.0);
+  size_t used = 0;
+  for (const TimeGroup& g : groups) {
+    std::vector<double> fit(nn, 0.0), hold(nn, 0.0);
+    int64_t fit_rows = 0, hold_rows = 0;
+    auto in_group = [&](int b) { return std::find(g.bins.begin(), g.bins.end(), b) != g.bins.end(); };
+    for (const auto& b : layer.fit) {
+      if (!in_group(b.bin) || b.rows == 0) continue;
+      if (b.hessian.empty()) return std::nullopt;
+      for (size_t i = 0; i < nn; ++i) fit[i] += b.hessian[i];
+      fit_rows += b.rows;
+    }
+    for (const auto& b : layer.holdout) {
+      if (!in_group(b.bin) || b.rows == 0) continue;
+      if (b.hessian.empty()) return std::nullopt;
+      for (size_t i = 0; i < nn; ++i) hold[i] += b.hessian[i];
+      hold_rows += b.rows;
+    }
+    out.rows.push_back(fit_rows);
+    if (fit_rows > 0) {
+      ++used;
+      const double inv = 1.0 / static_cast<double>(fit_rows);
+      for (size_t i = 0; i < nn; ++i) out.gptq[i] += fit[i] * inv;
+    }
+    const bool held = hold_rows > 0;
+    const double inv = 1.0 / static_cast<double>(std::max<int64_t>(1, held ? hold_rows : fit_rows));
+    std::vector<double>& c = held ? hold : fit;
+    for (double& v : c) v *= inv;
+    out.check.push_back(std::move(c));
+    out.check_held_out.push_back(held);
+  }
+  if (used == 0) return std::nullopt;
+  for (double& v : out.gptq) v /= static_cast<double>(used);
+  return out;
+}
+
+}  // namespace aq

@@ -1,0 +1,89 @@
+// Timestep grouping and per-group Hessians (store/calibration.h), on calibration data built in
+// memory. Reading the Parquet file is tested from Python, where the recorder writes it.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "store/calibration.h"
+
+namespace aq {
+namespace {
+
+CalibrationBin make_bin(int bin, float absmax, int64_t rows, double h_scale) {
+  CalibrationBin b;
+  b.bin = bin;
+  b.rows = rows;
+  b.samples = 1;
+  b.absmax = {absmax, absmax};
+  b.min = {-absmax, -absmax};
+  b.max = {absmax, absmax};
+  b.hessian = {h_scale * static_cast<double>(rows), 0.0, 0.0, h_scale * static_cast<double>(rows)};
+  return b;
+}
+
+CalibrationData make_data(const std::vector<float>& absmax_per_bin) {
+  CalibrationData d;
+  d.step_lo = 0;
+  d.step_hi = 1000;
+  d.num_bins = static_cast<int>(absmax_per_bin.size());
+  LayerCalibration lc;
+  lc.in_features = 2;
+  for (size_t i = 0; i < absmax_per_bin.size(); ++i)
+    lc.fit.push_back(make_bin(static_cast<int>(i), absmax_per_bin[i], 10, absmax_per_bin[i]));
+  d.layers[{"", "layer.weight"}] = lc;
+  return d;
+}
+
+TEST(TimeGroups, OneGroupPerBinWhenTheyFit) {
+  const CalibrationData d = make_data({1, 2, 3, 4});
+  const auto g = group_time_bins(d, 10);
+  ASSERT_EQ(g.size(), 4u);
+  EXPECT_EQ(g[2].bins, std::vector<int>{2});
+  EXPECT_DOUBLE_EQ(g[2].step_lo, 500.0);
+  EXPECT_DOUBLE_EQ(g[2].step_hi, 750.0);
+}
+
+TEST(TimeGroups, MergesTheClosestAdjacentRanges) {
+  // bins 0-1 alike, 2 far from both neighbours, 3-4 alike
+  const CalibrationData d = make_data({1.0f, 1.05f, 4.0f, 10.0f, 10.2f});
+  auto g = group_time_bins(d, 3);
+  ASSERT_EQ(g.size(), 3u);
+  EXPECT_EQ(g[0].bins, (std::vector<int>{0, 1}));
+  EXPECT_EQ(g[1].bins, std::vector<int>{2});
+  EXPECT_EQ(g[2].bins, (std::vector<int>{3, 4}));
+  EXPECT_DOUBLE_EQ(g[2].step_lo, 600.0);
+  EXPECT_DOUBLE_EQ(g[2].step_hi, 1000.0);
+  g = group_time_bins(d, 1);
+  ASSERT_EQ(g.size(), 1u);
+  EXPECT_EQ(g[0].bins, (std::vector<int>{0, 1, 2, 3, 4}));
+}
+
+TEST(TimeGroups, HessiansAreWeightedUniformlyOverGroups) {
+  CalibrationData d = make_data({1, 3});
+  // group 1 has ten times the rows of group 0: per-group normalisation makes them count alike
+  d.layers.begin()->second.fit[1] = make_bin(1, 3.0f, 100, 3.0);
+  d.layers.begin()->second.holdout.push_back(make_bin(1, 3.0f, 5, 7.0));
+  const auto groups = group_time_bins(d, 2);
+  const auto h = layer_hessians(d.layers.begin()->second, groups);
+  ASSERT_TRUE(h.has_value());
+  EXPECT_DOUBLE_EQ(h->gptq[0], (1.0 + 3.0) / 2.0);
+  EXPECT_DOUBLE_EQ(h->gptq[1], 0.0);
+  ASSERT_EQ(h->check.size(), 2u);
+  EXPECT_FALSE(h->check_held_out[0]);  // no held-out rows: the fit data, normalised
+  EXPECT_DOUBLE_EQ(h->check[0][0], 1.0);
+  EXPECT_TRUE(h->check_held_out[1]);
+  EXPECT_DOUBLE_EQ(h->check[1][3], 7.0);
+  // one group: pooled over rows
+  const auto pooled = layer_hessians(d.layers.begin()->second, group_time_bins(d, 1));
+  EXPECT_DOUBLE_EQ(pooled->gptq[0], (1.0 * 10 + 3.0 * 100) / 110.0);
+}
+
+TEST(TimeGroups, MissingHessianMeansNoGptq) {
+  CalibrationData d = make_data({1, 2});
+  d.layers.begin()->second.fit[0].hessian.clear();
+  EXPECT_FALSE(layer_hessians(d.layers.begin()->second, group_time_bins(d, 2)).has_value());
+}
+
+}  // namespace
+}  // namespace aq

@@ -1,0 +1,211 @@
+"""quantize_diffusion_model with calibration data: GPTQ over timestep groups, output-space errors
+per group on held-out inputs, the report, the manifest and `arrowquant inspect`.
+
+A small time-conditioned torch model is built and run here (no downloads); its layer inputs change
+with the timestep and have correlated, unevenly scaled features, as a denoiser's do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import arrow_quant_v2 as aq  # noqa: E402
+from arrow_quant_v2.calibration import CalibrationRecorder  # noqa: E402
+from arrow_quant_v2.errors import ArrowQuantError  # noqa: E402
+from arrow_quant_v2.safetensors_writer import write_safetensors  # noqa: E402
+
+T_MAX = 1000
+
+
+class TinyDenoiser(torch.nn.Module):
+    def __init__(self, d: int = 96, hidden: int = 192) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(d, hidden)
+        self.mid = torch.nn.Linear(hidden, hidden)
+        self.out = torch.nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        s = 0.5 + 2.0 * t / T_MAX  # activation ranges move with the timestep
+        h = torch.nn.functional.gelu(self.inp(x * s))
+        h = torch.nn.functional.gelu(self.mid(h))
+        return self.out(h)
+
+
+def _inputs(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(8, d, generator=g)
+    scale = torch.exp(torch.randn(d, generator=g))
+    z = torch.randn(n, 8, generator=g)
+    return (z @ mix + 0.2 * torch.randn(n, d, generator=g)) * scale
+
+
+@pytest.fixture(scope="module")
+def calibrated_model(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TinyDenoiser()
+    root = tmp_path_factory.mktemp("calib") / "model"
+    root.mkdir()
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    write_safetensors(root / "model.safetensors",
+                      [(k, "F32", tuple(v.shape)) for k, v in state.items()], lambda k: state[k])
+    (root / "config.json").write_text(json.dumps({"architectures": ["DiT"]}))
+    steps = list(range(T_MAX - 1, -1, -50))  # 20 steps
+    x = _inputs(64, 96, 1)
+    with CalibrationRecorder(model, step_range=(0, T_MAX), num_bins=4, total_calls=2 * len(steps),
+                             max_samples=2 * len(steps), holdout_every=4) as rec, torch.no_grad():
+        for rep in range(2):
+            for t in steps:
+                with rec.step(t):
+                    model(x + 0.1 * rep, t)
+        rec.save(root / "calibration.parquet")
+    return root
+
+
+def _quantize(src, out, **cfg):
+    cfg.setdefault("min_tensor_size", 0)
+    cfg.setdefault("enable_fallback", False)
+    cfg.setdefault("sensitive_patterns", [])
+    return aq.ArrowQuantV2().quantize_diffusion_model(str(src), str(out), aq.DiffusionQuantConfig(**cfg))
+
+
+def _worst_output_error(report):
+    return {l["tensor"]: max(g["relative_error"] for g in l["output_error"]) for l in report["layers"] if l["quantized"]}
+
+
+def test_gptq_cuts_output_error_on_held_out_inputs(calibrated_model, tmp_path):
+    gptq = _quantize(calibrated_model, tmp_path / "gptq", bit_width=3, group_size=32)
+    free = _quantize(calibrated_model, tmp_path / "free", bit_width=3, group_size=32, enable_time_aware=False)
+    assert gptq["time_aware"]["applied"] is True, gptq["time_aware"]
+    assert not free["time_aware"]["applied"]
+    assert gptq["calibration"]["layers_gptq"] == 3 and free["calibration"]["layers_gptq"] == 0
+    assert free["calibration"]["layers_calibrated"] == 3  # data-free, but measured in output space
+    eg, ef = _worst_output_error(gptq), _worst_output_error(free)
+    for name in eg:
+        assert eg[name] < 0.85 * ef[name], (name, eg[name], ef[name])
+    for layer in gptq["layers"]:
+        if layer["quantized"]:
+            assert layer["method"] == "gptq"
+            assert layer["scheme"] == "int3_g32_asym"
+            assert len(layer["output_error"]) == 4  # one per timestep group (4 bins, 10 groups allowed)
+            assert all(g["held_out"] for g in layer["output_error"])
+            assert 0 < layer["output_cosine"] <= 1
+
+
+def test_output_error_is_what_the_loaded_model_computes(calibrated_model, tmp_path):
+    """The reported per-group error equals ||W X^T - Q X^T|| / ||W X^T|| over the held-out inputs,
+    recomputed here from the loaded weights and the calibration file's Hessians."""
+    from arrow_quant_v2.calibration import load_calibration
+
+    r = _quantize(calibrated_model, tmp_path / "q", bit_width=4, group_size=64, num_time_groups=4)
+    model = aq.load(r["quantized_path"])
+    data = load_calibration(calibrated_model / "calibration.parquet")
+    src = {}
+    from safetensors.numpy import load_file
+    src = load_file(str(calibrated_model / "model.safetensors"))
+    for layer in r["layers"]:
+        if not layer["quantized"]:
+            continue
+        name = layer["tensor"]
+        w = src[name].astype(np.float64)
+        q = model[name].numpy().astype(np.float64)
+        for g in layer["output_error"]:
+            b = g["group"]  # 4 bins, 4 groups: group b is bin b
+            entry = data[(name, b, "holdout")]
+            h = entry["hessian"] / entry["rows"]
+            d = w - q
+            expect = np.sqrt(np.sum((d @ h) * d) / np.sum((w @ h) * w))
+            assert g["relative_error"] == pytest.approx(expect, rel=1e-6)
+
+
+def test_time_groups_are_recorded_and_merged(calibrated_model, tmp_path):
+    r = _quantize(calibrated_model, tmp_path / "q", bit_width=4, group_size=64, num_time_groups=2)
+    groups = r["calibration"]["time_groups"]
+    assert len(groups) == 2
+    assert sorted(b for g in groups for b in g["bins"]) == [0, 1, 2, 3]
+    assert groups[0]["step_lo"] == 0 and groups[-1]["step_hi"] == T_MAX
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["calibration"]["data"]["time_groups"] == groups
+    assert set(manifest["calibration"]["data"]["output_error"]) == {"inp.weight", "mid.weight", "out.weight"}
+    assert not (tmp_path / "q" / "calibration.parquet").exists()  # input, not part of the model
+    for layer in r["layers"]:
+        if layer["quantized"]:
+            assert len(layer["output_error"]) == 2
+
+
+def test_single_group_gptq_pools_the_trajectory(calibrated_model, tmp_path):
+    r = _quantize(calibrated_model, tmp_path / "q", bit_width=4, group_size=64, num_time_groups=1)
+    assert len(r["calibration"]["time_groups"]) == 1
+    assert r["time_aware"]["applied"]
+
+
+def test_explicit_calibration_path_and_missing_file(calibrated_model, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(calibrated_model / "model.safetensors", bare / "model.safetensors")
+    r = _quantize(bare, tmp_path / "none", bit_width=4)
+    assert not r["time_aware"]["applied"] and "calibration" in r["time_aware"]["reason"]
+    assert r["calibration"] is None
+    r = _quantize(bare, tmp_path / "given", bit_width=4, calibration_path=str(calibrated_model / "calibration.parquet"))
+    assert r["time_aware"]["applied"]
+    with pytest.raises(ArrowQuantError, match="no-such.parquet"):
+        _quantize(bare, tmp_path / "bad", bit_width=4, calibration_path=str(tmp_path / "no-such.parquet"))
+    assert not (tmp_path / "bad").exists()
+    not_calib = tmp_path / "weights.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [1]}), not_calib)
+    with pytest.raises(ArrowQuantError, match="not an ArrowQuant calibration file"):
+        _quantize(bare, tmp_path / "bad2", bit_width=4, calibration_path=str(not_calib))
+
+
+def test_mismatched_calibration_is_not_used(tmp_path, calibrated_model):
+    """A calibration recorded for another model (same names, other widths) is reported, not used."""
+    other = tmp_path / "other"
+    other.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {"inp.weight": rng.standard_normal((192, 48)).astype(np.float32)}
+    write_safetensors(other / "model.safetensors", [("inp.weight", "F32", (192, 48))], lambda k: arrays[k])
+    r = _quantize(other, tmp_path / "q", bit_width=4, calibration_path=str(calibrated_model / "calibration.parquet"))
+    assert r["calibration"]["layers_gptq"] == 0
+    assert any("96 input features" in w and "48 columns" in w for w in r["warnings"]), r["warnings"]
+
+
+def test_fallback_uses_output_cosine(calibrated_model, tmp_path):
+    r = _quantize(calibrated_model, tmp_path / "q", bit_width=2, group_size=32, enable_fallback=True,
+                  min_accuracy=0.999)
+    for layer in r["layers"]:
+        if layer["quantized"]:
+            assert layer["output_cosine"] >= 0.999 or layer["bits"] == 8
+    assert r["fallbacks"], "2-bit codes cannot reach an output cosine of 0.999"
+
+
+def test_inspect_shows_output_errors_per_group(calibrated_model, tmp_path):
+    _quantize(calibrated_model, tmp_path / "q", bit_width=4, group_size=64)
+    out = subprocess.run([sys.executable, "-m", "arrow_quant_v2.cli", "inspect", str(tmp_path / "q")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "4 timestep groups" in out and "by GPTQ" in out
+    line = next(l for l in out.splitlines() if l.startswith("mid.weight") and "gptq" in l)
+    assert len(line.split()) == 2 + 4 + 1  # layer, method, g0..g3, worst
+
+
+def test_cli_calibration_flags(calibrated_model, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "arrow_quant_v2.cli", "quantize", str(calibrated_model),
+                          str(tmp_path / "q"), "--bits", "4", "--time-groups", "2", "--json", "--quiet",
+                          "--min-tensor-size", "0"], capture_output=True, text=True, check=True).stdout
+    r = json.loads(out)
+    assert len(r["calibration"]["time_groups"]) == 2 and r["time_aware"]["applied"]
+    out = subprocess.run([sys.executable, "-m", "arrow_quant_v2.cli", "quantize", str(calibrated_model),
+                          str(tmp_path / "q2"), "--bits", "4", "--no-time-aware", "--json", "--quiet"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["calibration"]["layers_gptq"] == 0
