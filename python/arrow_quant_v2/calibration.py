@@ -60,6 +60,15 @@ _CHUNK_ELEMENTS = 1 << 24
 HESSIAN_CHUNK_ROWS = 8192
 # The keyword names, in order, that attach_timestep reads the step value from.
 TIMESTEP_KWARGS = ("timestep", "t", "timesteps")
+# The signed log-scale histogram of the input values: HIST_BINS_PER_OCTAVE bins per octave from
+# 2^HIST_MIN_EXP to 2^HIST_MAX_EXP; bin k of |x| covers [2^(k/8 - 24), 2^((k+1)/8 - 24)), the first
+# bin also takes everything smaller, the last everything larger.
+HIST_BINS_PER_OCTAVE = 8
+HIST_MIN_EXP = -24
+HIST_MAX_EXP = 24
+HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * HIST_BINS_PER_OCTAVE  # 384
+# Elements histogrammed at once (its float64 / int64 temporaries take 32 MiB each).
+_HIST_CHUNK_ELEMENTS = 1 << 22
 
 # Column order and types of calibration.parquet, version 1.
 SCHEMA_FIELDS: List[Tuple[str, pa.DataType, bool]] = [
@@ -78,7 +87,12 @@ SCHEMA_FIELDS: List[Tuple[str, pa.DataType, bool]] = [
     ("max", pa.list_(pa.float32()), False),
     ("hessian", pa.list_(pa.float64()), True),
     ("hessian_reason", pa.string(), True),
+    # additions to version 1: optional for readers (files written before them lack them)
+    ("hist_pos", pa.list_(pa.int64()), False),
+    ("hist_neg", pa.list_(pa.int64()), False),
+    ("hist_zero", pa.int64(), False),
 ]
+HIST_COLUMNS = ("hist_pos", "hist_neg", "hist_zero")
 
 __all__ = [
     "CalibrationRecorder",
@@ -89,6 +103,7 @@ __all__ = [
     "step_bin",
     "sample_indices",
     "CALIBRATION_VERSION",
+    "HIST_BINS",
 ]
 
 
@@ -187,6 +202,8 @@ class _Stats:
     min: Optional[torch.Tensor] = None
     max: Optional[torch.Tensor] = None
     hessian: Optional[torch.Tensor] = None
+    # int64 counts, 2 * HIST_BINS + 1: hist_pos, then hist_neg, then hist_zero
+    hist: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -277,6 +294,80 @@ def _x_chunks(layer: _Layer, x: torch.Tensor) -> Iterator[torch.Tensor]:
     step = max(1, _CHUNK_ELEMENTS // per_sample)
     for i in range(0, n, step):
         yield _conv_patches(layer.module, x[i:i + step], layer.kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# the histogram of input values
+# ---------------------------------------------------------------------------------------------
+
+_HIST_OFFSET = -HIST_MIN_EXP * HIST_BINS_PER_OCTAVE  # 192: bin k holds floor(log2|x| * 8) = k - 192
+_HIST_EDGES: Dict[str, torch.Tensor] = {}
+
+
+def _exact_hist_edges(dtype: type = np.float64) -> np.ndarray:
+    """E[0..HIST_BINS]: E[0] = 0, E[k] = the smallest ``dtype`` value >= 2^((k - 192) / 8) for
+    k = 1 .. HIST_BINS - 1, E[HIST_BINS] = inf; the bin of a magnitude a > 0 is the k with
+    E[k] <= a < E[k + 1] (exactly the bin whose mathematical interval holds a)."""
+    from fractions import Fraction
+
+    inf = dtype(np.inf)
+    edges = [dtype(0)]
+    for k in range(1, HIST_BINS):
+        j = k - _HIST_OFFSET       # the edge is 2^(j / 8): c >= it  <=>  c^8 >= 2^j
+        target = Fraction(2) ** j
+        c = dtype(2.0 ** (j / HIST_BINS_PER_OCTAVE))
+        while Fraction(float(c)) ** HIST_BINS_PER_OCTAVE < target:
+            c = np.nextafter(c, inf)
+        while Fraction(float(np.nextafter(c, -inf))) ** HIST_BINS_PER_OCTAVE >= target:
+            c = np.nextafter(c, -inf)
+        edges.append(c)
+    edges.append(inf)
+    return np.array(edges, dtype=dtype)
+
+
+def _hist_edges(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    if key not in _HIST_EDGES:
+        _HIST_EDGES[key] = torch.from_numpy(_exact_hist_edges(np.float64)).to(device)
+    return _HIST_EDGES[key]
+
+
+def _hist_counts(x: torch.Tensor) -> torch.Tensor:
+    """int64 counts (2 * HIST_BINS + 1) of the values of ``x`` (float32 or float64, any shape):
+    positive values by the bin of x, negative by the bin of -x, then exact zeros; NaN nowhere,
+    +-inf in the last bin. The bin is floor(log2|x| * 8) + 192 clamped to [0, 383], exactly.
+
+    float64 log2 is exact for float32 values: the nearest float32 to an edge 2^(j/8) (j not a
+    multiple of 8) is 5e-9 (relative) away from it, far beyond float64 log2's error, and the edges
+    2^n are exact. float64 values can lie within an ulp of an edge, so for them the bin is corrected
+    against the exact float64 edges."""
+    x = x.reshape(-1)
+    xd = x.to(torch.float64)
+    a = xd.abs()
+    # floor(log2|x| * 8), NaN staying NaN; 0 (log2 = -inf) -> the first bin, inf -> the last.
+    b = torch.log2(a).mul_(HIST_BINS_PER_OCTAVE).floor_().clamp_(-_HIST_OFFSET, HIST_BINS - 1 - _HIST_OFFSET)
+    if x.dtype == torch.float64:  # at most one bin off, and only within an ulp of an edge
+        edges = _hist_edges(x.device)
+        k = (b + _HIST_OFFSET).nan_to_num_(nan=0.0).to(torch.int64)
+        b.sub_((a < edges.take(k)).to(torch.float64)).add_((a >= edges.take(k + 1)).to(torch.float64))
+        b.clamp_(max=HIST_BINS - 1 - _HIST_OFFSET)  # inf is >= the edge E[HIST_BINS] = inf
+    b.add_((x < 0).to(torch.float64), alpha=HIST_BINS)              # negative values: hist_neg
+    b.masked_fill_(x == 0, 2 * HIST_BINS - _HIST_OFFSET)             # +0.0 and -0.0: hist_zero
+    b.nan_to_num_(nan=2 * HIST_BINS + 1 - _HIST_OFFSET)              # NaN: dropped
+    k = b.to(torch.int64).add_(_HIST_OFFSET)
+    return torch.bincount(k, minlength=2 * HIST_BINS + 2)[:2 * HIST_BINS + 1]
+
+
+def _add_hist(st: "_Stats", values: torch.Tensor, dev: torch.device) -> None:
+    """Adds the values of ``values`` (any shape and float dtype, any device) to ``st.hist`` on ``dev``,
+    a bounded number of elements at a time. float16 / bfloat16 / float32 are binned as float32,
+    float64 as float64."""
+    flat = values.reshape(-1)
+    dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    if st.hist is None:
+        st.hist = torch.zeros(2 * HIST_BINS + 1, dtype=torch.int64, device=dev)
+    for i in range(0, flat.numel(), _HIST_CHUNK_ELEMENTS):
+        st.hist += _hist_counts(flat[i:i + _HIST_CHUNK_ELEMENTS].to(device=dev, dtype=dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +641,7 @@ class CalibrationRecorder:
     def _accumulate(self, layer: _Layer, x: torch.Tensor, call: _Call) -> None:
         key = (layer.name, call.bin, call.split)
         st = self._stats.get(key)
+        dev = None
         for chunk in _x_chunks(layer, x):
             if chunk.shape[0] == 0:
                 continue
@@ -558,6 +650,8 @@ class CalibrationRecorder:
             dev = st.absmax.device if st.absmax is not None else (self.device or _stats_device(chunk))
             chunk = chunk.to(dev)
             xf = chunk.float()
+            if layer.kind == "linear":  # X's elements are the input's; a conv's X repeats them
+                _add_hist(st, chunk if chunk.dtype == torch.float64 else xf, dev)
             amax, cmin, cmax = xf.abs().amax(0), xf.amin(0), xf.amax(0)
             if st.absmax is None:
                 st.absmax, st.min, st.max = amax, cmin, cmax
@@ -576,6 +670,8 @@ class CalibrationRecorder:
                 st.last_call = call.index
                 st.samples += 1
                 st.step_sum += call.step
+        if dev is not None and layer.kind != "linear":
+            _add_hist(st, x, dev)  # the raw input tensor: every element once, no padding
 
     # -- output -------------------------------------------------------------------------------
 
@@ -590,6 +686,9 @@ class CalibrationRecorder:
             "arrowquant.num_bins": str(self.num_bins),
             "arrowquant.samples": str(self._recorded),
             "arrowquant.producer": f"arrow_quant_v2 {__version__}",
+            "arrowquant.hist_bins_per_octave": str(HIST_BINS_PER_OCTAVE),
+            "arrowquant.hist_min_exp": str(HIST_MIN_EXP),
+            "arrowquant.hist_max_exp": str(HIST_MAX_EXP),
         }
 
     def _rows(self) -> Iterator[Dict[str, Any]]:
@@ -600,6 +699,8 @@ class CalibrationRecorder:
             if st.samples == 0 or st.absmax is None:
                 continue
             lo, hi = bin_edges(b, self.step_range, self.num_bins)
+            hist = (np.zeros(2 * HIST_BINS + 1, np.int64) if st.hist is None
+                    else st.hist.detach().cpu().numpy().astype(np.int64, copy=False))
             absmax = st.absmax.detach().cpu().numpy().astype(np.float32, copy=False)
             hessian = None if st.hessian is None else st.hessian.detach().cpu().numpy().reshape(-1)
             for what, values in (("absmax", absmax), ("hessian", hessian)):
@@ -618,6 +719,9 @@ class CalibrationRecorder:
                 "max": st.max.detach().cpu().numpy().astype(np.float32, copy=False),
                 "hessian": hessian,
                 "hessian_reason": order[name].hessian_reason,
+                "hist_pos": hist[:HIST_BINS],
+                "hist_neg": hist[HIST_BINS:2 * HIST_BINS],
+                "hist_zero": int(hist[2 * HIST_BINS]),
             }
 
     def save(self, path: PathLike) -> str:
@@ -803,8 +907,9 @@ class CalibrationData(dict):
     key-value metadata, decoded) and ``step_range`` / ``num_bins`` / ``step_kind``.
 
     Each entry is a dict of the row's columns; ``absmax``, ``min``, ``max`` are float32 arrays,
-    ``hessian`` a float64 ``(in_features, in_features)`` array or None, and ``mean_step`` is
-    ``step_sum / samples``.
+    ``hessian`` a float64 ``(in_features, in_features)`` array or None, ``hist_pos`` / ``hist_neg``
+    int64 arrays of ``HIST_BINS`` (384) counts and ``hist_zero`` an int -- all three ``None`` when
+    the file predates the histogram columns -- and ``mean_step`` is ``step_sum / samples``.
     """
 
     metadata: Dict[str, str]
@@ -831,7 +936,9 @@ class CalibrationData(dict):
 
 
 def load_calibration(path: PathLike) -> CalibrationData:
-    """Reads a calibration.parquet written by :meth:`CalibrationRecorder.save` (version 1)."""
+    """Reads a calibration.parquet written by :meth:`CalibrationRecorder.save` (version 1). The
+    histogram columns are optional: entries of a file without them have ``hist_pos``, ``hist_neg``,
+    ``hist_zero`` ``None``."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelNotFoundError(f"calibration file {path!r} does not exist")
@@ -845,16 +952,28 @@ def load_calibration(path: PathLike) -> CalibrationData:
     if version != CALIBRATION_VERSION:
         raise ModelFormatError(f"{path!r}: arrowquant.calibration_version is {version!r}; this reader reads "
                                f"version {CALIBRATION_VERSION!r}")
-    missing = [n for n, _, _ in SCHEMA_FIELDS if n not in pf.schema_arrow.names]
+    names = pf.schema_arrow.names
+    missing = [n for n, _, _ in SCHEMA_FIELDS if n not in names and n not in HIST_COLUMNS]
     if missing:
         raise ModelFormatError(f"{path!r}: missing columns {missing}")
+    has_hist = any(n in names for n in HIST_COLUMNS)
+    if has_hist:
+        absent = [n for n in HIST_COLUMNS if n not in names]
+        if absent:
+            raise ModelFormatError(f"{path!r}: has histogram columns but not {absent}")
+        layout = tuple(meta.get(f"arrowquant.hist_{k}") for k in ("bins_per_octave", "min_exp", "max_exp"))
+        expected = (str(HIST_BINS_PER_OCTAVE), str(HIST_MIN_EXP), str(HIST_MAX_EXP))
+        if layout != expected:
+            raise ModelFormatError(f"{path!r}: histogram layout (arrowquant.hist_bins_per_octave, hist_min_exp, "
+                                   f"hist_max_exp) is {layout}; this reader reads {expected}")
     out = CalibrationData()
     out.metadata = meta
-    scalars = [n for n, t, _ in SCHEMA_FIELDS if not pa.types.is_list(t)]
+    scalars = [n for n, t, _ in SCHEMA_FIELDS if not pa.types.is_list(t) and (has_hist or n not in HIST_COLUMNS)]
+    list_columns = ("absmax", "min", "max", "hessian") + (("hist_pos", "hist_neg") if has_hist else ())
     for g in range(pf.num_row_groups):
         table = pf.read_row_group(g)
         columns = {n: table.column(n).to_pylist() for n in scalars}
-        lists = {n: table.column(n).combine_chunks() for n in ("absmax", "min", "max", "hessian")}
+        lists = {n: table.column(n).combine_chunks() for n in list_columns}
         for i in range(table.num_rows):
             row: Dict[str, Any] = {n: columns[n][i] for n in scalars}
             key = (row["layer"], int(row["bin"]), row["split"])
@@ -876,6 +995,18 @@ def load_calibration(path: PathLike) -> CalibrationData:
                 row["hessian"] = hv.reshape(f, f)
             else:
                 row["hessian"] = None
+            for col in ("hist_pos", "hist_neg"):
+                hist = lists[col][i] if has_hist else None
+                if hist is None or not hist.is_valid:
+                    row[col] = None
+                    continue
+                values = hist.values
+                row[col] = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.int64) if values is not None \
+                    else np.zeros(0, np.int64)
+                if row[col].shape != (HIST_BINS,):
+                    raise ModelFormatError(f"{where}: {col} has {row[col].size} bins, expected {HIST_BINS}")
+            if not has_hist:
+                row["hist_zero"] = None
             row["mean_step"] = row["step_sum"] / row["samples"] if row["samples"] else float("nan")
             out[key] = row
     return out

@@ -92,6 +92,14 @@ def _check_path(name: str) -> Callable[[Any], Optional[str]]:
     return check
 
 
+def _check_activation_bits(v: Any) -> Optional[int]:
+    if v is None:
+        return None
+    if not _is_int(v) or v not in (4, 8):
+        raise ConfigurationError(f"activation_bits must be 4, 8 or None (weight-only); got {v!r}")
+    return v
+
+
 def _check_damp(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
         raise ConfigurationError(f"gptq_damp must be a number in (0, 1]; got {v!r}")
@@ -223,6 +231,7 @@ _FIELDS: Dict[str, Tuple[Any, Callable[[Any], Any], str]] = {
     "calibration_path": (None, _check_path("calibration_path"),
                          "calibration.parquet recorded by arrow_quant_v2.calibration; None = <model>/calibration.parquet if present"),
     "gptq_damp": (0.01, _check_damp, "GPTQ dampening: fraction of the Hessian's mean diagonal added to it"),
+    "activation_bits": (None, _check_activation_bits, "W8A8 / W4A8: 8 or 4 stores activation parameters per timestep group (needs calibration); None = weight-only"),
     "gptq_act_order": (True, _check_bool("gptq_act_order"), "GPTQ: quantize input columns in order of decreasing activation energy"),
 }
 

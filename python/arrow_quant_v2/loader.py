@@ -149,6 +149,40 @@ class QuantizedModel:
     def __len__(self) -> int:
         return len(self._tensors)
 
+    def activation_params(self, layer: str, timestep: float) -> Dict[str, Any]:
+        """Activation quantization parameters of ``layer``'s input for the timestep group holding
+        ``timestep`` (W8A8 / W4A8; stored when the model was quantized with ``activation_bits``
+        and calibration). ``layer`` is the weight's name as in ``tensor_names()``. Returns
+        ``{"bits", "scale", "zero_point", "clip_lo", "clip_hi", "group", "step_lo", "step_hi"}``:
+        quantize with ``clamp(round(x / scale) + zero_point, 0, 2**bits - 1)``. A timestep outside
+        the recorded range takes the nearest group."""
+        table = self._activation_table()
+        rows = table.get(layer)
+        if rows is None:
+            raise KeyError(f"no activation parameters for {layer!r} in {self.path}"
+                           + ("" if table else " (quantized without activation_bits and calibration)"))
+        t = float(timestep)
+        for r in rows:
+            if r["step_lo"] <= t < r["step_hi"]:
+                return dict(r)
+        return dict(rows[0] if t < rows[0]["step_lo"] else rows[-1])
+
+    def _activation_table(self) -> Dict[str, List[Dict[str, Any]]]:
+        if getattr(self, "_activations", None) is None:
+            self._activations: Dict[str, List[Dict[str, Any]]] = {}
+            path = os.path.join(self.path, "activations.parquet")
+            if os.path.exists(path):
+                import pyarrow.parquet as pq
+
+                for r in pq.read_table(path).to_pylist():
+                    q = f"{r['component']}/{r['layer']}" if r["component"] else r["layer"]
+                    self._activations.setdefault(q, []).append(
+                        {k: r[k] for k in ("bits", "scale", "zero_point", "clip_lo", "clip_hi", "group",
+                                           "step_lo", "step_hi")})
+                for rows in self._activations.values():
+                    rows.sort(key=lambda r: r["step_lo"])
+        return self._activations
+
     def state_dict(self, component: Optional[str] = None, dtype: Any = np.float32) -> Dict[str, np.ndarray]:
         """{name: numpy array} of one component (names without the component prefix), or of a
         single-component model."""

@@ -14,6 +14,7 @@
 #include "io/modality.h"
 #include "io/model_source.h"
 #include "quant/gptq.h"
+#include "store/activation_params.h"
 #include "store/calibration.h"
 #include "store/format.h"
 #include "store/manifest.h"
@@ -51,6 +52,7 @@ struct Slot {
   // calibration (when the layer has it): Hessians per timestep group, the GPTQ factor
   std::shared_ptr<const LayerHessians> hessians;
   std::shared_ptr<const GptqFactor> gptq;
+  std::optional<LayerActivations> activations;  // activation_bits > 0 and histograms recorded
   json output_error;        // per timestep group, once encoded
   double output_cosine = 1; // worst group's output cosine
   const TensorInfo& info() const { return *ref.info; }
@@ -99,6 +101,7 @@ class QuantizeRun {
   std::vector<TimeGroup> groups_;
   uint64_t gptq_layers_ = 0, calibrated_layers_ = 0;
   json output_errors_ = json::object();  // qualified layer -> output error per timestep group
+  std::vector<ActivationRow> activation_rows_;
   uint64_t source_bytes_ = 0, stored_bytes_ = 0, quantized_weights_ = 0, quantized_stored_bytes_ = 0;
   double cosine_sum_ = 0, cosine_min_ = 1.0;
   uint64_t quantized_layers_ = 0;
@@ -181,6 +184,11 @@ void QuantizeRun::attach_calibration(Slot& s) {
   }
   s.hessians = std::make_shared<const LayerHessians>(std::move(*h));
   ++calibrated_layers_;
+  if (cfg_.activation_bits > 0) {
+    s.activations = layer_activations(*lc, groups_, cfg_.activation_bits);
+    if (!s.activations)
+      warnings_.push_back(StrCat(qualified, ": no activation histograms in the calibration file; no activation parameters"));
+  }
   if (!cfg_.enable_time_aware) return;
   GptqOptions o;
   o.damp = cfg_.gptq_damp;
@@ -334,6 +342,33 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
       layer["output_cosine"] = s.output_cosine;
       output_errors_[qualified] = {{"method", layer["method"]}, {"output_cosine", s.output_cosine},
                                    {"groups", s.output_error}};
+    }
+    if (s.activations) {
+      const LayerActivations& a = *s.activations;
+      auto params_json = [](const ActivationParams& p) {
+        return json{{"bits", p.bits}, {"scale", p.scale}, {"zero_point", p.zero_point},
+                    {"clip_lo", p.clip_lo}, {"clip_hi", p.clip_hi}};
+      };
+      json groups = json::array();
+      for (size_t g = 0; g < a.groups.size(); ++g) {
+        json e = params_json(a.groups[g].params);
+        e["group"] = g;
+        e["step_lo"] = groups_[g].step_lo;
+        e["step_hi"] = groups_[g].step_hi;
+        e["relative_error"] = a.groups[g].rel_error;
+        e["static_relative_error"] = a.groups[g].static_rel_error;
+        e["held_out"] = a.groups[g].held_out;
+        groups.push_back(std::move(e));
+        ActivationRow row;
+        row.component = s.component;
+        row.layer = t.name;
+        row.group = static_cast<int>(g);
+        row.step_lo = groups_[g].step_lo;
+        row.step_hi = groups_[g].step_hi;
+        row.params = a.groups[g].params;
+        activation_rows_.push_back(row);
+      }
+      layer["activation"] = {{"static", params_json(a.static_params)}, {"groups", groups}};
     }
     ++quantized_layers_;
     cosine_sum_ += info.cosine;
@@ -489,6 +524,8 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
                    {"samples", calib_->samples}, {"time_groups", groups},
                    {"grouping_rule", "adjacent bins with the closest activation ranges merged until num_time_groups remain"},
                    {"layers_calibrated", calibrated_layers_}, {"layers_gptq", gptq_layers_},
+                   {"activation_bits", cfg_.activation_bits},
+                   {"activation_params", activation_rows_.empty() ? json(nullptr) : json(kActivationsFile)},
                    {"output_error", output_errors_}};
     if (cfg_.enable_time_aware) {
       time_aware["applied"] = gptq_layers_ > 0;
@@ -533,6 +570,9 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
       {"summary", summary},
       {"calibration", {{"time_aware", time_aware}, {"spatial", spatial}, {"data", calibration}}},
   };
+  if (!activation_rows_.empty())
+    AQ_RETURN_IF_ERROR(write_activation_params((fs::path(staging.path()) / kActivationsFile).string(), activation_rows_,
+                                               calib_->step_kind));
   AQ_RETURN_IF_ERROR(write_json_file((fs::path(staging.path()) / kManifestFile).string(), manifest));
 
   uint64_t dir_bytes = 0;

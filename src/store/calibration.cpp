@@ -100,6 +100,20 @@ Result<CalibrationData> read_calibration(const std::string& path) {
   AQ_ASSIGN_OR_RETURN(auto maxs, column<arrow::ListArray>(*t, "max", path));
   AQ_ASSIGN_OR_RETURN(auto hessian, column<arrow::ListArray>(*t, "hessian", path));
   AQ_ASSIGN_OR_RETURN(auto reason, column<arrow::StringArray>(*t, "hessian_reason", path));
+  // Histograms: optional columns of version 1.
+  std::shared_ptr<arrow::ListArray> hist_pos, hist_neg;
+  std::shared_ptr<arrow::Int64Array> hist_zero;
+  if (t->GetColumnByName("hist_pos")) {
+    AQ_ASSIGN_OR_RETURN(hist_pos, column<arrow::ListArray>(*t, "hist_pos", path));
+    AQ_ASSIGN_OR_RETURN(hist_neg, column<arrow::ListArray>(*t, "hist_neg", path));
+    AQ_ASSIGN_OR_RETURN(hist_zero, column<arrow::Int64Array>(*t, "hist_zero", path));
+    const std::string bpo = meta->Get("arrowquant.hist_bins_per_octave").ValueOr("");
+    const std::string lo = meta->Get("arrowquant.hist_min_exp").ValueOr("");
+    const std::string hi = meta->Get("arrowquant.hist_max_exp").ValueOr("");
+    if (bpo != std::to_string(kHistBinsPerOctave) || lo != std::to_string(kHistMinExp) || hi != std::to_string(kHistMaxExp))
+      return FormatError(StrCat(path, ": histogram layout ", bpo, " bins/octave from 2^", lo, " to 2^", hi,
+                                "; this build reads ", kHistBinsPerOctave, " from 2^", kHistMinExp, " to 2^", kHistMaxExp));
+  }
 
   for (int64_t i = 0; i < t->num_rows(); ++i) {
     const std::string name = layer->GetString(i);
@@ -118,6 +132,22 @@ Result<CalibrationData> read_calibration(const std::string& path) {
     AQ_ASSIGN_OR_RETURN(b.max, (list_at<arrow::FloatArray, float>(*maxs, i, where)));
     AQ_ASSIGN_OR_RETURN(b.hessian, (list_at<arrow::DoubleArray, double>(*hessian, i, where)));
     if (!reason->IsNull(i)) b.hessian_reason = reason->GetString(i);
+    if (hist_pos && !hist_pos->IsNull(i)) {
+      AQ_ASSIGN_OR_RETURN(auto pos, (list_at<arrow::Int64Array, int64_t>(*hist_pos, i, where)));
+      AQ_ASSIGN_OR_RETURN(auto neg, (list_at<arrow::Int64Array, int64_t>(*hist_neg, i, where)));
+      if (pos.size() != static_cast<size_t>(kActHistBins) || neg.size() != static_cast<size_t>(kActHistBins))
+        return FormatError(StrCat(where, ": histograms hold ", pos.size(), "/", neg.size(), " bins, expected ", kActHistBins));
+      ActivationHistogram h;
+      for (int k = 0; k < kActHistBins; ++k) {
+        if (pos[k] < 0 || neg[k] < 0) return FormatError(StrCat(where, ": negative histogram count"));
+        h.pos[k] = static_cast<uint64_t>(pos[k]);
+        h.neg[k] = static_cast<uint64_t>(neg[k]);
+      }
+      h.zero = static_cast<uint64_t>(std::max<int64_t>(0, hist_zero->Value(i)));
+      h.min = b.min.empty() ? 0.0f : *std::min_element(b.min.begin(), b.min.end());
+      h.max = b.max.empty() ? 0.0f : *std::max_element(b.max.begin(), b.max.end());
+      b.histogram = std::move(h);
+    }
     const size_t nf = static_cast<size_t>(n);
     if (b.absmax.size() != nf || b.min.size() != nf || b.max.size() != nf)
       return FormatError(StrCat(where, ": absmax/min/max hold ", b.absmax.size(), "/", b.min.size(), "/", b.max.size(),
@@ -235,6 +265,44 @@ std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const
   }
   if (used == 0) return std::nullopt;
   for (double& v : out.gptq) v /= static_cast<double>(used);
+  return out;
+}
+
+}  // namespace aq
+
+namespace aq {
+
+std::optional<LayerActivations> layer_activations(const LayerCalibration& layer, const std::vector<TimeGroup>& groups,
+                                                  int bits) {
+  auto in_group = [](const TimeGroup& g, int b) { return std::find(g.bins.begin(), g.bins.end(), b) != g.bins.end(); };
+  ActivationHistogram all;
+  std::vector<ActivationHistogram> fit(groups.size()), hold(groups.size());
+  for (const auto& b : layer.fit) {
+    if (!b.histogram) return std::nullopt;
+    all.add(*b.histogram);
+    for (size_t g = 0; g < groups.size(); ++g)
+      if (in_group(groups[g], b.bin)) fit[g].add(*b.histogram);
+  }
+  for (const auto& b : layer.holdout) {
+    if (!b.histogram) continue;
+    for (size_t g = 0; g < groups.size(); ++g)
+      if (in_group(groups[g], b.bin)) hold[g].add(*b.histogram);
+  }
+  if (all.count() == 0) return std::nullopt;
+  LayerActivations out;
+  out.static_params = choose_activation_params(all, bits);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    GroupActivation ga;
+    ga.params = fit[g].count() ? choose_activation_params(fit[g], bits) : out.static_params;
+    ga.held_out = hold[g].count() > 0;
+    const ActivationHistogram& check = ga.held_out ? hold[g] : fit[g];
+    const double ms = check.mean_square();
+    if (ms > 0) {
+      ga.rel_error = std::sqrt(activation_mse(check, ga.params) / ms);
+      ga.static_rel_error = std::sqrt(activation_mse(check, out.static_params) / ms);
+    }
+    out.groups.push_back(ga);
+  }
   return out;
 }
 

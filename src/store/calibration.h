@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "quant/activation.h"
 
 namespace aq {
 
@@ -24,6 +25,7 @@ struct CalibrationBin {
   std::vector<float> absmax, min, max;  // per input feature
   std::vector<double> hessian;          // in_features^2, row-major sum of x x^T; empty when not recorded
   std::string hessian_reason;           // why not
+  std::optional<ActivationHistogram> histogram;  // of every input value; absent in older files
 };
 
 struct LayerCalibration {
@@ -70,5 +72,22 @@ struct LayerHessians {
 };
 // nullopt when the layer has no Hessian in some group (recorded without one: too wide).
 std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups);
+
+// Per timestep group: activation quantization parameters fitted on the group's inputs, and the
+// relative error sqrt(E[(x - x')^2] / E[x^2]) on the group's held-out inputs, for the group's
+// own parameters and for one static set fitted on the whole trajectory.
+struct GroupActivation {
+  ActivationParams params;
+  double rel_error = 0;         // group parameters, held-out inputs
+  double static_rel_error = 0;  // static parameters, same inputs
+  bool held_out = false;
+};
+struct LayerActivations {
+  ActivationParams static_params;
+  std::vector<GroupActivation> groups;  // one per TimeGroup (empty groups keep the static set)
+};
+// nullopt when the file holds no histograms for the layer.
+std::optional<LayerActivations> layer_activations(const LayerCalibration& layer, const std::vector<TimeGroup>& groups,
+                                                  int bits);
 
 }  // namespace aq

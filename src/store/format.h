@@ -23,6 +23,8 @@ inline constexpr int kFormatVersion = 1;
 inline constexpr const char* kFormatName = "arrowquant";
 inline constexpr const char* kManifestFile = "manifest.json";
 inline constexpr const char* kWeightsFile = "weights.parquet";
+// Activation quantization parameters per layer per timestep group (when activation_bits is set).
+inline constexpr const char* kActivationsFile = "activations.parquet";
 
 // One row of weights.parquet: what the writer takes and the reader gives back (without data).
 struct StoredTensorInfo {

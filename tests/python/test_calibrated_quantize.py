@@ -209,3 +209,41 @@ def test_cli_calibration_flags(calibrated_model, tmp_path):
                           str(tmp_path / "q2"), "--bits", "4", "--no-time-aware", "--json", "--quiet"],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["calibration"]["layers_gptq"] == 0
+
+
+def test_activation_params_per_timestep_group(calibrated_model, tmp_path):
+    """W8A8: per-group activation parameters are stored, loadable by timestep, and (inputs whose
+    range moves fivefold with t) beat one static scale on the worst group."""
+    r = _quantize(calibrated_model, tmp_path / "q", bit_width=8, group_size=0, activation_bits=8)
+    assert r["calibration"]["activation_params"] == "activations.parquet"
+    model = aq.load(r["quantized_path"])
+    layer = next(l for l in r["layers"] if l["tensor"] == "inp.weight")
+    groups = layer["activation"]["groups"]
+    assert len(groups) == 4
+    worst_group = max(g["relative_error"] for g in groups)
+    worst_static = max(g["static_relative_error"] for g in groups)
+    assert worst_group < 0.75 * worst_static, (worst_group, worst_static)
+    for g in groups:
+        assert g["held_out"] and g["relative_error"] <= 1.05 * g["static_relative_error"], g
+    for g in groups:
+        p = model.activation_params("inp.weight", (g["step_lo"] + g["step_hi"]) / 2)
+        assert p["group"] == g["group"] and p["bits"] == 8
+        assert p["scale"] == pytest.approx(g["scale"]) and p["zero_point"] == g["zero_point"]
+        assert 0 <= p["zero_point"] <= 255
+        assert p["clip_lo"] <= 0 <= p["clip_hi"]
+    assert model.activation_params("inp.weight", -5)["group"] == 0
+    assert model.activation_params("inp.weight", 10 * T_MAX)["group"] == 3
+    # the stored parameters on the real held-out inputs: quantize them and compare with the report
+    x = _inputs(64, 96, 1).numpy() + 0.1  # the second pass of the recording (held-out calls come from it)
+    p = model.activation_params("inp.weight", 900)
+    xs = x * (0.5 + 2.0 * 925 / T_MAX)
+    c = np.clip(np.round(xs / p["scale"]) + p["zero_point"], 0, 255)
+    err = np.sqrt(np.mean((xs - (c - p["zero_point"]) * p["scale"]) ** 2) / np.mean(xs ** 2))
+    assert err < 0.05
+    with pytest.raises(KeyError, match="no activation parameters"):
+        aq.load(_quantize(calibrated_model, tmp_path / "w", bit_width=8)["quantized_path"]).activation_params("inp.weight", 1)
+
+
+def test_activation_bits_validation():
+    with pytest.raises(aq.ConfigurationError, match="activation_bits"):
+        aq.DiffusionQuantConfig(activation_bits=6)

@@ -33,8 +33,11 @@ SCHEMA = [
     ("step_hi", pa.float64()), ("split", pa.string()), ("samples", pa.int64()), ("rows", pa.int64()),
     ("step_sum", pa.float64()), ("in_features", pa.int32()), ("absmax", pa.list_(pa.float32())),
     ("min", pa.list_(pa.float32())), ("max", pa.list_(pa.float32())), ("hessian", pa.list_(pa.float64())),
-    ("hessian_reason", pa.string()),
+    ("hessian_reason", pa.string()), ("hist_pos", pa.list_(pa.int64())), ("hist_neg", pa.list_(pa.int64())),
+    ("hist_zero", pa.int64()),
 ]
+HIST_META = {"arrowquant.hist_bins_per_octave": "8", "arrowquant.hist_min_exp": "-24",
+             "arrowquant.hist_max_exp": "24"}
 
 
 class Denoiser(nn.Module):
@@ -490,6 +493,8 @@ def test_file_schema_and_metadata(tmp_path):
     assert json.loads(meta["arrowquant.step_range"]) == [0, 1000]
     assert meta["arrowquant.num_bins"] == "5"
     assert meta["arrowquant.samples"] == "3"
+    for k, v in HIST_META.items():
+        assert meta[k] == v
     pf = pq.ParquetFile(path)
     table = pf.read()
     assert pf.num_row_groups == table.num_rows == 6 * 3  # 6 layers x (bin 0 fit, bin 4 holdout, bin 2 fit)
@@ -505,9 +510,176 @@ def test_file_schema_and_metadata(tmp_path):
         assert (row["hessian"] is None) == (row["hessian_reason"] is not None)
         if row["hessian"] is not None:
             assert len(row["hessian"]) == f * f
+        assert len(row["hist_pos"]) == len(row["hist_neg"]) == 384 and row["hist_zero"] >= 0
+    assert all(not schema.field(n).nullable for n in ("hist_pos", "hist_neg", "hist_zero"))
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not the private mode of a temporary file
+
+
+# ---------------------------------------------------------------------------------------------
+# the histogram of input values
+# ---------------------------------------------------------------------------------------------
+
+def np_hist(values) -> Dict[str, object]:
+    """The histogram computed independently with numpy: bin floor(log2|x| * 8) + 192 clamped to
+    [0, 383] (float64 log2 of the float32 values), exact zeros alone, NaN nowhere."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    out: Dict[str, object] = {"hist_zero": int((x == 0).sum())}
+    for col, mag in (("hist_pos", x[x > 0]), ("hist_neg", -x[x < 0])):
+        with np.errstate(divide="ignore"):
+            k = np.clip(np.floor(np.log2(mag) * 8) + 192, 0, 383).astype(np.int64)
+        out[col] = np.bincount(k, minlength=384)
+    return out
+
+
+def edge_values(seed: int) -> torch.Tensor:
+    """Values on and one float32 ulp either side of bin edges 2^(j/8), exact zeros of both signs,
+    values far outside [2^-24, 2^24] (subnormal included), of both signs, plus normal noise."""
+    rng = np.random.default_rng(seed)
+    j = rng.integers(-200, 200, 40)
+    e = np.exp2(j / 8).astype(np.float32)
+    near = np.concatenate([e, np.nextafter(e, np.float32(0)), np.nextafter(e, np.float32(np.inf)),
+                           np.float32([2.0 ** -24, 2.0 ** 24, 1e-30, 1e-45, 3e30, 0.0, -0.0, 0.0])])
+    sign = np.where(rng.random(near.size) < 0.5, -1, 1).astype(np.float32)
+    v = np.concatenate([near * sign, rng.standard_normal(400).astype(np.float32)])
+    return torch.from_numpy(rng.permutation(v).astype(np.float32))
+
+
+class HistModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)  # padding adds zeros to X, not to the histogram
+
+    def forward(self, x, img):
+        return self.lin(x), self.conv(img)
+
+
+def test_histogram_matches_numpy_linear_and_conv2d(tmp_path):
+    """Per (layer, bin, split): hist_pos / hist_neg / hist_zero over every element of the layer's raw
+    inputs equal numpy's; their total is the number of input elements (a conv's raw input, not its
+    unfolded X); fit and holdout are kept apart."""
+    model = HistModel()
+    seen = capture_inputs(model)
+    steps = [110.0, 120.0, 130.0, 640.0]  # calls 0, 2: bin 1 fit; 1: bin 1 holdout; 3: bin 6 holdout
+    with CalibrationRecorder(model, num_bins=10, holdout_every=2) as rec:
+        for i, t in enumerate(steps):
+            v = edge_values(i)
+            x = v[:64 * 8].reshape(4, 16, 8)
+            img = v[-2 * 2 * 9 * 10:].reshape(2, 2, 9, 10).clone()
+            x[1, 2, 3:5] = torch.tensor([0.0, -0.0])
+            img[1, 0, 2, 3:5] = torch.tensor([-0.0, 0.0])
+            with rec.step(t):
+                model(x, img)
+        path = rec.save(tmp_path / "calibration.parquet")
+    release(seen)
+    data = load_calibration(path)
+    groups = {(1, "fit"): [0, 2], (1, "holdout"): [1], (6, "holdout"): [3]}
+    assert set(data) == {(layer, b, sp) for layer in ("lin.weight", "conv.weight") for b, sp in groups}
+    for layer, inputs in seen.items():
+        for (b, split), calls in groups.items():
+            e = data[(layer, b, split)]
+            values = np.concatenate([inputs[i].numpy().reshape(-1) for i in calls])
+            want = np_hist(values)
+            for col in ("hist_pos", "hist_neg"):
+                assert e[col].dtype == np.int64 and e[col].shape == (384,)
+                np.testing.assert_array_equal(e[col], want[col], err_msg=f"{layer} {b} {split} {col}")
+            assert e["hist_zero"] == want["hist_zero"] >= 2 * len(calls)
+            total = int(e["hist_pos"].sum() + e["hist_neg"].sum() + e["hist_zero"])
+            assert total == values.size == sum(inputs[i].numel() for i in calls)
+            if layer == "lin.weight":
+                assert total == e["rows"] * e["in_features"]
+            else:
+                assert total < e["rows"] * e["in_features"]  # X repeats elements and adds padding
+    # the edge values spread over the whole range: first and last bins used, both signs
+    e = data[("lin.weight", 1, "fit")]
+    assert e["hist_pos"][0] > 0 and e["hist_pos"][383] > 0 and e["hist_neg"][0] > 0 and e["hist_neg"][383] > 0
+
+
+def test_histogram_zeros_non_finite_and_dtypes():
+    """+0.0 and -0.0 count in hist_zero only; the smallest subnormal in the first bin; +-inf in the last
+    bin of their sign; NaN nowhere. float16 / bfloat16 inputs are binned as their float32 values,
+    float64 inputs exactly in float64."""
+    lin = nn.Linear(5, 2)
+    x = torch.tensor([[0.0, -0.0, 1e-45, float("inf"), float("-inf")],
+                      [float("nan"), 1.0, -1.0, 3.0, -0.75]])
+    with CalibrationRecorder(lin, num_bins=1, holdout_every=0) as rec:
+        with rec.step(0):
+            lin(x)
+    h = rec._stats[("weight", 0, "fit")].hist.numpy()
+    pos, neg, zero = h[:384], h[384:768], int(h[768])
+    assert zero == 2
+    # bins: 1e-45 -> 0, 1 -> 192, 3 -> 192 + floor(12.7) = 204, inf -> 383; 0.75 -> 192 + floor(-3.3) = 188
+    assert {int(k): int(pos[k]) for k in np.flatnonzero(pos)} == {0: 1, 192: 1, 204: 1, 383: 1}
+    assert {int(k): int(neg[k]) for k in np.flatnonzero(neg)} == {188: 1, 192: 1, 383: 1}
+    assert pos.sum() + neg.sum() + zero == x.numel() - 1  # the NaN
+
+    for dtype in (torch.float16, torch.bfloat16):
+        lin = nn.Linear(6, 2).to(dtype)
+        xh = torch.randn(7, 6).to(dtype)
+        xh[0, :3] = 0
+        with CalibrationRecorder(lin, num_bins=1, holdout_every=0) as rec:
+            with rec.step(0):
+                lin(xh)
+        h = rec._stats[("weight", 0, "fit")].hist.numpy()
+        want = np_hist(xh.float().numpy())
+        np.testing.assert_array_equal(h[:384], want["hist_pos"])
+        np.testing.assert_array_equal(h[384:768], want["hist_neg"])
+        assert h[768] == want["hist_zero"] >= 3
+
+    # float64 values one ulp either side of an edge 2^(j/8), and one below float32's smallest subnormal
+    from fractions import Fraction
+    vals = []
+    for j in range(-191, 197, 3):
+        e = 2.0 ** (j / 8)
+        vals += [np.nextafter(e, 0.0), e, np.nextafter(e, np.inf)]
+    vals.append(1e-300)
+    conv = nn.Conv1d(1, 1, 1).double()
+    with CalibrationRecorder(conv, num_bins=1, holdout_every=0) as rec:
+        with rec.step(0):
+            conv(torch.tensor(vals, dtype=torch.float64).reshape(1, 1, -1))
+    h = rec._stats[("weight", 0, "fit")].hist.numpy()
+
+    def exact_bin(v):  # 192 + the largest j with v^8 >= 2^j, clamped
+        j = int(math.floor(math.log2(v) * 8)) + 2
+        while Fraction(v) ** 8 < Fraction(2) ** j:
+            j -= 1
+        return min(383, max(0, j + 192))
+
+    assert np.bincount([exact_bin(v) for v in vals], minlength=384).tolist() == h[:384].tolist()
+    assert h[0] == 2  # 1e-300 (positive in float64, not a zero) and the value one ulp below 2^(-191/8)
+    assert h[1] == 2 and h[383] == 6  # 2^(193/8), 2^(196/8) and their neighbours: beyond 2^24
+    assert h[384:].sum() == 0
+
+
+def test_load_calibration_histogram_columns_are_optional(tmp_path):
+    model = nn.Linear(3, 2)
+    with CalibrationRecorder(model, num_bins=2, holdout_every=0) as rec:
+        with rec.step(100):
+            model(torch.tensor([[0.0, 0.5, -2.0]]))
+        path = rec.save(tmp_path / "calibration.parquet")
+    e = load_calibration(path)[("weight", 0, "fit")]
+    assert e["hist_zero"] == 1 and e["hist_pos"][184] == 1 and e["hist_neg"][200] == 1
+    assert e["hist_pos"].sum() == e["hist_neg"].sum() == 1
+    # a file written before the histogram columns: read, histograms None
+    table = pq.read_table(path)
+    old = table.drop_columns(["hist_pos", "hist_neg", "hist_zero"])
+    old = old.replace_schema_metadata({k: v for k, v in table.schema.metadata.items()
+                                       if not k.startswith(b"arrowquant.hist_")})
+    pq.write_table(old, tmp_path / "old.parquet")
+    e = load_calibration(tmp_path / "old.parquet")[("weight", 0, "fit")]
+    assert e["hist_pos"] is None and e["hist_neg"] is None and e["hist_zero"] is None
+    assert e["rows"] == 1 and e["absmax"].tolist() == [0.0, 0.5, 2.0]
+    # another histogram layout, or a column missing: refused
+    meta = dict(table.schema.metadata)
+    meta[b"arrowquant.hist_bins_per_octave"] = b"4"
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "layout.parquet")
+    with pytest.raises(ModelFormatError, match="histogram layout"):
+        load_calibration(tmp_path / "layout.parquet")
+    pq.write_table(table.drop_columns(["hist_zero"]), tmp_path / "partial.parquet")
+    with pytest.raises(ModelFormatError, match="hist_zero"):
+        load_calibration(tmp_path / "partial.parquet")
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
