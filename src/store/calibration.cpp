@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "store/arrow_columns.h"
 #include "store/arrow_status.h"
 
 namespace aq {
@@ -29,16 +30,6 @@ std::vector<int> CalibrationData::bins_present() const {
 
 namespace {
 
-template <typename ArrayT>
-Result<std::shared_ptr<ArrayT>> column(const arrow::Table& t, const char* name, const std::string& path) {
-  auto col = t.GetColumnByName(name);
-  if (!col) return FormatError(StrCat(path, ": calibration file has no column '", name, "'"));
-  auto merged = arrow::Concatenate(col->chunks());
-  if (!merged.ok()) return FormatError(StrCat(path, ": column '", name, "': ", merged.status().ToString()));
-  auto typed = std::dynamic_pointer_cast<ArrayT>(*merged);
-  if (!typed) return FormatError(StrCat(path, ": calibration column '", name, "' has type ", col->type()->ToString()));
-  return typed;
-}
 
 template <typename ValueArrayT, typename T>
 Result<std::vector<T>> list_at(const arrow::ListArray& list, int64_t i, const std::string& what) {
@@ -85,28 +76,28 @@ Result<CalibrationData> read_calibration(const std::string& path) {
     return FormatError(StrCat(path, ": bad calibration metadata: ", e.what()));
   }
 
-  AQ_ASSIGN_OR_RETURN(auto comp, column<arrow::StringArray>(*t, "component", path));
-  AQ_ASSIGN_OR_RETURN(auto layer, column<arrow::StringArray>(*t, "layer", path));
-  AQ_ASSIGN_OR_RETURN(auto bin, column<arrow::Int32Array>(*t, "bin", path));
-  AQ_ASSIGN_OR_RETURN(auto step_lo, column<arrow::DoubleArray>(*t, "step_lo", path));
-  AQ_ASSIGN_OR_RETURN(auto step_hi, column<arrow::DoubleArray>(*t, "step_hi", path));
-  AQ_ASSIGN_OR_RETURN(auto split, column<arrow::StringArray>(*t, "split", path));
-  AQ_ASSIGN_OR_RETURN(auto samples, column<arrow::Int64Array>(*t, "samples", path));
-  AQ_ASSIGN_OR_RETURN(auto rows, column<arrow::Int64Array>(*t, "rows", path));
-  AQ_ASSIGN_OR_RETURN(auto step_sum, column<arrow::DoubleArray>(*t, "step_sum", path));
-  AQ_ASSIGN_OR_RETURN(auto in_features, column<arrow::Int32Array>(*t, "in_features", path));
-  AQ_ASSIGN_OR_RETURN(auto absmax, column<arrow::ListArray>(*t, "absmax", path));
-  AQ_ASSIGN_OR_RETURN(auto mins, column<arrow::ListArray>(*t, "min", path));
-  AQ_ASSIGN_OR_RETURN(auto maxs, column<arrow::ListArray>(*t, "max", path));
-  AQ_ASSIGN_OR_RETURN(auto hessian, column<arrow::ListArray>(*t, "hessian", path));
-  AQ_ASSIGN_OR_RETURN(auto reason, column<arrow::StringArray>(*t, "hessian_reason", path));
+  AQ_ASSIGN_OR_RETURN(auto comp, column_as<arrow::StringArray>(*t, "component", path));
+  AQ_ASSIGN_OR_RETURN(auto layer, column_as<arrow::StringArray>(*t, "layer", path));
+  AQ_ASSIGN_OR_RETURN(auto bin, column_as<arrow::Int32Array>(*t, "bin", path));
+  AQ_ASSIGN_OR_RETURN(auto step_lo, column_as<arrow::DoubleArray>(*t, "step_lo", path));
+  AQ_ASSIGN_OR_RETURN(auto step_hi, column_as<arrow::DoubleArray>(*t, "step_hi", path));
+  AQ_ASSIGN_OR_RETURN(auto split, column_as<arrow::StringArray>(*t, "split", path));
+  AQ_ASSIGN_OR_RETURN(auto samples, column_as<arrow::Int64Array>(*t, "samples", path));
+  AQ_ASSIGN_OR_RETURN(auto rows, column_as<arrow::Int64Array>(*t, "rows", path));
+  AQ_ASSIGN_OR_RETURN(auto step_sum, column_as<arrow::DoubleArray>(*t, "step_sum", path));
+  AQ_ASSIGN_OR_RETURN(auto in_features, column_as<arrow::Int32Array>(*t, "in_features", path));
+  AQ_ASSIGN_OR_RETURN(auto absmax, column_as<arrow::ListArray>(*t, "absmax", path));
+  AQ_ASSIGN_OR_RETURN(auto mins, column_as<arrow::ListArray>(*t, "min", path));
+  AQ_ASSIGN_OR_RETURN(auto maxs, column_as<arrow::ListArray>(*t, "max", path));
+  AQ_ASSIGN_OR_RETURN(auto hessian, column_as<arrow::ListArray>(*t, "hessian", path));
+  AQ_ASSIGN_OR_RETURN(auto reason, column_as<arrow::StringArray>(*t, "hessian_reason", path));
   // Histograms: optional columns of version 1.
   std::shared_ptr<arrow::ListArray> hist_pos, hist_neg;
   std::shared_ptr<arrow::Int64Array> hist_zero;
   if (t->GetColumnByName("hist_pos")) {
-    AQ_ASSIGN_OR_RETURN(hist_pos, column<arrow::ListArray>(*t, "hist_pos", path));
-    AQ_ASSIGN_OR_RETURN(hist_neg, column<arrow::ListArray>(*t, "hist_neg", path));
-    AQ_ASSIGN_OR_RETURN(hist_zero, column<arrow::Int64Array>(*t, "hist_zero", path));
+    AQ_ASSIGN_OR_RETURN(hist_pos, column_as<arrow::ListArray>(*t, "hist_pos", path));
+    AQ_ASSIGN_OR_RETURN(hist_neg, column_as<arrow::ListArray>(*t, "hist_neg", path));
+    AQ_ASSIGN_OR_RETURN(hist_zero, column_as<arrow::Int64Array>(*t, "hist_zero", path));
     const std::string bpo = meta->Get("arrowquant.hist_bins_per_octave").ValueOr("");
     const std::string lo = meta->Get("arrowquant.hist_min_exp").ValueOr("");
     const std::string hi = meta->Get("arrowquant.hist_max_exp").ValueOr("");

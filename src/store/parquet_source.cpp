@@ -12,6 +12,7 @@
 #include "quant/hadamard.h"
 #include "quant/rans.h"
 #include "quant/tensor_codec.h"
+#include "store/arrow_columns.h"
 #include "store/arrow_status.h"
 #include "store/schema.h"
 
@@ -28,16 +29,6 @@ ParquetSource::~ParquetSource() = default;
 
 namespace {
 
-template <typename ArrayT>
-Result<std::shared_ptr<ArrayT>> column_as(const arrow::Table& t, const char* name, const std::string& path) {
-  auto col = t.GetColumnByName(name);
-  if (!col) return FormatError(StrCat(path, ": no column '", name, "'"));
-  auto merged = arrow::Concatenate(col->chunks());
-  if (!merged.ok()) return FormatError(StrCat(path, ": column '", name, "': ", merged.status().ToString()));
-  auto typed = std::dynamic_pointer_cast<ArrayT>(*merged);
-  if (!typed) return FormatError(StrCat(path, ": column '", name, "' has type ", col->type()->ToString()));
-  return typed;
-}
 
 Result<ScaleType> parse_scale_type(const std::string& s, const std::string& where) {
   if (s == "f16") return ScaleType::kF16;
