@@ -9,15 +9,17 @@ W8 / W4 / W3 / W2 weight-only, all at the same bits per weight (bits + 0.5):
   rtn        round-to-nearest min/max, group 64 (data-free floor)
   data-free  our best data-free scheme: entropy-coded at bits + 0.5 bits per weight
   gptq-1     GPTQ, group 64, one calibration group (the whole trajectory pooled)
-  full       GPTQ, group 64, Hessian summed over 10 timestep groups with uniform weights
+  full       GPTQ, group 64, Hessian summed over 10 timestep groups with uniform weights, and
+             channel equalization (alpha searched per layer, none allowed)
 
 Figures: the denoiser's output relative error ||out_q - out|| / ||out|| per timestep group (mask-
 ratio group for the LM) along the full-precision model's own sampling trajectory (teacher-forced),
 and generation quality: digits -- same-seed sample PSNR against full precision, classifier
 accuracy of class-conditional samples and Frechet distance of classifier features; text -- per-
 step KL(p_fp || p_q) and argmax agreement, and same-seed free-running token agreement.
-W8A8 / W4A8: the full-path weights with every quantized layer's input fake-quantized at 8 bits,
-by per-timestep-group parameters (activations.parquet) against one static set per layer.
+W8A8 / W4A8: the timestep-aware weights with every quantized layer's input fake-quantized at 8
+bits, by per-timestep-group parameters (activations.parquet) against one static set per layer,
+without and with channel equalization (searched on the W?A8 output error).
 
     python benchmarks/bench_diffusion.py [--models digits text] [--bits 8 4 3 2]
 """
@@ -193,12 +195,12 @@ def variants(bits: int) -> List[Tuple[str, Dict[str, Any]]]:
         ("rtn", dict(bit_width=bits, group_size=GROUP_SIZE, scale_method="minmax", enable_time_aware=False)),
         ("data-free", dict(bit_width=bits, scheme="entropy", target_bits_per_weight=bits + 0.5, enable_time_aware=False)),
         ("gptq-1", dict(bit_width=bits, group_size=GROUP_SIZE, num_time_groups=1)),
-        ("full", dict(bit_width=bits, group_size=GROUP_SIZE, num_time_groups=GROUPS)),
+        ("full", dict(bit_width=bits, group_size=GROUP_SIZE, num_time_groups=GROUPS, enable_spatial=True)),
     ]
 
 
 def quantize(model_dir: str, out: str, **cfg: Any) -> Tuple[Dict[str, Any], Any]:
-    r = aq.ArrowQuantV2().quantize_diffusion_model(model_dir, out, aq.DiffusionQuantConfig(**COMMON, **cfg))
+    r = aq.ArrowQuantV2().quantize_diffusion_model(model_dir, out, aq.DiffusionQuantConfig(**{**COMMON, **cfg}))
     return r, aq.load(out)
 
 
@@ -211,12 +213,19 @@ def fake_quant_hooks(model: torch.nn.Module, qmodel: Any, report: Dict[str, Any]
     for wname, st in static.items():
         mod = modules[wname[: -len(".weight")]]
 
-        def hook(m, args, wname=wname, st=st):
+        scale = qmodel[wname].input_scale  # channel equalization, or None
+        if scale is not None:
+            shape = [-1] + [1] * (mod.weight.dim() - 2) if mod.weight.dim() > 2 else [-1]
+            scale = torch.from_numpy(scale).reshape(shape)
+
+        def hook(m, args, wname=wname, st=st, scale=scale):
+            # the runtime computes W' fq(x * a) with W' = W diag(1 / a); the loaded module holds W
             p = qmodel.activation_params(wname, state["step"]) if mode == "group" else st
-            x = args[0]
+            x = args[0] if scale is None else args[0] * scale
             nmax = 2 ** p["bits"] - 1
             c = torch.clamp(torch.round(x / p["scale"]) + p["zero_point"], 0, nmax)
-            return ((c - p["zero_point"]) * p["scale"],) + tuple(args[1:])
+            xq = (c - p["zero_point"]) * p["scale"]
+            return (xq if scale is None else xq / scale,) + tuple(args[1:])
 
         mod.register_forward_pre_hook(hook)
 
@@ -278,25 +287,31 @@ def run_task(task, bits_list: List[int], work: str, max_samples: int) -> Tuple[L
     lines.append("")
 
     # W8A8 / W4A8
-    lines.append(f"#### {task.name}: W8A8 / W4A8 (full-path weights, every quantized layer's input at 8 bits)\n")
-    lines.append("| weights | activation parameters | " + " | ".join(f"g{g}" for g in range(GROUPS)) + " | worst | mean |")
-    lines.append("|---|---|" + "---|" * (GROUPS + 2))
+    lines.append(f"#### {task.name}: W8A8 / W4A8 (timestep-aware GPTQ weights, every quantized layer's input at 8 bits)\n")
+    lines.append("| weights | equalization | activation parameters | " + " | ".join(f"g{g}" for g in range(GROUPS))
+                 + " | worst | mean |")
+    lines.append("|---|---|---|" + "---|" * (GROUPS + 2))
     for wbits in (8, 4):
-        r, qm = quantize(model_dir, os.path.join(work, f"a8-w{wbits}"), bit_width=wbits, group_size=GROUP_SIZE,
-                         num_time_groups=GROUPS, activation_bits=8)
-        worst = {}
-        for mode in ("static", "group"):
-            model = task.load(qm.state_dict())
-            setter = fake_quant_hooks(model, qm, r, mode)
-            errs = output_error_per_group(task, model, before=setter)
-            worst[mode] = max(errs)
-            lines.append(f"| W{wbits}A8 | {'per timestep group' if mode == 'group' else 'one static set'} | "
-                         + " | ".join(fmt(e) for e in errs) + f" | {fmt(max(errs))} | {fmt(float(np.mean(errs)))} |")
-        summary[("a8", wbits)] = worst
+        for spatial in (False, True):
+            r, qm = quantize(model_dir, os.path.join(work, f"a8-w{wbits}-{spatial}"), bit_width=wbits,
+                             group_size=GROUP_SIZE, num_time_groups=GROUPS, activation_bits=8, enable_spatial=spatial)
+            worst = {}
+            eq = f"{r['calibration']['layers_equalized']} layers" if spatial else "off"
+            for mode in ("static", "group"):
+                model = task.load(qm.state_dict())
+                setter = fake_quant_hooks(model, qm, r, mode)
+                errs = output_error_per_group(task, model, before=setter)
+                worst[mode] = max(errs)
+                lines.append(f"| W{wbits}A8 | {eq} | {'per timestep group' if mode == 'group' else 'one static set'} | "
+                             + " | ".join(fmt(e) for e in errs) + f" | {fmt(max(errs))} | {fmt(float(np.mean(errs)))} |")
+            summary[("a8", wbits, spatial)] = worst
     lines.append("")
-    lines.append("Worst-group output error, static / per-group (target >= 2 at W8A8): "
-                 + ", ".join(f"W{w}A8 {summary[('a8', w)]['static'] / summary[('a8', w)]['group']:.2f}x" for w in (8, 4))
-                 + "\n")
+    lines.append("Worst-group output error, one static set / per timestep group (target >= 2 at W8A8): "
+                 + ", ".join(f"W{w}A8 {summary[('a8', w, sp)]['static'] / summary[('a8', w, sp)]['group']:.2f}x"
+                             f" ({'with' if sp else 'without'} equalization)" for w in (8, 4) for sp in (False, True))
+                 + "; per-group with equalization against static without: "
+                 + ", ".join(f"W{w}A8 {summary[('a8', w, False)]['static'] / summary[('a8', w, True)]['group']:.2f}x"
+                             for w in (8, 4)) + "\n")
     return lines, summary
 
 

@@ -28,6 +28,7 @@ import numbers
 import os
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -91,8 +92,11 @@ SCHEMA_FIELDS: List[Tuple[str, pa.DataType, bool]] = [
     ("hist_pos", pa.list_(pa.int64()), False),
     ("hist_neg", pa.list_(pa.int64()), False),
     ("hist_zero", pa.int64(), False),
+    # a uniform random sample of input rows (X's rows), row-major, rows x in_features float32
+    ("inputs", pa.list_(pa.float32()), True),
 ]
 HIST_COLUMNS = ("hist_pos", "hist_neg", "hist_zero")
+OPTIONAL_COLUMNS = HIST_COLUMNS + ("inputs",)
 
 __all__ = [
     "CalibrationRecorder",
@@ -204,6 +208,10 @@ class _Stats:
     hessian: Optional[torch.Tensor] = None
     # int64 counts, 2 * HIST_BINS + 1: hist_pos, then hist_neg, then hist_zero
     hist: Optional[torch.Tensor] = None
+    # reservoir sample of X's rows (float32, up to input_samples rows) and the rows offered to it
+    inputs: Optional[torch.Tensor] = None
+    offered: int = 0
+    generator: Optional[np.random.Generator] = None
 
 
 @dataclass
@@ -399,6 +407,12 @@ class CalibrationRecorder:
     max_hessian_features:
         Layers whose X has more columns than this get no Hessian (``hessian`` null,
         ``hessian_reason`` says why); their absmax / min / max are still recorded.
+    input_samples:
+        Rows of X kept per (layer, bin, split), drawn uniformly at random from every row the layer
+        saw there (reservoir sampling, seeded from the layer name, bin and split, so a rerun keeps
+        the same rows). The engine uses them to fit activation parameters after channel
+        equalization and to measure W8A8 / W4A8 output error. Only for layers with a Hessian;
+        0 records none.
     component:
         The pipeline component the model is (``"unet"``, ``"transformer"``), ``""`` for a single model.
     step_kind:
@@ -415,7 +429,7 @@ class CalibrationRecorder:
     def __init__(self, model: "nn.Module", step_range: Optional[Tuple[float, float]] = None, num_bins: int = 10,
                  max_samples: int = 128, total_calls: Optional[int] = None, holdout_every: int = 4,
                  max_hessian_features: int = 4096, component: str = "", step_kind: str = "timestep",
-                 device: Optional[Union[str, "torch.device"]] = None) -> None:
+                 device: Optional[Union[str, "torch.device"]] = None, input_samples: int = 64) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if step_kind not in STEP_KINDS:
@@ -439,6 +453,8 @@ class CalibrationRecorder:
         if not _is_int(max_hessian_features) or not 0 <= max_hessian_features <= HESSIAN_FEATURES_LIMIT:
             raise ConfigurationError(f"max_hessian_features must be an integer between 0 and {HESSIAN_FEATURES_LIMIT}; "
                                      f"got {max_hessian_features!r}")
+        if not _is_int(input_samples) or not 0 <= input_samples <= 65536:
+            raise ConfigurationError(f"input_samples must be an integer between 0 and 65536; got {input_samples!r}")
         if not isinstance(component, str):
             raise ConfigurationError(f"component must be a string ('' for a single model); got {component!r}")
         if device is not None:
@@ -456,6 +472,7 @@ class CalibrationRecorder:
         self.total_calls = None if total_calls is None else int(total_calls)
         self.holdout_every = int(holdout_every)
         self.max_hessian_features = int(max_hessian_features)
+        self.input_samples = int(input_samples)
         self.component = component
         self.step_kind = step_kind
         self.device = device
@@ -665,6 +682,8 @@ class CalibrationRecorder:
                 for i in range(0, chunk.shape[0], HESSIAN_CHUNK_ROWS):
                     xd = chunk[i:i + HESSIAN_CHUNK_ROWS].to(torch.float64)
                     st.hessian.addmm_(xd.t(), xd)
+                if self.input_samples:
+                    _offer_rows(st, xf, self.input_samples, key)
             st.rows += int(chunk.shape[0])
             if st.last_call != call.index:
                 st.last_call = call.index
@@ -722,6 +741,7 @@ class CalibrationRecorder:
                 "hist_pos": hist[:HIST_BINS],
                 "hist_neg": hist[HIST_BINS:2 * HIST_BINS],
                 "hist_zero": int(hist[2 * HIST_BINS]),
+                "inputs": None if st.inputs is None else st.inputs.detach().cpu().numpy().reshape(-1),
             }
 
     def save(self, path: PathLike) -> str:
@@ -777,6 +797,31 @@ class CalibrationRecorder:
                 f"calls={self._calls}, recorded={self._recorded}/{self.max_samples})")
 
 
+def _offer_rows(st: "_Stats", x: torch.Tensor, capacity: int, key: Tuple[str, int, str]) -> None:
+    """Reservoir sampling (Vitter's algorithm R) of X's rows: after n rows were offered, each is in
+    the sample with probability capacity / n. The generator is seeded from the key, so the sample
+    depends only on the rows offered and their order."""
+    if st.generator is None:
+        seed = zlib.crc32(f"{key[0]}\0{key[1]}\0{key[2]}".encode())
+        st.generator = np.random.default_rng(seed)
+        st.inputs = torch.empty(0, x.shape[1], dtype=torch.float32, device=x.device)
+    m = int(x.shape[0])
+    fill = max(0, min(capacity - st.inputs.shape[0], m))
+    if fill:
+        st.inputs = torch.cat([st.inputs, x[:fill].float()])
+    if fill < m:
+        seen = st.offered + np.arange(fill, m, dtype=np.int64)  # each row's 0-based index among all offered
+        slot = (st.generator.random(m - fill) * (seen + 1)).astype(np.int64)
+        rows = np.flatnonzero(slot < capacity)
+        if rows.size:
+            # a later row replacing the same slot wins, as in the sequential algorithm
+            last = {int(slot[r]): int(r) + fill for r in rows}
+            idx = torch.as_tensor(list(last.keys()), dtype=torch.long, device=x.device)
+            src = torch.as_tensor(list(last.values()), dtype=torch.long, device=x.device)
+            st.inputs[idx] = x[src].float()
+    st.offered += m
+
+
 def _stats_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.device.type == "mps" else t.device
 
@@ -825,6 +870,7 @@ def _row_table(row: Dict[str, Any], schema: pa.Schema) -> pa.Table:
 
 def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int, max_samples: int = 128,
                     num_bins: int = 10, holdout_every: int = 4, max_hessian_features: int = 4096,
+                    input_samples: int = 64,
                     calls_per_step: int = 1, step_range: Optional[Tuple[float, float]] = None,
                     timestep_scale: Optional[float] = None, output_path: Optional[PathLike] = None,
                     device: Optional[Union[str, "torch.device"]] = None, **pipe_kwargs: Any) -> CalibrationRecorder:
@@ -878,6 +924,7 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
     rec = CalibrationRecorder(denoiser, step_range=step_range, num_bins=num_bins, max_samples=max_samples,
                               total_calls=num_inference_steps * calls_per_step * len(runs),
                               holdout_every=holdout_every, max_hessian_features=max_hessian_features,
+                              input_samples=input_samples,
                               component=component, step_kind="timestep", device=device)
     try:
         rec.attach_timestep(denoiser, scale=timestep_scale)
@@ -953,7 +1000,7 @@ def load_calibration(path: PathLike) -> CalibrationData:
         raise ModelFormatError(f"{path!r}: arrowquant.calibration_version is {version!r}; this reader reads "
                                f"version {CALIBRATION_VERSION!r}")
     names = pf.schema_arrow.names
-    missing = [n for n, _, _ in SCHEMA_FIELDS if n not in names and n not in HIST_COLUMNS]
+    missing = [n for n, _, _ in SCHEMA_FIELDS if n not in names and n not in OPTIONAL_COLUMNS]
     if missing:
         raise ModelFormatError(f"{path!r}: missing columns {missing}")
     has_hist = any(n in names for n in HIST_COLUMNS)
@@ -968,8 +1015,10 @@ def load_calibration(path: PathLike) -> CalibrationData:
                                    f"hist_max_exp) is {layout}; this reader reads {expected}")
     out = CalibrationData()
     out.metadata = meta
+    has_inputs = "inputs" in names
     scalars = [n for n, t, _ in SCHEMA_FIELDS if not pa.types.is_list(t) and (has_hist or n not in HIST_COLUMNS)]
-    list_columns = ("absmax", "min", "max", "hessian") + (("hist_pos", "hist_neg") if has_hist else ())
+    list_columns = (("absmax", "min", "max", "hessian") + (("hist_pos", "hist_neg") if has_hist else ())
+                    + (("inputs",) if has_inputs else ()))
     for g in range(pf.num_row_groups):
         table = pf.read_row_group(g)
         columns = {n: table.column(n).to_pylist() for n in scalars}
@@ -1007,6 +1056,14 @@ def load_calibration(path: PathLike) -> CalibrationData:
                     raise ModelFormatError(f"{where}: {col} has {row[col].size} bins, expected {HIST_BINS}")
             if not has_hist:
                 row["hist_zero"] = None
+            row["inputs"] = None
+            if has_inputs and lists["inputs"][i].is_valid:
+                values = lists["inputs"][i].values
+                xv = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32) if values is not None \
+                    else np.zeros(0, np.float32)
+                if f == 0 or xv.size % f:
+                    raise ModelFormatError(f"{where}: inputs has {xv.size} values, not a multiple of in_features {f}")
+                row["inputs"] = xv.reshape(-1, f)
             row["mean_step"] = row["step_sum"] / row["samples"] if row["samples"] else float("nan")
             out[key] = row
     return out

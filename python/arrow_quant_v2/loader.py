@@ -44,6 +44,9 @@ class PackedTensor:
     bits: Optional[int]
     group_size: Optional[int]
     symmetric: Optional[bool]
+    # Channel equalization: multiply the layer's input by input_scale (per input channel) before
+    # the stored weight and before activation quantization; None when the layer has none.
+    input_scale: Optional[np.ndarray] = None
 
 
 class QuantizedTensor:
@@ -64,6 +67,13 @@ class QuantizedTensor:
     cosine_similarity = property(lambda self: self.info.get("cosine_similarity", 1.0))
     stored_bytes = property(lambda self: self.info["stored_bytes"])
 
+    @property
+    def input_scale(self) -> Optional[np.ndarray]:
+        """Channel equalization: the per-input-channel factor a runtime multiplies the layer's input
+        by before the stored weight (and before activation quantization); None when the layer
+        has none. :meth:`numpy` already folds it into the weight it returns."""
+        return self.packed().input_scale if self.info.get("equalized") else None
+
     def numpy(self, dtype: Any = np.float32) -> np.ndarray:
         """The tensor as a numpy array: dequantized (float32 by default, or float16), or the kept
         values. Integer tensors come back in their own dtype."""
@@ -82,7 +92,8 @@ class QuantizedTensor:
             name=self.name, shape=list(d["shape"]), dtype=d["dtype"], quantized=d["quantized"], codes=d["codes"],
             scales=None if d["scales"] is None else np.frombuffer(d["scales"], dtype=sdt),
             zero_points=None if d["zero_points"] is None else np.frombuffer(d["zero_points"], dtype=sdt),
-            bits=d.get("bits"), group_size=d.get("group_size"), symmetric=d.get("symmetric"))
+            bits=d.get("bits"), group_size=d.get("group_size"), symmetric=d.get("symmetric"),
+            input_scale=d.get("input_scale"))
 
     def __repr__(self) -> str:
         return f"QuantizedTensor({self.name!r}, shape={self.shape}, {self.scheme}, source {self.dtype})"
@@ -106,9 +117,10 @@ class QuantizedModel:
                 raise ModelFormatError(f"{manifest_path}: not valid JSON ({e})") from None
         if self.manifest.get("format") != "arrowquant":
             raise ModelFormatError(f"{manifest_path}: not an ArrowQuant manifest")
-        if self.manifest.get("format_version") != _core.FORMAT_VERSION:
-            raise ModelFormatError(f"{manifest_path}: format version {self.manifest.get('format_version')}; "
-                                   f"this version reads {_core.FORMAT_VERSION}")
+        version = self.manifest.get("format_version")
+        if not isinstance(version, int) or not _core.MIN_FORMAT_VERSION <= version <= _core.FORMAT_VERSION:
+            raise ModelFormatError(f"{manifest_path}: format version {version}; this version reads "
+                                   f"{_core.MIN_FORMAT_VERSION} to {_core.FORMAT_VERSION}")
         self._tensors: Dict[str, QuantizedTensor] = {}
         self._by_component: Dict[str, List[str]] = {}
         for comp in self.manifest["components"]:

@@ -242,6 +242,7 @@ nb::dict info_dict(const aq::StoredTensorInfo& t) {
     d["sqnr_db"] = t.sqnr_db;
     d["max_abs_error"] = t.max_abs_error;
   }
+  d["equalized"] = !t.input_scale.empty();
   return d;
 }
 
@@ -284,6 +285,9 @@ class WeightsReader {
     d["scales"] = src_->tensors()[index].quantized ? nb::object(to_bytes(t.payload.scales)) : nb::none();
     d["zero_points"] = t.payload.zero_points.empty() ? nb::none() : nb::object(to_bytes(t.payload.zero_points));
     put_entropy(d, t.entropy.get());
+    const auto& scale = src_->tensors()[index].input_scale;
+    if (scale.empty()) d["input_scale"] = nb::none();
+    else d["input_scale"] = float_array(std::vector<float>(scale), {scale.size()});
     return d;
   }
 
@@ -304,6 +308,7 @@ class WeightsReader {
 NB_MODULE(_core, m) {
   m.doc() = "ArrowQuant C++ core (internal; use the arrow_quant_v2 package API)";
   m.attr("FORMAT_VERSION") = aq::kFormatVersion;
+  m.attr("MIN_FORMAT_VERSION") = aq::kMinFormatVersion;
 
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {

@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "common/thread_pool.h"
+#include "engine/calibrated_layer.h"
 #include "engine/output_dir.h"
 #include "engine/plan.h"
 #include "engine/tensor_job.h"
@@ -49,13 +50,17 @@ struct Slot {
   std::vector<int> rejected_bits;
   std::string keep_reason;  // non-empty: store raw
   std::string error;        // a per-layer error collected under fail_fast = false
-  // calibration (when the layer has it): Hessians per timestep group, the GPTQ factor
-  std::shared_ptr<const LayerHessians> hessians;
-  std::shared_ptr<const GptqFactor> gptq;
-  std::optional<LayerActivations> activations;  // activation_bits > 0 and histograms recorded
+  // calibration (when the layer has it): prepared on a worker (preparing until prepared is set),
+  // then Hessians per timestep group, the GPTQ factor, equalization, activation parameters
+  const LayerCalibration* calibration = nullptr;
+  bool preparing = false;
+  std::atomic<bool> prepared{false};
+  std::optional<Result<CalibratedLayer>> prepare_result;  // written by the worker before `prepared`
+  std::shared_ptr<const CalibratedLayer> cal;             // set when hessians were found
   json output_error;        // per timestep group, once encoded
   double output_cosine = 1; // worst group's output cosine
   const TensorInfo& info() const { return *ref.info; }
+  const GptqFactor* gptq() const { return cal ? cal->gptq.get() : nullptr; }
 };
 
 class QuantizeRun {
@@ -69,18 +74,22 @@ class QuantizeRun {
   Status run_component(const ComponentSource& comp, const std::vector<TensorRef>& refs, ParquetSink& sink,
                        json& comp_report);
   void start_job(Slot& s);
-  Status wait_for(Slot& s);
+  Status wait_for(Slot& s, std::deque<std::unique_ptr<Slot>>& window);
   // Decides what happens to a finished slot: true when it is ready to write, false when it was
   // restarted (float32 scales, or the next rung of the accuracy fallback).
   Result<bool> settle(Slot& s);
   Status write(Slot& s, ParquetSink& sink, json& comp_report);
   void drain(std::deque<std::unique_ptr<Slot>>& window);
   void emit_progress(bool force, const std::string& current, uint64_t partial_weights = 0);
-  // Looks up the slot's calibration and, when time-aware quantization is on, prepares GPTQ.
-  void attach_calibration(Slot& s);
+  // Looks up the slot's calibration; when there is some, prepares it on a worker (Hessians,
+  // equalization search, GPTQ factor, activation parameters) and returns true.
+  bool attach_calibration(Slot& s);
+  // On this thread, for slots whose preparation finished: records its outcome and starts the job.
+  void start_prepared(std::deque<std::unique_ptr<Slot>>& window);
   QuantScheme scheme_for(const Slot& s, int bits) const;
-  // Output-space error of the encoded tensor on each timestep group's (held-out) inputs.
-  Status measure_output(Slot& s, const EncodedTensor& enc);
+  // Output-space error of the encoded tensor on each timestep group's (held-out) inputs; for an
+  // equalized layer also its weight-space statistics in the original space.
+  Status measure_output(Slot& s, EncodedTensor& enc);
 
   const EngineConfig& cfg_;
   const RunHooks& hooks_;
@@ -99,7 +108,12 @@ class QuantizeRun {
   json warnings_ = json::array();
   std::optional<CalibrationData> calib_;
   std::vector<TimeGroup> groups_;
-  uint64_t gptq_layers_ = 0, calibrated_layers_ = 0;
+  std::string modality_;  // detected or configured, set before any component is quantized
+  // Modality strategy: text and code diffusion LMs deployed weight-only get no equalization search
+  bool text_like() const { return modality_ == "text" || modality_ == "code"; }
+  bool search_equalization() const { return cfg_.enable_spatial && !(text_like() && cfg_.activation_bits == 0); }
+  uint64_t gptq_layers_ = 0, calibrated_layers_ = 0, equalized_layers_ = 0;
+  bool any_input_scale_ = false;
   json output_errors_ = json::object();  // qualified layer -> output error per timestep group
   std::vector<ActivationRow> activation_rows_;
   uint64_t source_bytes_ = 0, stored_bytes_ = 0, quantized_weights_ = 0, quantized_stored_bytes_ = 0;
@@ -141,7 +155,11 @@ void QuantizeRun::start_job(Slot& s) {
   src.cols = src.rows ? t.numel / src.rows : 0;
   src.name = t.name;
   src.file = s.ref.file->path();
-  s.job = s.gptq ? std::make_unique<TensorJob>(src, s.scheme, s.gptq) : std::make_unique<TensorJob>(src, s.scheme);
+  if (s.cal && s.cal->scaled) {  // equalized: the job quantizes W S
+    src.data = reinterpret_cast<const uint8_t*>(s.cal->scaled->data());
+    src.dtype = DType::kF32;
+  }
+  s.job = s.gptq() ? std::make_unique<TensorJob>(src, s.scheme, s.cal->gptq) : std::make_unique<TensorJob>(src, s.scheme);
   s.job->start(pool_, &stop_, [this] {
     std::lock_guard<std::mutex> lock(mu_);
     cv_.notify_all();
@@ -151,7 +169,7 @@ void QuantizeRun::start_job(Slot& s) {
 QuantScheme QuantizeRun::scheme_for(const Slot& s, int bits) const {
   const uint64_t rows = s.info().shape[0], cols = s.info().numel / std::max<uint64_t>(1, rows);
   QuantScheme scheme = cfg_.scheme(bits, rows, cols);
-  if (s.gptq) {
+  if (s.gptq()) {
     // GPTQ works on the group-wise affine codes at the configured bits and group size. At the
     // profiles' settings these cost no more than the entropy budget they replace (2.5 / 4.25 /
     // 8.0 bits per weight against 2.5 / 4.5 / 8.5), and the rotation does not apply.
@@ -162,77 +180,111 @@ QuantScheme QuantizeRun::scheme_for(const Slot& s, int bits) const {
   return scheme;
 }
 
-void QuantizeRun::attach_calibration(Slot& s) {
+bool QuantizeRun::attach_calibration(Slot& s) {
   const TensorInfo& t = s.info();
   const LayerCalibration* lc = calib_->find(s.component, t.name);
   if (!lc && !s.component.empty()) lc = calib_->find("", t.name);
-  if (!lc) return;
+  if (!lc) return false;
   const uint64_t rows = t.shape[0], cols = t.numel / std::max<uint64_t>(1, rows);
   const std::string qualified = s.component.empty() ? t.name : s.component + "/" + t.name;
   if (static_cast<uint64_t>(lc->in_features) != cols) {
     warnings_.push_back(StrCat(qualified, ": calibration recorded ", lc->in_features, " input features, the weight has ",
                                cols, " columns; its calibration is not used"));
-    return;
+    return false;
   }
-  auto h = layer_hessians(*lc, groups_);
-  if (!h) {
-    std::string why = "no Hessian was recorded";
-    for (const auto& b : lc->fit)
-      if (!b.hessian_reason.empty()) why = b.hessian_reason;
-    warnings_.push_back(StrCat(qualified, ": quantized data-free (", why, ")"));
-    return;
-  }
-  s.hessians = std::make_shared<const LayerHessians>(std::move(*h));
-  ++calibrated_layers_;
-  if (cfg_.activation_bits > 0) {
-    s.activations = layer_activations(*lc, groups_, cfg_.activation_bits);
-    if (!s.activations)
-      warnings_.push_back(StrCat(qualified, ": no activation histograms in the calibration file; no activation parameters"));
-  }
-  if (!cfg_.enable_time_aware) return;
-  GptqOptions o;
-  o.damp = cfg_.gptq_damp;
-  o.act_order = cfg_.gptq_act_order;
-  auto f = gptq_factor(s.hessians->gptq.data(), cols, o);
-  if (!f.ok()) {
-    warnings_.push_back(StrCat(qualified, ": GPTQ not applied (", f.status().message(), "); quantized data-free"));
-    return;
-  }
-  s.gptq = std::make_shared<const GptqFactor>(std::move(*f));
-  ++gptq_layers_;
+  s.calibration = lc;
+  s.preparing = true;
+  CalibratedLayerOptions o;
+  o.time_aware = cfg_.enable_time_aware;
+  o.spatial = search_equalization();
+  o.activation_bits = cfg_.activation_bits;
+  o.gptq.damp = cfg_.gptq_damp;
+  o.gptq.act_order = cfg_.gptq_act_order;
+  o.data_free = cfg_.scheme(s.plan.bits, rows, cols);
+  o.gptq_scheme = o.data_free;
+  o.gptq_scheme.kind = SchemeKind::kAffine;
+  o.gptq_scheme.rotate = false;
+  o.gptq_scheme.target_bpw = 0;
+  // Input channels: a weight's second dimension (a convolution's channel spans its kernel positions).
+  const uint64_t channels = t.shape.size() >= 2 ? static_cast<uint64_t>(t.shape[1]) : cols;
+  Slot* slot = &s;
+  pool_.submit([this, slot, o, rows, cols, channels, qualified] {
+    const TensorInfo& ti = slot->info();
+    std::vector<float> w(rows * cols);
+    convert_to_f32(ti.dtype, slot->ref.file->data(ti), rows * cols, w.data());
+    auto r = prepare_calibrated_layer(qualified, w.data(), rows, cols, channels, *slot->calibration, groups_, o);
+    std::lock_guard<std::mutex> lock(mu_);
+    slot->prepare_result = std::move(r);
+    slot->prepared.store(true, std::memory_order_release);
+    cv_.notify_all();
+  });
+  return true;
 }
 
-Status QuantizeRun::measure_output(Slot& s, const EncodedTensor& enc) {
+void QuantizeRun::start_prepared(std::deque<std::unique_ptr<Slot>>& window) {
+  for (auto& sp : window) {
+    Slot& s = *sp;
+    if (!s.preparing || !s.prepared.load(std::memory_order_acquire)) continue;
+    s.preparing = false;
+    const std::string qualified = s.component.empty() ? s.info().name : s.component + "/" + s.info().name;
+    Result<CalibratedLayer>& r = *s.prepare_result;
+    if (!r.ok()) {
+      warnings_.push_back(StrCat(qualified, ": calibration not used (", r.status().message(), "); quantized data-free"));
+    } else {
+      for (auto& w : r->warnings) warnings_.push_back(std::move(w));
+      if (r->hessians) {
+        ++calibrated_layers_;
+        if (r->gptq) ++gptq_layers_;
+        if (!r->input_scale.empty()) ++equalized_layers_;
+        s.cal = std::make_shared<const CalibratedLayer>(std::move(*r));
+      }
+    }
+    s.prepare_result.reset();
+    s.scheme = scheme_for(s, s.plan.bits);
+    start_job(s);
+  }
+}
+
+Status QuantizeRun::measure_output(Slot& s, EncodedTensor& enc) {
   const TensorInfo& t = s.info();
   const uint64_t rows = enc.rows, cols = enc.cols;
   std::vector<float> w(rows * cols), q(rows * cols);
   convert_to_f32(t.dtype, s.ref.file->data(t), rows * cols, w.data());
   AQ_RETURN_IF_ERROR(decode_tensor(enc.scheme, rows, cols, enc.view(), q.data()));
-  const size_t row_step = std::max<size_t>(1, static_cast<size_t>(rows / 256));  // at most ~256 rows
-  s.output_error = json::array();
-  s.output_cosine = 1.0;
-  for (size_t g = 0; g < groups_.size(); ++g) {
-    if (s.hessians->rows[g] == 0 && !s.hessians->check_held_out[g]) continue;
-    const OutputError e = output_error(w.data(), q.data(), rows, cols, s.hessians->check[g].data(), row_step);
-    s.output_error.push_back({{"group", g}, {"step_lo", groups_[g].step_lo}, {"step_hi", groups_[g].step_hi},
-                              {"relative_error", e.rel_error}, {"cosine", e.cosine},
-                              {"held_out", static_cast<bool>(s.hessians->check_held_out[g])}});
-    s.output_cosine = std::min(s.output_cosine, e.cosine);
+  if (!s.cal->input_scale.empty()) {
+    // The effective weight (stored weight times the input scale, column by column), compared
+    // with the original block by block exactly as validate_model does.
+    scale_columns(q.data(), rows, cols, s.cal->input_scale);
+    ErrorStats stats;
+    const uint64_t block = rows_per_block(cols);
+    for (uint64_t r0 = 0; r0 < rows; r0 += block) {
+      const uint64_t nr = std::min(block, rows - r0);
+      ErrorStats b;
+      b.add(w.data() + r0 * cols, q.data() + r0 * cols, nr * cols);
+      stats.merge(b);
+    }
+    enc.stats = stats;
   }
+  const OutputCheck c = check_layer_output(w.data(), q.data(), rows, cols, *s.cal, *s.calibration, groups_);
+  s.output_error = c.groups;
+  s.output_cosine = c.worst_cosine;
   return Status::OK();
 }
 
-Status QuantizeRun::wait_for(Slot& s) {
-  if (!s.job) return Status::OK();
+Status QuantizeRun::wait_for(Slot& s, std::deque<std::unique_ptr<Slot>>& window) {
+  start_prepared(window);
+  if (!s.job && !s.preparing) return Status::OK();
   std::unique_lock<std::mutex> lock(mu_);
-  while (!s.job->finished()) {
+  while (s.preparing || !s.job->finished()) {
     cv_.wait_for(lock, std::chrono::milliseconds(100));
     lock.unlock();
+    start_prepared(window);
     if (hooks_.should_stop && hooks_.should_stop()) {
       stop_ = true;
       return Cancelled("interrupted; no output was written");
     }
-    const uint64_t partial = s.info().numel * s.job->blocks_done() / std::max<uint64_t>(1, s.job->blocks());
+    const uint64_t partial =
+        s.job ? s.info().numel * s.job->blocks_done() / std::max<uint64_t>(1, s.job->blocks()) : 0;
     emit_progress(false, s.info().name, partial);
     lock.lock();
   }
@@ -264,7 +316,7 @@ Result<bool> QuantizeRun::settle(Slot& s) {
   EncodedTensor enc = s.job->take();
   s.job.reset();
   double cosine = enc.stats.cosine();
-  if (s.hessians) {
+  if (s.cal) {
     AQ_RETURN_IF_ERROR(measure_output(s, enc));
     cosine = s.output_cosine;  // what the layer's outputs see, on held-out inputs
   }
@@ -302,8 +354,9 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
     info.relative_error = enc.stats.relative_error();
     info.sqnr_db = enc.stats.sqnr_db();
     info.max_abs_error = enc.stats.max_abs_err;
+    if (s.cal) info.input_scale = s.cal->input_scale;
     payload = enc.view();
-    info.stored = enc.stored_bytes();
+    info.stored = enc.stored_bytes() + 4 * info.input_scale.size();
   } else {
     info.quantized = false;
     info.reason = s.keep_reason.empty() ? s.plan.reason : s.keep_reason;
@@ -336,15 +389,20 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
     layer["relative_error"] = info.relative_error;
     layer["sqnr_db"] = info.sqnr_db;
     layer["bits_per_weight"] = 8.0 * static_cast<double>(stored) / static_cast<double>(t.numel);
-    layer["method"] = s.gptq ? "gptq" : "data-free";
+    layer["method"] = s.gptq() ? "gptq" : "data-free";
+    if (s.cal && !s.cal->equalization.is_null()) layer["equalization"] = s.cal->equalization;
+    if (!info.input_scale.empty()) any_input_scale_ = true;
     if (!s.output_error.is_null()) {
       layer["output_error"] = s.output_error;
       layer["output_cosine"] = s.output_cosine;
       output_errors_[qualified] = {{"method", layer["method"]}, {"output_cosine", s.output_cosine},
+                                   {"equalization_alpha", s.cal && !s.cal->input_scale.empty()
+                                                              ? s.cal->equalization.value("alpha", json(nullptr))
+                                                              : json(nullptr)},
                                    {"groups", s.output_error}};
     }
-    if (s.activations) {
-      const LayerActivations& a = *s.activations;
+    if (s.cal && s.cal->activations) {
+      const LayerActivations& a = *s.cal->activations;
       auto params_json = [](const ActivationParams& p) {
         return json{{"bits", p.bits}, {"scale", p.scale}, {"zero_point", p.zero_point},
                     {"clip_lo", p.clip_lo}, {"clip_hi", p.clip_hi}};
@@ -392,7 +450,7 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
 void QuantizeRun::drain(std::deque<std::unique_ptr<Slot>>& window) {
   stop_ = true;
   for (auto& s : window)
-    while (s->job && !s->job->finished()) {
+    while ((s->preparing && !s->prepared.load(std::memory_order_acquire)) || (s->job && !s->job->finished())) {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait_for(lock, std::chrono::milliseconds(20));
     }
@@ -413,8 +471,7 @@ Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector
       s->component = comp.name;
       s->ref = refs[next++];
       s->plan = plan_tensor(cfg_, s->info());
-      if (s->plan.quantize) {
-        if (calib_) attach_calibration(*s);
+      if (s->plan.quantize && !(calib_ && attach_calibration(*s))) {
         s->scheme = scheme_for(*s, s->plan.bits);
         start_job(*s);
       }
@@ -422,7 +479,7 @@ Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector
       window.push_back(std::move(s));
     }
     Slot& head = *window.front();
-    result = wait_for(head);
+    result = wait_for(head, window);
     if (!result.ok()) break;
     auto settled = settle(head);
     if (!settled.ok()) {
@@ -481,6 +538,7 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
   AQ_ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(output_path, model.root, cfg_.overwrite));
   ModalityGuess modality = detect_modality(model, names);
   if (!cfg_.modality.empty()) modality = {cfg_.modality, "set in the config (detected: " + modality.modality + ")"};
+  modality_ = modality.modality;
 
   json components = json::array();
   for (size_t i = 0; i < model.components.size(); ++i) {
@@ -535,9 +593,21 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
           : std::string("the calibration file matched no quantized layer with a Hessian");
       time_aware["time_groups"] = groups.size();
     }
-    if (cfg_.enable_spatial)
-      spatial["reason"] = "channel equalization is not implemented in this version; calibration was used for GPTQ "
-                          "and output-space validation only";
+    if (cfg_.enable_spatial && !search_equalization()) {
+      spatial["reason"] = StrCat("modality strategy: ", modality_, " diffusion LMs are quantized weight-only with GPTQ "
+                                 "and no channel equalization (set activation_bits to search it for W8A8 / W4A8)");
+    } else if (cfg_.enable_spatial) {
+      spatial["applied"] = equalized_layers_ > 0;
+      spatial["layers"] = equalized_layers_;
+      spatial["reason"] = StrCat(
+          "channel equalization s_c = max|X_c|^alpha / max|W_c|^(1-alpha), alpha searched per layer (none, ",
+          kAlphas[0], "..", kAlphas[std::size(kAlphas) - 1], ") on the mean output error over timestep groups",
+          cfg_.activation_bits > 0 ? StrCat(" with ", cfg_.activation_bits, "-bit activations") : std::string(),
+          "; applied to ", equalized_layers_, " of ", calibrated_layers_,
+          " calibrated layers (the others were best left as they are); stored weights are W diag(s), "
+          "their input_scale 1/s");
+    }
+    calibration["layers_equalized"] = equalized_layers_;
   }
   uint64_t total_weights = 0;
   for (const auto& l : layers_) total_weights += shape_numel(l["shape"].get<std::vector<int64_t>>()).value_or(0);

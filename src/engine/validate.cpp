@@ -74,6 +74,7 @@ LayerCheck check_tensor(const ParquetSource& src, std::mutex& read_mu, size_t in
       out.status = st.WithPrefix(where + ": ");
       return out;
     }
+    apply_input_scale(info, d.data(), nr);  // the effective weight
     ErrorStats block_stats;
     block_stats.add(w.data(), d.data(), nr * cols);
     out.stats.merge(block_stats);

@@ -47,6 +47,25 @@ void ActivationHistogram::add(const ActivationHistogram& o) {
   max = empty ? o.max : std::max(max, o.max);
 }
 
+void ActivationHistogram::add_values(const float* x, size_t n, const uint32_t* weight) {
+  const bool empty = count() == 0;
+  float lo = empty ? INFINITY : min, hi = empty ? -INFINITY : max;
+  for (size_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+    const uint64_t c = weight ? weight[i] : 1;
+    if (v == 0.0f) {
+      zero += c;
+      continue;
+    }
+    const double k = std::floor((std::log2(std::fabs(static_cast<double>(v))) - kHistMinExp) * kHistBinsPerOctave);
+    const int b = static_cast<int>(std::clamp(k, 0.0, static_cast<double>(kActHistBins - 1)));
+    (v > 0 ? pos : neg)[b] += c;
+  }
+  if (n > 0) min = lo, max = hi;
+}
+
 uint64_t ActivationHistogram::count() const {
   uint64_t n = zero;
   for (int k = 0; k < kActHistBins; ++k) n += pos[k] + neg[k];
@@ -76,7 +95,7 @@ double activation_mse(const ActivationHistogram& h, const ActivationParams& p) {
   return e / static_cast<double>(n);
 }
 
-ActivationParams choose_activation_params(const ActivationHistogram& h, int bits) {
+ActivationParams choose_activation_params(const ActivationHistogram& h, int bits, int factors) {
   ActivationParams best;
   best.bits = bits;
   const double nmax = std::ldexp(1.0, bits) - 1.0;
@@ -93,7 +112,7 @@ ActivationParams choose_activation_params(const ActivationHistogram& h, int bits
     p.clip_hi = static_cast<float>((nmax - zp) * p.scale);
     return p;
   };
-  constexpr int kFactors = 24;
+  const int kFactors = std::max(2, factors);
   double best_e = std::numeric_limits<double>::infinity();
   for (int a = 0; a < kFactors; ++a) {
     if (lo == 0.0 && a > 0) break;

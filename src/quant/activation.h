@@ -10,6 +10,9 @@
 // range a value costs its distance to the clip squared.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -27,6 +30,9 @@ struct ActivationHistogram {
   float min = 0, max = 0;  // the extremes recorded (min <= 0 <= max is not assumed)
 
   void add(const ActivationHistogram& o);
+  // Counts n values into the bins (as the recorder does), each `weight` times (1 if null), and
+  // widens min / max.
+  void add_values(const float* x, size_t n, const uint32_t* weight = nullptr);
   uint64_t count() const;
   double mean_square() const;  // E[x^2], from the bins' centres
 };
@@ -38,11 +44,18 @@ struct ActivationParams {
   float clip_lo = 0, clip_hi = 0;
 };
 
+// The value x becomes after quantization with p (round half to even, as the runtime would).
+inline float fake_quantize(float x, const ActivationParams& p) {
+  const float nmax = static_cast<float>((1 << p.bits) - 1);
+  const float c = std::clamp(std::nearbyint(x / p.scale) + static_cast<float>(p.zero_point), 0.0f, nmax);
+  return (c - static_cast<float>(p.zero_point)) * p.scale;
+}
+
 // Expected squared error per value of quantizing the histogram's values with `p`.
 double activation_mse(const ActivationHistogram& h, const ActivationParams& p);
 
-// The clipping range (searched jointly over the negative and positive ends, 24 factors each
-// from 1 down to 1/64 on a log scale) with the least expected squared error.
-ActivationParams choose_activation_params(const ActivationHistogram& h, int bits);
+// The clipping range (searched jointly over the negative and positive ends, `factors` factors
+// each from 1 down to 1/64 on a log scale) with the least expected squared error.
+ActivationParams choose_activation_params(const ActivationHistogram& h, int bits, int factors = 24);
 
 }  // namespace aq

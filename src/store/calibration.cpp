@@ -106,6 +106,12 @@ Result<CalibrationData> read_calibration(const std::string& path) {
                                 "; this build reads ", kHistBinsPerOctave, " from 2^", kHistMinExp, " to 2^", kHistMaxExp));
   }
 
+  // Sampled input rows: an optional column of version 1.
+  std::shared_ptr<arrow::ListArray> inputs;
+  if (t->GetColumnByName("inputs")) {
+    AQ_ASSIGN_OR_RETURN(inputs, column_as<arrow::ListArray>(*t, "inputs", path));
+  }
+
   for (int64_t i = 0; i < t->num_rows(); ++i) {
     const std::string name = layer->GetString(i);
     const std::string where = StrCat(path, ": layer ", name, " bin ", bin->Value(i));
@@ -140,6 +146,14 @@ Result<CalibrationData> read_calibration(const std::string& path) {
       b.histogram = std::move(h);
     }
     const size_t nf = static_cast<size_t>(n);
+    if (inputs && !inputs->IsNull(i)) {
+      AQ_ASSIGN_OR_RETURN(b.inputs, (list_at<arrow::FloatArray, float>(*inputs, i, where)));
+      if (b.inputs.size() % nf != 0)
+        return FormatError(StrCat(where, ": inputs hold ", b.inputs.size(), " values, not a multiple of in_features ", n));
+      for (float v : b.inputs)
+        if (!std::isfinite(v)) return FormatError(StrCat(where, ": inputs have a non-finite value ", v));
+      b.input_rows = static_cast<int64_t>(b.inputs.size() / nf);
+    }
     if (b.absmax.size() != nf || b.min.size() != nf || b.max.size() != nf)
       return FormatError(StrCat(where, ": absmax/min/max hold ", b.absmax.size(), "/", b.min.size(), "/", b.max.size(),
                                 " values, in_features is ", n));

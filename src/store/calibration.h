@@ -26,6 +26,8 @@ struct CalibrationBin {
   std::vector<double> hessian;          // in_features^2, row-major sum of x x^T; empty when not recorded
   std::string hessian_reason;           // why not
   std::optional<ActivationHistogram> histogram;  // of every input value; absent in older files
+  std::vector<float> inputs;            // a random sample of input rows, row-major (input_rows x in_features)
+  int64_t input_rows = 0;
 };
 
 struct LayerCalibration {

@@ -19,7 +19,9 @@
 
 namespace aq {
 
-inline constexpr int kFormatVersion = 1;
+// Version 2 added the optional input_scale column (channel equalization); readers read 1 and 2.
+inline constexpr int kFormatVersion = 2;
+inline constexpr int kMinFormatVersion = 1;
 inline constexpr const char* kFormatName = "arrowquant";
 inline constexpr const char* kManifestFile = "manifest.json";
 inline constexpr const char* kWeightsFile = "weights.parquet";
@@ -40,6 +42,10 @@ struct StoredTensorInfo {
   double relative_error = 0.0;
   double sqnr_db = 300.0;
   double max_abs_error = 0.0;
+  // Channel equalization (format version 2): per input channel, the factor the layer's input is
+  // multiplied by before the stored weight; the stored codes decode to W diag(1 / input_scale)
+  // (column j to channel j / (cols / input_scale.size())). Empty: none.
+  std::vector<float> input_scale;
 
   uint64_t rows() const { return shape.empty() ? 1 : static_cast<uint64_t>(shape[0]); }
   uint64_t numel() const;
@@ -53,5 +59,9 @@ struct StoredTensorInfo {
 
 // The data of one row: views of the encoded tensor (raw tensors: codes = the source bytes).
 using TensorPayload = EncodedView;
+
+// Turns `rows` decoded rows of the stored weight into the effective weight: column j times
+// input_scale[j / (cols / input_scale.size())]. Nothing to do without an input_scale.
+void apply_input_scale(const StoredTensorInfo& info, float* rows_out, uint64_t rows);
 
 }  // namespace aq

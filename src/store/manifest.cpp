@@ -42,8 +42,9 @@ Result<nlohmann::json> read_manifest(const std::string& model_dir) {
   if (!j.contains("format_version") || !j["format_version"].is_number_integer())
     return FormatError(StrCat(path, ": no integer format_version"));
   const int v = j["format_version"].get<int>();
-  if (v != kFormatVersion)
-    return FormatError(StrCat(path, ": format version ", v, "; this build reads version ", kFormatVersion));
+  if (v < kMinFormatVersion || v > kFormatVersion)
+    return FormatError(StrCat(path, ": format version ", v, "; this build reads versions ", kMinFormatVersion, " to ",
+                              kFormatVersion));
   return j;
 }
 

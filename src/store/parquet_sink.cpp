@@ -152,7 +152,10 @@ Status ParquetSink::Write(const StoredTensorInfo& info, const TensorPayload& pay
       schema, {one(str(info.name)), shape, one(str(std::string(dtype_name(info.dtype)))),
                one(str(info.quantized ? "quantized" : "raw")), scheme, codes, scales, zeros, entropy, metrics,
                one(str(info.reason)), rejected,
-               one(std::make_shared<arrow::Int64Scalar>(static_cast<int64_t>(info.stored_bytes())))});
+               one(std::make_shared<arrow::Int64Scalar>(static_cast<int64_t>(info.stored_bytes()))),
+               info.input_scale.empty()
+                   ? arrow::MakeArrayOfNull(type_of(column::kInputScale), 1).ValueOrDie()
+                   : list_of<arrow::FloatBuilder>(info.input_scale, type_of(column::kInputScale))});
   AQ_ARROW_RETURN(table->Validate(), what);
   AQ_ARROW_RETURN(state_->writer->WriteTable(*table, 1), what);
   ++written_;

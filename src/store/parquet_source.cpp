@@ -7,6 +7,7 @@
 #include <parquet/metadata.h>
 #include <parquet/schema.h>
 
+#include <cmath>
 #include <filesystem>
 
 #include "quant/hadamard.h"
@@ -67,8 +68,12 @@ Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& pa
   if (!meta || meta->Get("arrowquant.format_version").ValueOr("") == "")
     return FormatError(StrCat(path, ": not an ArrowQuant weights file (no arrowquant.format_version metadata)"));
   const std::string version = meta->Get("arrowquant.format_version").ValueOr("");
-  if (version != std::to_string(kFormatVersion))
-    return FormatError(StrCat(path, ": format version ", version, "; this build reads version ", kFormatVersion));
+  int version_number = 0;
+  for (int v = kMinFormatVersion; v <= kFormatVersion; ++v)
+    if (version == std::to_string(v)) version_number = v;
+  if (version_number == 0)
+    return FormatError(StrCat(path, ": format version ", version, "; this build reads versions ", kMinFormatVersion,
+                              " to ", kFormatVersion));
 
   // Column indices here are Parquet leaf indices; the data columns (read per tensor) are the
   // binary ones and the entropy tables, everything else is read up front.
@@ -109,6 +114,13 @@ Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& pa
   auto rotation = std::dynamic_pointer_cast<arrow::Int32Array>(schemes->GetFieldByName("rotation"));
   auto target = std::dynamic_pointer_cast<arrow::DoubleArray>(schemes->GetFieldByName("target_bpw"));
   AQ_ASSIGN_OR_RETURN(auto stored, column_as<arrow::Int64Array>(*table, column::kStoredBytes, path));
+  std::shared_ptr<arrow::ListArray> input_scale;  // version 2; absent in version 1 files
+  std::shared_ptr<arrow::FloatArray> input_scale_values;
+  if (table->GetColumnByName(column::kInputScale)) {
+    AQ_ASSIGN_OR_RETURN(input_scale, column_as<arrow::ListArray>(*table, column::kInputScale, path));
+    input_scale_values = std::dynamic_pointer_cast<arrow::FloatArray>(input_scale->values());
+    if (!input_scale_values) return FormatError(StrCat(path, ": input_scale is not a list of float32"));
+  }
   auto cosine = std::dynamic_pointer_cast<arrow::DoubleArray>(metrics->GetFieldByName("cosine"));
   auto relerr = std::dynamic_pointer_cast<arrow::DoubleArray>(metrics->GetFieldByName("relative_error"));
   auto sqnr = std::dynamic_pointer_cast<arrow::DoubleArray>(metrics->GetFieldByName("sqnr_db"));
@@ -160,6 +172,17 @@ Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& pa
     }
     for (int64_t k = rejected->value_offset(i); k < rejected->value_offset(i + 1); ++k)
       t.rejected_bits.push_back(rejected_values->Value(k));
+    if (input_scale && !input_scale->IsNull(i) && input_scale->value_length(i) > 0) {
+      for (int64_t k = input_scale->value_offset(i); k < input_scale->value_offset(i + 1); ++k)
+        t.input_scale.push_back(input_scale_values->Value(k));
+      const uint64_t n = t.input_scale.size();
+      if (!t.quantized || t.shape.size() < 2 || static_cast<uint64_t>(t.shape[1]) != n || t.cols() % n != 0)
+        return FormatError(StrCat(where, ": input_scale holds ", n, " values; it needs a quantized tensor whose "
+                                  "second dimension (input channels) is that size"));
+      for (float v : t.input_scale)
+        if (!std::isfinite(v) || !(v > 0.0f))
+          return FormatError(StrCat(where, ": input_scale has the value ", v, " (must be finite and > 0)"));
+    }
     if (!source->by_name_.emplace(t.name, source->infos_.size()).second)
       return FormatError(StrCat(where, ": appears twice"));
     source->infos_.push_back(std::move(t));
@@ -240,7 +263,9 @@ Status ParquetSource::dequantize(size_t index, float* out) const {
     convert_to_f32(info.dtype, t.payload.codes.data(), info.numel(), out);
     return Status::OK();
   }
-  return decode_tensor(info.scheme, info.rows(), info.cols(), t.payload, out).WithPrefix(where);
+  AQ_RETURN_IF_ERROR(decode_tensor(info.scheme, info.rows(), info.cols(), t.payload, out).WithPrefix(where));
+  apply_input_scale(info, out, info.rows());
+  return Status::OK();
 }
 
 }  // namespace aq

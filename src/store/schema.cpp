@@ -52,6 +52,7 @@ std::shared_ptr<arrow::Schema> weights_schema() {
       field(column::kReason, arrow::utf8(), false),
       field(column::kRejectedBits, arrow::list(field("item", arrow::int8(), false)), false),
       field(column::kStoredBytes, arrow::int64(), false),
+      field(column::kInputScale, arrow::list(field("item", arrow::float32(), false)), true),  // version 2
   });
 }
 

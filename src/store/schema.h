@@ -18,6 +18,7 @@ inline constexpr const char* kScales = "scales";
 inline constexpr const char* kZeroPoints = "zero_points";
 inline constexpr const char* kEntropy = "entropy";
 inline constexpr const char* kStoredBytes = "stored_bytes";
+inline constexpr const char* kInputScale = "input_scale";  // version 2
 inline constexpr const char* kMetrics = "metrics";
 inline constexpr const char* kReason = "reason";
 inline constexpr const char* kRejectedBits = "rejected_bits";

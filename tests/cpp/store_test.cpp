@@ -146,7 +146,7 @@ TEST_F(StoreTest, writes_one_row_group_per_tensor_with_nulls_where_the_format_sa
   ASSERT_TRUE((*reader)->GetSchema(&schema).ok());
   ASSERT_NE(schema->metadata(), nullptr);
   EXPECT_EQ(schema->metadata()->Get("arrowquant.format").ValueOr(""), "arrowquant");
-  EXPECT_EQ(schema->metadata()->Get("arrowquant.format_version").ValueOr(""), "1");
+  EXPECT_EQ(schema->metadata()->Get("arrowquant.format_version").ValueOr(""), "2");
   EXPECT_EQ(schema->metadata()->Get("arrowquant.component").ValueOr(""), "unet");
   auto read = (*reader)->ReadTable();
   ASSERT_TRUE(read.ok()) << read.status().ToString();
@@ -439,16 +439,72 @@ TEST(Manifest, reads_only_complete_arrowquant_manifests_of_our_version) {
   EXPECT_EQ(read_manifest(dir.str()).status().code(), StatusCode::kFormatError);
   ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "other"}, {"format_version", 1}}));
   EXPECT_EQ(read_manifest(dir.str()).status().code(), StatusCode::kFormatError);
-  ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", 2}}));
+  ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", 3}}));
   auto wrong = read_manifest(dir.str());
   EXPECT_EQ(wrong.status().code(), StatusCode::kFormatError);
-  EXPECT_CONTAINS(wrong.status().message(), "2");
+  EXPECT_CONTAINS(wrong.status().message(), "3");
+  EXPECT_CONTAINS(wrong.status().message(), "versions 1 to 2");
+  ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", 0}}));
+  EXPECT_EQ(read_manifest(dir.str()).status().code(), StatusCode::kFormatError);
+  for (int v : {1, 2}) {
+    ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", v}}));
+    EXPECT_TRUE(read_manifest(dir.str()).ok()) << v;
+  }
   ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", "1"}}));
   EXPECT_EQ(read_manifest(dir.str()).status().code(), StatusCode::kFormatError);
   const json good = {{"format", "arrowquant"}, {"format_version", 1}, {"components", json::array()}};
   ASSERT_OK(write_json_file((dir / "manifest.json").string(), good));
   ASSERT_OK_AND_ASSIGN(json m, read_manifest(dir.str()));
   EXPECT_EQ(m, good);
+}
+
+TEST(StoreInputScale, round_trips_and_dequantize_returns_the_effective_weight) {
+  testing::TempDir dir;
+  // a convolution-shaped weight: 6 rows, 3 input channels x 4 kernel positions
+  Written conv = quantized("conv.weight", 6, 12, QuantScheme{}, 11);
+  conv.info.shape = {6, 3, 2, 2};
+  conv.info.input_scale = {0.5f, 2.0f, 4.0f};
+  conv.info.stored = quantized_size(conv.info.scheme, 6, 12).total() + 12;
+  Written plain = quantized("lin.weight", 8, 16, QuantScheme{}, 12);
+  plain.info.stored = quantized_size(plain.info.scheme, 8, 16).total();
+  const std::string path = (dir / "weights.parquet").string();
+  {
+    ASSERT_OK_AND_ASSIGN(auto sink, ParquetSink::Open(path, ""));
+    ASSERT_OK(sink->Write(conv.info, TensorPayload{conv.codes, conv.scales, conv.zeros}));
+    ASSERT_OK(sink->Write(plain.info, TensorPayload{plain.codes, plain.scales, plain.zeros}));
+    ASSERT_OK(sink->Close());
+  }
+  ASSERT_OK_AND_ASSIGN(auto src, ParquetSource::Open(path));
+  EXPECT_EQ(src->tensors()[0].input_scale, conv.info.input_scale);
+  EXPECT_TRUE(src->tensors()[1].input_scale.empty());
+  std::vector<float> stored(72), effective(72);
+  ASSERT_OK(decode_tensor(conv.info.scheme, 6, 12, EncodedView{conv.codes, conv.scales, conv.zeros, nullptr, nullptr},
+                          stored.data()));
+  ASSERT_OK(src->dequantize(0, effective.data()));
+  for (size_t r = 0; r < 6; ++r)
+    for (size_t j = 0; j < 12; ++j)
+      EXPECT_EQ(effective[r * 12 + j], stored[r * 12 + j] * conv.info.input_scale[j / 4]) << r << "," << j;
+}
+
+TEST(StoreInputScale, refuses_scales_that_do_not_fit_the_tensor) {
+  testing::TempDir dir;
+  for (const std::vector<float>& bad : {std::vector<float>{1.0f, 2.0f}, std::vector<float>{1.0f, 0.0f, 1.0f},
+                                        std::vector<float>{1.0f, NAN, 1.0f}}) {
+    Written conv = quantized("conv.weight", 6, 12, QuantScheme{}, 11);
+    conv.info.shape = {6, 3, 2, 2};
+    conv.info.input_scale = bad;
+    const std::string path = (dir / "bad.parquet").string();
+    {
+      ASSERT_OK_AND_ASSIGN(auto sink, ParquetSink::Open(path, ""));
+      ASSERT_OK(sink->Write(conv.info, TensorPayload{conv.codes, conv.scales, conv.zeros}));
+      ASSERT_OK(sink->Close());
+    }
+    auto src = ParquetSource::Open(path);
+    ASSERT_FALSE(src.ok());
+    EXPECT_EQ(src.status().code(), StatusCode::kFormatError);
+    EXPECT_CONTAINS(src.status().message(), "conv.weight");
+    EXPECT_CONTAINS(src.status().message(), "input_scale");
+  }
 }
 
 TEST(StoredTensorInfo, sizes_follow_the_shape_and_scheme) {

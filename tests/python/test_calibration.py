@@ -35,6 +35,7 @@ SCHEMA = [
     ("min", pa.list_(pa.float32())), ("max", pa.list_(pa.float32())), ("hessian", pa.list_(pa.float64())),
     ("hessian_reason", pa.string()), ("hist_pos", pa.list_(pa.int64())), ("hist_neg", pa.list_(pa.int64())),
     ("hist_zero", pa.int64()),
+    ("inputs", pa.list_(pa.float32())),
 ]
 HIST_META = {"arrowquant.hist_bins_per_octave": "8", "arrowquant.hist_min_exp": "-24",
              "arrowquant.hist_max_exp": "24"}
@@ -813,3 +814,53 @@ def test_bad_step_values_and_models():
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, arrow_quant_v2; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_input_samples_are_rows_of_x_drawn_reproducibly(tmp_path):
+    """input_samples: at most that many rows per (layer, bin, split), each an actual row of the
+    layer's X (for a convolution, an unfolded patch), and the same rows on a rerun."""
+    def record(path, samples):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+        xs = [torch.randn(50, 6, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+        rec = CalibrationRecorder(model, step_range=(0, 8), num_bins=2, max_samples=8, holdout_every=0,
+                                  input_samples=samples)
+        with torch.no_grad():
+            for i, x in enumerate(xs):
+                with rec.step(i):
+                    model(x)
+        rec.save(path)
+        return load_calibration(path), xs
+
+    data, xs = record(tmp_path / "a.parquet", 16)
+    again, _ = record(tmp_path / "b.parquet", 16)
+    for b in (0, 1):
+        entry = data[("0.weight", b, "fit")]
+        assert entry["inputs"].shape == (16, 6)
+        pool = torch.cat(xs[4 * b:4 * b + 4]).numpy()  # steps 0-3 in bin 0, 4-7 in bin 1
+        for row in entry["inputs"]:
+            assert np.any(np.all(pool == row, axis=1)), "a sampled row that the layer never saw"
+        assert len({r.tobytes() for r in entry["inputs"]}) == 16  # distinct rows: sampled without replacement
+        np.testing.assert_array_equal(entry["inputs"], again[("0.weight", b, "fit")]["inputs"])
+    # few rows: every one kept
+    small, _ = record(tmp_path / "c.parquet", 1000)
+    assert small[("0.weight", 0, "fit")]["inputs"].shape == (200, 6)
+    none, _ = record(tmp_path / "d.parquet", 0)
+    assert none[("0.weight", 0, "fit")]["inputs"] is None
+    with pytest.raises(ConfigurationError, match="input_samples"):
+        CalibrationRecorder(nn.Linear(2, 2), input_samples=-1)
+
+
+def test_input_samples_spread_over_the_whole_stream():
+    """Reservoir sampling: rows late in the stream are as likely to be kept as early ones."""
+    model = nn.Linear(1, 1)
+    rec = CalibrationRecorder(model, step_range=(0, 1), num_bins=1, max_samples=1, holdout_every=0, input_samples=500)
+    x = torch.arange(20000, dtype=torch.float32).reshape(-1, 1)
+    with torch.no_grad(), rec.step(0.5):
+        for chunk in x.split(1000):
+            model(chunk)
+    kept = rec._stats[("weight", 0, "fit")].inputs.numpy().ravel()
+    assert len(kept) == 500 and len(set(kept.tolist())) == 500
+    # uniform over 0..19999: mean 10000, sd of the mean of 500 draws about 260
+    assert abs(kept.mean() - 10000) < 1300
+    assert (kept >= 15000).sum() > 60

@@ -251,3 +251,32 @@ def test_a_damaged_weights_row_raises_model_format_error_on_read(mixed_model, tm
         model["blocks.0.linear.weight"].numpy()
     # the other tensors still read
     model["blocks.0.bf16.weight"].numpy()
+
+
+def test_version_1_directories_still_load(mixed_model, tmp_path):
+    """Format version 2 only added the optional input_scale column: a version-1 directory (no such
+    column, version 1 in the manifest and the Parquet metadata) loads to the same values."""
+    import pyarrow.parquet as pq
+
+    _, out, _, _ = mixed_model
+    copy = tmp_path / "v1"
+    shutil.copytree(out, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["format_version"] = 1
+    (copy / "manifest.json").write_text(json.dumps(m))
+    for comp in m["components"]:
+        path = copy / comp["weights"]
+        f = pq.ParquetFile(path)
+        meta = dict(f.schema_arrow.metadata)
+        meta[b"arrowquant.format_version"] = b"1"
+        table = f.read().drop_columns(["input_scale"])
+        table = table.replace_schema_metadata(meta)
+        with pq.ParquetWriter(path, table.schema, compression="NONE", use_dictionary=False) as w:
+            for i in range(table.num_rows):
+                w.write_table(table.slice(i, 1))
+    new, old = aq.load(out), aq.load(copy)
+    assert old.manifest["format_version"] == 1
+    for name in new:
+        if new[name].quantized or new[name].dtype in ("F32", "F16", "BF16"):
+            np.testing.assert_array_equal(old[name].numpy(), new[name].numpy())
+            assert old[name].input_scale is None

@@ -218,6 +218,7 @@ def test_weights_parquet_has_the_documented_schema_and_one_row_group_per_tensor(
             assert r["codes"] == values[r["name"]].tobytes()
         assert r["reason"] == layer["reason"]
         assert r["rejected_bits"] == []
+        assert r["input_scale"] is None  # no calibration: no channel equalization
 
 
 def test_manifest_records_config_summary_and_copied_files(demo_pipeline, demo_quantized):
