@@ -29,10 +29,24 @@
 
 namespace aq {
 
+// Which build of the dense kernels (Eigen: the Cholesky factor, the triangular inverse, the lazy
+// batch products) runs. kAuto: AVX2 + FMA where the library was built with it (x86-64, GCC or
+// Clang) and the CPU has both, else the baseline build; ARROWQUANT_GPTQ_KERNEL=generic in the
+// environment makes kAuto the baseline build everywhere. The two give the same result up to float
+// rounding (a fused multiply-add rounds once; the products sum in another order), not bit for bit:
+// a few codes in a tensor may differ between a CPU with AVX2 and one without. Either is
+// independent of how the rows are split into blocks.
+enum class GptqKernel { kAuto, kGeneric, kAvx2 };
+
+// True when the AVX2 kernels are built and this CPU can run them (a kAvx2 request falls back to
+// kGeneric otherwise).
+bool gptq_avx2_available();
+
 struct GptqOptions {
   double damp = 0.01;     // fraction of mean(diag H) added to the diagonal
   bool act_order = true;  // quantize columns in order of decreasing H_jj
   int block_size = 128;   // columns per lazy batch
+  GptqKernel kernel = GptqKernel::kAuto;
 };
 
 // What GPTQ needs of H, computed once per tensor and shared by every row block.
@@ -41,6 +55,7 @@ struct GptqFactor {
   bool act_order = true;
   int block_size = 128;
   double damp_used = 0;          // the dampening that made H positive definite
+  GptqKernel kernel = GptqKernel::kAuto;  // as resolved by gptq_factor; gptq_quantize_rows uses the same
   std::vector<uint32_t> order;   // order[k]: the column quantized k-th
   std::vector<float> u;          // cols x cols row-major: upper Cholesky factor of (P^T H P)^-1
 };

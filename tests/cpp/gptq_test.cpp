@@ -1,11 +1,16 @@
 // GPTQ (quant/gptq.h): against a plain double-precision reference written from the paper
 // (column by column, no lazy batches), against round-to-nearest on correlated inputs, the
-// identity-Hessian case (nothing to spread: the codes are the data-free codes), and the
-// output-space error against a direct computation over the inputs.
+// identity-Hessian case (nothing to spread: the codes are the data-free codes), the factor against
+// the former way of computing it (inverse, then Cholesky factor of the inverse), the AVX2 kernels
+// against the baseline ones, and the output-space error against a direct computation over the inputs.
 #include <gtest/gtest.h>
 
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -232,6 +237,229 @@ TEST(Gptq, DeadInputsAndBadHessians) {
   bad = p.h;
   bad[1] = bad[p.cols] = 1e30;  // indefinite beyond any dampening
   EXPECT_FALSE(gptq_factor(bad.data(), p.cols, GptqOptions{}).ok());
+}
+
+// The kernels to run a test under: the baseline build, and the AVX2 build where this CPU has it.
+std::vector<GptqKernel> kernels() {
+  std::vector<GptqKernel> k{GptqKernel::kGeneric};
+  if (gptq_avx2_available()) k.push_back(GptqKernel::kAvx2);
+  return k;
+}
+
+using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// The dampened Hessian in quantization order, as gptq_factor factors it (no dead inputs here).
+MatD permuted_damped(const Problem& p, const GptqFactor& f) {
+  const Eigen::Index n = static_cast<Eigen::Index>(p.cols);
+  double mean = 0;
+  for (size_t j = 0; j < p.cols; ++j) mean += p.h[j * p.cols + j];
+  mean /= static_cast<double>(p.cols);
+  MatD a(n, n);
+  for (Eigen::Index i = 0; i < n; ++i)
+    for (Eigen::Index j = 0; j < n; ++j) a(i, j) = p.h[f.order[i] * p.cols + f.order[j]];
+  a.diagonal().array() += f.damp_used * mean;
+  return a;
+}
+
+// The factor as gptq_factor computed it before: Cholesky, the full inverse, Cholesky again.
+MatD former_factor(const MatD& a) {
+  const MatD inv = Eigen::LLT<MatD>(a).solve(MatD::Identity(a.rows(), a.cols()));
+  const MatD sym = 0.5 * (inv + inv.transpose());
+  return Eigen::LLT<MatD>(sym).matrixU();
+}
+
+TEST(Gptq, FactorIsTheUpperCholeskyFactorOfTheInverse) {
+  const Problem p = make_problem(8, 300, 500, 6);  // the triangular inverse runs in blocks of 128
+  for (GptqKernel kernel : kernels()) {
+    for (bool act_order : {true, false}) {
+      GptqOptions o;
+      o.act_order = act_order;
+      o.kernel = kernel;
+      auto f = gptq_factor(p.h.data(), p.cols, o);
+      ASSERT_TRUE(f.ok()) << f.status().message();
+      EXPECT_EQ(f->kernel, kernel);
+      EXPECT_EQ(f->damp_used, 0.01);
+      const Eigen::Index n = static_cast<Eigen::Index>(p.cols);
+      const MatD u = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
+                         f->u.data(), n, n).cast<double>();
+      for (Eigen::Index i = 0; i < n; ++i) {
+        EXPECT_GT(u(i, i), 0.0);
+        for (Eigen::Index j = 0; j < i; ++j) ASSERT_EQ(u(i, j), 0.0) << i << " " << j;
+      }
+      const MatD a = permuted_damped(p, *f);
+      // U^T U = A^-1, up to U's float rounding (relative 2^-24, amplified by A's condition)
+      const MatD residual = u.transpose() * u * a - MatD::Identity(n, n);
+      EXPECT_LT(residual.cwiseAbs().maxCoeff(), 2e-5) << "kernel " << static_cast<int>(kernel);
+      // and the very factor the former computation gave, to float rounding
+      const MatD before = former_factor(a);
+      const double scale = before.cwiseAbs().maxCoeff();
+      EXPECT_LT((u - before).cwiseAbs().maxCoeff(), 2e-7 * scale) << "kernel " << static_cast<int>(kernel);
+    }
+  }
+}
+
+TEST(Gptq, DampeningIsRaisedUntilTheFactorExists) {
+  // identity but for one pair of inputs: eigenvalues 1 +- 1.05, indefinite until 0.1 x the mean diagonal
+  const size_t n = 40;
+  std::vector<double> h(n * n, 0.0);
+  for (size_t j = 0; j < n; ++j) h[j * n + j] = 1.0;
+  h[2 * n + 7] = h[7 * n + 2] = 1.05;
+  for (GptqKernel kernel : kernels()) {
+    GptqOptions o;
+    o.kernel = kernel;
+    auto f = gptq_factor(h.data(), n, o);
+    ASSERT_TRUE(f.ok()) << f.status().message();
+    EXPECT_DOUBLE_EQ(f->damp_used, 0.1);
+    for (float v : f->u) EXPECT_TRUE(std::isfinite(v));
+    h[2 * n + 7] = h[7 * n + 2] = 12.0;  // beyond 10 x: fails with the same message as before
+    auto bad = gptq_factor(h.data(), n, o);
+    ASSERT_FALSE(bad.ok());
+    EXPECT_NE(bad.status().message().find("stays indefinite after dampening by up to 10 x"), std::string::npos)
+        << bad.status().message();
+    h[2 * n + 7] = h[7 * n + 2] = 1.05;
+  }
+}
+
+TEST(Gptq, SameCodesAsWithTheFormerFactor) {
+  const Problem p = make_problem(48, 160, 500, 7);
+  for (GptqKernel kernel : kernels()) {
+    for (bool act_order : {true, false}) {
+      QuantScheme s;
+      s.bits = 4;
+      s.group_size = 32;
+      GptqOptions o;
+      o.act_order = act_order;
+      o.kernel = kernel;
+      o.block_size = 64;
+      auto f = gptq_factor(p.h.data(), p.cols, o);
+      ASSERT_TRUE(f.ok());
+      GptqFactor former = *f;
+      const Eigen::Index n = static_cast<Eigen::Index>(p.cols);
+      Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(former.u.data(), n, n) =
+          former_factor(permuted_damped(p, *f)).cast<float>();
+      const size_t groups = p.rows * groups_per_row(s, p.cols);
+      std::vector<uint8_t> c1(p.rows * p.cols), c2(p.rows * p.cols);
+      std::vector<float> s1(groups), s2(groups), z1(groups), z2(groups);
+      gptq_quantize_rows(s, *f, p.w.data(), p.rows, p.cols, c1.data(), s1.data(), z1.data());
+      gptq_quantize_rows(s, former, p.w.data(), p.rows, p.cols, c2.data(), s2.data(), z2.data());
+      size_t same = 0;
+      for (size_t i = 0; i < c1.size(); ++i) same += c1[i] == c2[i];
+      // float rounding of U may tip a weight that lies on a decision boundary; nearly all agree
+      EXPECT_GE(static_cast<double>(same) / static_cast<double>(c1.size()), 0.995)
+          << "kernel " << static_cast<int>(kernel) << " act_order " << act_order;
+      if (act_order) {
+        EXPECT_EQ(s1, s2);  // static groups: from the original weights
+        EXPECT_EQ(z1, z2);
+      }
+    }
+  }
+}
+
+TEST(Gptq, Avx2KernelsAgreeWithTheBaseline) {
+  if (!gptq_avx2_available()) GTEST_SKIP() << "no AVX2 + FMA kernels on this build or CPU";
+  const Problem p = make_problem(40, 192, 600, 8);
+  for (bool act_order : {true, false}) {
+    QuantScheme s;
+    s.bits = 3;
+    s.group_size = 64;
+    GptqOptions o;
+    o.act_order = act_order;
+    o.block_size = 32;
+    o.kernel = GptqKernel::kGeneric;
+    const Quantized a = run_gptq(s, p, o);
+    o.kernel = GptqKernel::kAvx2;
+    const Quantized b = run_gptq(s, p, o);
+    size_t same = 0;
+    for (size_t i = 0; i < a.codes.size(); ++i) same += a.codes[i] == b.codes[i];
+    EXPECT_GE(static_cast<double>(same) / static_cast<double>(a.codes.size()), 0.995) << "act_order " << act_order;
+    EXPECT_NEAR(direct_output_error(p, a.deq), direct_output_error(p, b.deq), 0.01 * direct_output_error(p, a.deq));
+  }
+}
+
+// The engine quantizes a tensor in blocks of whole rows, the last one often short; a row must come
+// out the same whichever block it is in, for either kernel. Widths and lazy batches that leave
+// every kind of remainder in the products' register blocking, and tiny products (which Eigen
+// evaluates another way).
+TEST(Gptq, RowBlocksDoNotChangeTheResult) {
+  for (size_t cols : {13, 205, 212, 256, 300}) {
+    const Problem p = make_problem(37, cols, 300, 9);
+    for (GptqKernel kernel : kernels()) {
+      for (int lazy : {4, 48, 128}) {
+        for (bool act_order : {true, false}) {
+          QuantScheme s;
+          s.bits = 4;
+          s.group_size = 0;
+          GptqOptions o;
+          o.act_order = act_order;
+          o.kernel = kernel;
+          o.block_size = lazy;
+          const Quantized whole = run_gptq(s, p, o);
+          auto f = gptq_factor(p.h.data(), p.cols, o);
+          ASSERT_TRUE(f.ok());
+          for (size_t block : {1, 2, 3, 5, 7, 8, 13}) {
+            std::vector<uint8_t> codes(p.rows * p.cols);
+            std::vector<float> scales(p.rows), zeros(p.rows);
+            for (size_t r0 = 0; r0 < p.rows; r0 += block) {
+              const size_t nr = std::min(block, p.rows - r0);
+              gptq_quantize_rows(s, *f, p.w.data() + r0 * p.cols, nr, p.cols, codes.data() + r0 * p.cols,
+                                 scales.data() + r0, zeros.data() + r0);
+            }
+            EXPECT_EQ(codes, whole.codes) << "cols " << cols << " kernel " << static_cast<int>(kernel) << " lazy "
+                                          << lazy << " act_order " << act_order << " block " << block;
+            EXPECT_EQ(scales, whole.scales);
+            EXPECT_EQ(zeros, whole.zeros);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Timing, not a test: ./arrowquant_tests --gtest_also_run_disabled_tests --gtest_filter='*DISABLED_Timing*'
+// (a Release build; the best of a few runs of gptq_factor and of gptq_quantize_rows on 256 rows,
+// int4 g64 asymmetric).
+TEST(Gptq, DISABLED_Timing) {
+  for (size_t cols : {1024, 2048, 4096}) {
+    // H = S (B B^T / k + 0.05 I) S: correlated, uneven channel scales, positive definite.
+    const size_t k = 64, rows = 256;
+    std::mt19937 rng(7);
+    std::normal_distribution<double> g(0.0, 1.0);
+    std::vector<double> b(cols * k), sc(cols), h(cols * cols);
+    for (double& v : b) v = g(rng);
+    for (double& v : sc) v = std::exp(0.8 * g(rng));
+    for (size_t i = 0; i < cols; ++i)
+      for (size_t j = 0; j <= i; ++j) {
+        double s = 0;
+        for (size_t t = 0; t < k; ++t) s += b[i * k + t] * b[j * k + t];
+        s = (s / static_cast<double>(k) + (i == j ? 0.05 : 0.0)) * sc[i] * sc[j];
+        h[i * cols + j] = h[j * cols + i] = s;
+      }
+    std::vector<float> w(rows * cols);
+    std::normal_distribution<float> gf(0.0f, 1.0f);
+    for (float& v : w) v = gf(rng);
+    QuantScheme s;
+    s.bits = 4;
+    s.group_size = 64;
+    std::vector<uint8_t> codes(rows * cols);
+    std::vector<float> scales(rows * groups_per_row(s, cols)), zeros(scales.size());
+    for (GptqKernel kernel : kernels()) {
+      GptqOptions o;
+      o.kernel = kernel;
+      double t_factor = 1e30, t_quant = 1e30;
+      for (int rep = 0; rep < 3; ++rep) {
+        const auto t0 = std::chrono::steady_clock::now();
+        auto f = gptq_factor(h.data(), cols, o);
+        const auto t1 = std::chrono::steady_clock::now();
+        ASSERT_TRUE(f.ok());
+        gptq_quantize_rows(s, *f, w.data(), rows, cols, codes.data(), scales.data(), zeros.data());
+        const auto t2 = std::chrono::steady_clock::now();
+        t_factor = std::min(t_factor, std::chrono::duration<double>(t1 - t0).count());
+        t_quant = std::min(t_quant, std::chrono::duration<double>(t2 - t1).count());
+      }
+      std::printf("cols %5zu  %-7s  gptq_factor %8.3f s  gptq_quantize_rows(%zu rows) %8.3f s\n", cols,
+                  kernel == GptqKernel::kAvx2 ? "avx2" : "generic", t_factor, rows, t_quant);
+    }
+  }
 }
 
 }  // namespace
