@@ -245,14 +245,27 @@ def _print_output_errors(m: Dict[str, Any]) -> None:
     kind = data["step_kind"]
     print(f"\nCalibration {data['path']}: {data['samples']} samples, {len(groups)} {kind} groups "
           + ", ".join(f"g{i}=[{g['step_lo']:g}, {g['step_hi']:g})" for i, g in enumerate(groups)))
-    print(f"  {data['layers_calibrated']} layers calibrated, {data['layers_gptq']} by GPTQ. "
+    print(f"  {data['layers_calibrated']} layers calibrated, {data['layers_gptq']} by GPTQ, "
+          f"{data.get('layers_equalized', 0)} channel-equalized. "
           "Output relative error ||W x - Q x|| / ||W x|| per group (held-out inputs):")
     rows = []
+    with_act = []
     for name, e in data["output_error"].items():
         per = {g["group"]: g["relative_error"] for g in e["groups"]}
-        rows.append([name, e["method"]] + [f"{per[i]:.4f}" if i in per else "-" for i in range(len(groups))]
+        alpha = e.get("equalization_alpha")
+        rows.append([name, e["method"], "-" if alpha is None else f"{alpha:g}"]
+                    + [f"{per[i]:.4f}" if i in per else "-" for i in range(len(groups))]
                     + [f"{max(per.values()):.4f}" if per else "-"])
-    print(_table(rows, ["layer", "method"] + [f"g{i}" for i in range(len(groups))] + ["worst"]))
+        act = {g["group"]: g["relative_error_with_activations"] for g in e["groups"]
+               if "relative_error_with_activations" in g}
+        if act:
+            with_act.append([name] + [f"{act[i]:.4f}" if i in act else "-" for i in range(len(groups))]
+                            + [f"{max(act.values()):.4f}"])
+    print(_table(rows, ["layer", "method", "alpha"] + [f"g{i}" for i in range(len(groups))] + ["worst"]))
+    if with_act:
+        print(f"  With the inputs quantized to {data.get('activation_bits')} bits too (activation parameters of each "
+              "group, held-out input samples):")
+        print(_table(with_act, ["layer"] + [f"g{i}" for i in range(len(groups))] + ["worst"]))
 
 
 def cmd_generate_demo(a: argparse.Namespace) -> int:

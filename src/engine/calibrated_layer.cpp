@@ -17,6 +17,7 @@ using nlohmann::json;
 namespace {
 
 using MatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 // Rows of the weight the alpha search quantizes: every row_step-th, at most about this many.
 constexpr size_t kSearchRows = 256;
@@ -182,9 +183,57 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
     out.warnings.push_back(StrCat(name, ": quantized data-free (", why, ")"));
     return out;
   }
+  const size_t ngroups = groups.size();
+  {
+    // GPTQ's Hessian: uniform over the groups with data (layer_hessians), or weighted by 1 / the
+    // group's output energy, estimated on a strided subset of at most kSearchRows rows.
+    size_t used = 0;
+    for (size_t g = 0; g < ngroups; ++g) used += h->rows[g] > 0;
+    out.group_weights.assign(ngroups, 0.0);
+    for (size_t g = 0; g < ngroups; ++g)
+      if (h->rows[g] > 0) out.group_weights[g] = 1.0 / static_cast<double>(used);
+    if (o.relative_group_weights && used > 1) {
+      const size_t step = std::max<size_t>(1, (rows + kSearchRows - 1) / kSearchRows);
+      std::vector<double> energy(ngroups, 0.0);
+      std::vector<std::vector<double>> fit(ngroups);
+      double sum = 0;
+      bool ok = true;
+      for (size_t g = 0; g < ngroups && ok; ++g) {
+        if (h->rows[g] == 0) continue;
+        // the group's fit Hessian, H_g / n_g
+        std::vector<double> hg(cols * cols, 0.0);
+        for (const auto& b : lc.fit)
+          if (in_group(groups[g], b.bin) && b.rows > 0)
+            for (size_t i = 0; i < cols * cols; ++i) hg[i] += b.hessian[i];
+        for (double& v : hg) v /= static_cast<double>(h->rows[g]);
+        const Eigen::Index n = static_cast<Eigen::Index>((rows + step - 1) / step), C = static_cast<Eigen::Index>(cols);
+        MatD ws(n, C);
+        for (Eigen::Index r = 0; r < n; ++r)
+          for (Eigen::Index j = 0; j < C; ++j) ws(r, j) = w[static_cast<size_t>(r) * step * cols + static_cast<size_t>(j)];
+        const double e = ((ws * Eigen::Map<const MatD>(hg.data(), C, C)).array() * ws.array()).sum();
+        ok = std::isfinite(e) && e > 0;
+        energy[g] = e;
+        fit[g] = std::move(hg);
+      }
+      if (ok) {
+        for (size_t g = 0; g < ngroups; ++g)
+          if (h->rows[g] > 0) sum += 1.0 / energy[g];
+        std::fill(h->gptq.begin(), h->gptq.end(), 0.0);
+        for (size_t g = 0; g < ngroups; ++g) {
+          if (h->rows[g] == 0) continue;
+          out.group_weights[g] = (1.0 / energy[g]) / sum;
+          // scaled by the number of groups so the Hessian's magnitude matches the uniform one's
+          const double wg = out.group_weights[g] * static_cast<double>(used);
+          for (size_t i = 0; i < cols * cols; ++i) h->gptq[i] += wg * fit[g][i] / static_cast<double>(used);
+        }
+      } else {
+        out.warnings.push_back(StrCat(name, ": relative timestep-group weights need a positive output energy in every "
+                                            "group; uniform weights used"));
+      }
+    }
+  }
   out.hessians = std::make_shared<const LayerHessians>(std::move(*h));
   const LayerHessians& H = *out.hessians;
-  const size_t ngroups = groups.size();
   if (channels == 0 || cols % channels != 0) channels = cols;
   out.channels = channels;
   const size_t k = cols / channels;

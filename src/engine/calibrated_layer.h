@@ -38,6 +38,9 @@ struct CalibratedLayerOptions {
   bool time_aware = true;   // GPTQ on the timestep-group Hessian
   bool spatial = true;      // search channel equalization
   int activation_bits = 0;  // 0: weight-only deployment
+  // GPTQ's Hessian sum_g w_g H_g / n_g: w_g = 1 / groups (false), or w_g proportional to
+  // 1 / tr(W H_g W^T / n_g) (true: every group's relative output error weighs alike).
+  bool relative_group_weights = false;
   GptqOptions gptq;
   QuantScheme gptq_scheme;  // the affine scheme GPTQ codes into
   QuantScheme data_free;    // the scheme the layer gets without GPTQ
@@ -45,6 +48,7 @@ struct CalibratedLayerOptions {
 
 struct CalibratedLayer {
   std::shared_ptr<const LayerHessians> hessians;  // null: the layer is quantized data-free
+  std::vector<double> group_weights;              // w_g of GPTQ's Hessian, summing to 1 over groups with data
   std::shared_ptr<const GptqFactor> gptq;         // null: no GPTQ
   std::optional<LayerActivations> activations;
   // Channel equalization; input_scale empty when not applied.

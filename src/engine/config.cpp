@@ -89,7 +89,7 @@ const std::set<std::string>& known_keys() {
       "fail_fast", "num_threads", "components", "skip_patterns", "bit_overrides",
       "sensitive_patterns", "sensitive_bit_width", "min_tensor_size", "nonfinite", "overwrite",
       "modality", "enable_time_aware", "enable_spatial", "num_time_groups", "calibration_samples",
-      "deployment_profile", "calibration_path", "gptq_damp", "gptq_act_order",
+      "deployment_profile", "calibration_path", "gptq_damp", "gptq_act_order", "time_group_weighting",
       "activation_bits"};
   return k;
 }
@@ -192,6 +192,9 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
   if (!(c.gptq_damp > 0.0 && c.gptq_damp <= 1.0))
     return InvalidConfig(StrCat("gptq_damp must be in (0, 1], got ", c.gptq_damp));
   AQ_RETURN_IF_ERROR(get(j, "gptq_act_order", &c.gptq_act_order, "true or false"));
+  AQ_RETURN_IF_ERROR(get(j, "time_group_weighting", &c.time_group_weighting, "a string"));
+  if (c.time_group_weighting != "uniform" && c.time_group_weighting != "relative")
+    return InvalidConfig(StrCat("time_group_weighting must be 'uniform' or 'relative', got '", c.time_group_weighting, "'"));
   AQ_RETURN_IF_ERROR(get(j, "activation_bits", &c.activation_bits, "an integer"));
   if (c.activation_bits != 0 && c.activation_bits != 4 && c.activation_bits != 8)
     return InvalidConfig(StrCat("activation_bits must be 4, 8 or None (weight-only), got ", c.activation_bits));
@@ -212,6 +215,7 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
       {"deployment_profile", c.deployment_profile},
       {"calibration_path", c.calibration_path.empty() ? json(nullptr) : json(c.calibration_path)},
       {"gptq_damp", c.gptq_damp}, {"gptq_act_order", c.gptq_act_order},
+      {"time_group_weighting", c.time_group_weighting},
       {"activation_bits", c.activation_bits ? json(c.activation_bits) : json(nullptr)}};
   for (const auto& [p, b] : c.bit_overrides) c.as_json["bit_overrides"].push_back(json::array({p.text, b}));
   return c;

@@ -52,6 +52,7 @@ struct EngineConfig {
   std::string calibration_path;
   double gptq_damp = 0.01;    // GPTQ dampening, a fraction of the Hessian's mean diagonal
   bool gptq_act_order = true; // GPTQ: columns in order of decreasing input energy
+  std::string time_group_weighting = "uniform";  // "uniform" | "relative" (sensitivity: 1 / output energy)
   int activation_bits = 0;    // W8A8 / W4A8: 8 or 4 stores activation parameters per timestep group; 0 none
 
   nlohmann::json as_json;  // the configuration as given, with defaults filled in

@@ -198,6 +198,7 @@ bool QuantizeRun::attach_calibration(Slot& s) {
   o.time_aware = cfg_.enable_time_aware;
   o.spatial = search_equalization();
   o.activation_bits = cfg_.activation_bits;
+  o.relative_group_weights = cfg_.time_group_weighting == "relative";
   o.gptq.damp = cfg_.gptq_damp;
   o.gptq.act_order = cfg_.gptq_act_order;
   o.data_free = cfg_.scheme(s.plan.bits, rows, cols);
@@ -391,6 +392,7 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
     layer["bits_per_weight"] = 8.0 * static_cast<double>(stored) / static_cast<double>(t.numel);
     layer["method"] = s.gptq() ? "gptq" : "data-free";
     if (s.cal && !s.cal->equalization.is_null()) layer["equalization"] = s.cal->equalization;
+    if (s.cal && s.gptq()) layer["time_group_weights"] = s.cal->group_weights;
     if (!info.input_scale.empty()) any_input_scale_ = true;
     if (!s.output_error.is_null()) {
       layer["output_error"] = s.output_error;
@@ -588,7 +590,10 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
     if (cfg_.enable_time_aware) {
       time_aware["applied"] = gptq_layers_ > 0;
       time_aware["reason"] = gptq_layers_ > 0
-          ? StrCat("GPTQ on H = sum_g X_g^T X_g / n_g over ", groups_.size(), " timestep groups (uniform weights) for ",
+          ? StrCat("GPTQ on H = sum_g w_g X_g^T X_g / n_g over ", groups_.size(), " timestep groups (",
+                   cfg_.time_group_weighting == "relative" ? "w_g proportional to 1 / the group's output energy"
+                                                            : "uniform weights",
+                   ") for ",
                    gptq_layers_, " layers; output error per group measured on held-out inputs")
           : std::string("the calibration file matched no quantized layer with a Hessian");
       time_aware["time_groups"] = groups.size();

@@ -105,7 +105,9 @@ TEST(Equalization, OutlierChannelIsScaledDownAndW8A8ErrorFalls) {
   EXPECT_TRUE(eq.equalization.at("applied").get<bool>());
   // the outlier column's input is divided most
   for (size_t j = 0; j < kCols; ++j)
-    if (j != 3) EXPECT_GT(eq.input_scale[j], eq.input_scale[3]) << j;
+    if (j != 3) {
+      EXPECT_GT(eq.input_scale[j], eq.input_scale[3]) << j;
+    }
   // stored weight = W diag(1 / input_scale), exactly
   for (size_t r = 0; r < kRows; ++r)
     for (size_t j = 0; j < kCols; ++j)
@@ -116,8 +118,9 @@ TEST(Equalization, OutlierChannelIsScaledDownAndW8A8ErrorFalls) {
   double least = INFINITY;
   for (const auto& c : cands) least = std::min(least, c.at("score").get<double>());
   for (const auto& c : cands)
-    if (!c.at("alpha").is_null() && c.at("alpha").get<double>() == eq.equalization.at("alpha").get<double>())
+    if (!c.at("alpha").is_null() && c.at("alpha").get<double>() == eq.equalization.at("alpha").get<double>()) {
       EXPECT_EQ(c.at("score").get<double>(), least);
+    }
   EXPECT_LT(least, (1.0 - kMinGain) * cands[0].at("score").get<double>());
   // activation parameters exist per group for the equalized input
   ASSERT_TRUE(eq.activations && plain.activations);
@@ -141,7 +144,9 @@ TEST(Equalization, ConvolutionChannelsSpanTheirKernelPositions) {
     for (size_t j = 0; j < kCols; ++j)
       EXPECT_FLOAT_EQ((*cl.scaled)[r * kCols + j], f.w[r * kCols + j] * (1.0f / cl.input_scale[j / 4]));
   for (size_t c = 0; c < 8; ++c)
-    if (c != 1) EXPECT_GT(cl.input_scale[c], cl.input_scale[1]) << c;
+    if (c != 1) {
+      EXPECT_GT(cl.input_scale[c], cl.input_scale[1]) << c;
+    }
 }
 
 TEST(Equalization, WeightOnlySearchNeverPicksAWorseScore) {
@@ -155,6 +160,23 @@ TEST(Equalization, WeightOnlySearchNeverPicksAWorseScore) {
     for (const auto& c : cands) EXPECT_GE(c.at("score").get<double>(), (1.0 - kMinGain) * none);
   }
   EXPECT_FALSE(cl.activations) << "weight-only: no activation parameters";
+}
+
+TEST(TimeGroupWeights, RelativeWeightsFollowTheInverseOutputEnergy) {
+  Fixture f;  // bin 1's inputs are twice bin 0's: four times the output energy
+  auto o = options(0, false);
+  ASSERT_OK_AND_ASSIGN(CalibratedLayer uniform, prepare_calibrated_layer("l", f.w.data(), kRows, kCols, kCols, f.lc, f.groups, o));
+  EXPECT_EQ(uniform.group_weights, (std::vector<double>{0.5, 0.5}));
+  o.relative_group_weights = true;
+  ASSERT_OK_AND_ASSIGN(CalibratedLayer rel, prepare_calibrated_layer("l", f.w.data(), kRows, kCols, kCols, f.lc, f.groups, o));
+  ASSERT_EQ(rel.group_weights.size(), 2u);
+  EXPECT_NEAR(rel.group_weights[0], 0.8, 0.02);
+  EXPECT_NEAR(rel.group_weights[1], 0.2, 0.02);
+  EXPECT_NEAR(rel.group_weights[0] + rel.group_weights[1], 1.0, 1e-12);
+  // the GPTQ Hessian is sum_g (groups * w_g) H_g / n_g / groups: 0.8 H_0 + 0.2 H_1
+  const auto& h = rel.hessians->gptq;
+  const double h0 = f.lc.fit[0].hessian[0] / 256.0, h1 = f.lc.fit[1].hessian[0] / 256.0;
+  EXPECT_NEAR(h[0], rel.group_weights[0] * h0 + rel.group_weights[1] * h1, 1e-9 * h1);
 }
 
 TEST(Equalization, NoHessianMeansDataFreeWithAWarning) {

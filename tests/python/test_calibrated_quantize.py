@@ -196,7 +196,19 @@ def test_inspect_shows_output_errors_per_group(calibrated_model, tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "4 timestep groups" in out and "by GPTQ" in out
     line = next(l for l in out.splitlines() if l.startswith("mid.weight") and "gptq" in l)
-    assert len(line.split()) == 2 + 4 + 1  # layer, method, g0..g3, worst
+    assert len(line.split()) == 3 + 4 + 1  # layer, method, alpha, g0..g3, worst
+    assert "quantized to" not in out  # weight-only: no activation table
+
+
+def test_inspect_shows_equalization_and_errors_with_activations(outlier_model, tmp_path):
+    _quantize(outlier_model, tmp_path / "q", bit_width=8, group_size=64, activation_bits=8, num_time_groups=2)
+    out = subprocess.run([sys.executable, "-m", "arrow_quant_v2.cli", "inspect", str(tmp_path / "q")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "channel-equalized" in out and "quantized to 8 bits too" in out
+    line = next(l for l in out.splitlines() if l.startswith("inp.weight") and "gptq" in l)
+    assert line.split()[2] in ("0.2", "0.35", "0.5", "0.65", "0.8")
+    rows = [l for l in out.splitlines() if l.startswith("inp.weight")]
+    assert len(rows[-1].split()) == 1 + 2 + 1  # the activation table: layer, g0, g1, worst
 
 
 def test_cli_calibration_flags(calibrated_model, tmp_path):
@@ -343,3 +355,27 @@ def test_equalization_weight_only_never_worse(calibrated_model, tmp_path):
     off = _quantize(calibrated_model, tmp_path / "off", bit_width=3, group_size=32, enable_spatial=False)
     assert all("equalization" not in l for l in off["layers"])
     assert off["spatial"]["applied"] is False
+
+
+def test_relative_time_group_weights(calibrated_model, tmp_path):
+    """time_group_weighting='relative': GPTQ weighs each timestep group by 1 / its output energy (the
+    model's inputs grow with t, so the early groups get the larger weights); the report says so."""
+    u = _quantize(calibrated_model, tmp_path / "u", bit_width=3, group_size=32, num_time_groups=4, enable_spatial=False)
+    r = _quantize(calibrated_model, tmp_path / "r", bit_width=3, group_size=32, num_time_groups=4, enable_spatial=False,
+                  time_group_weighting="relative")
+    assert "1 / the group's output energy" in r["time_aware"]["reason"]
+    assert "uniform weights" in u["time_aware"]["reason"]
+    for lu, lr in zip(u["layers"], r["layers"]):
+        if not lu["quantized"]:
+            continue
+        assert lu["time_group_weights"] == [0.25] * 4
+        w = lr["time_group_weights"]
+        assert sum(w) == pytest.approx(1.0) and w == sorted(w, reverse=True) and w[0] > 2 * w[-1], w
+    # the low-t (low-energy) group gains, in relative error, from its larger weight (inp's groups
+    # differ only by a scale, and GPTQ does not change with the Hessian's scale: equal there)
+    g0 = [(lr["output_error"][0]["relative_error"], lu["output_error"][0]["relative_error"])
+          for lu, lr in zip(u["layers"], r["layers"]) if lu["quantized"]]
+    # (GPTQ is greedy, so a single layer may move either way by a little; over the layers it gains)
+    assert sum(a for a, _ in g0) < sum(b for _, b in g0), g0
+    with pytest.raises(aq.ConfigurationError, match="time_group_weighting"):
+        aq.DiffusionQuantConfig(time_group_weighting="by-magic")
