@@ -318,7 +318,8 @@ def run_task(task, bits_list: List[int], work: str, max_samples: int) -> Tuple[L
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["digits", "text"], choices=["digits", "text"])
-    p.add_argument("--bits", nargs="+", type=int, default=[8, 4, 3, 2])
+    p.add_argument("--bits", nargs="*", type=int, default=[8, 4, 3, 2],
+                   help="weight-only bit widths (none: only the W8A8 / W4A8 tables)")
     p.add_argument("--samples", type=int, default=200, help="digits: images per batch; text: sequences")
     p.add_argument("--calibration-samples", type=int, default=128)
     a = p.parse_args()

@@ -407,17 +407,27 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
                                              o.activation_bits, 24)
                                 : la.static_params;
         ga.held_out = gs.held_out;
-        double ss = 0, eg = 0, es = 0;
+        double ss = 0, ss_w = 0, eg = 0, es = 0;
         for (size_t r = 0; r < gs.check_rows; ++r)
           for (size_t j = 0; j < cols; ++j) {
             const double x = gs.check[r * cols + j] * inv[j];
             ss += x * x;
             const double a = x - fake_quantize(static_cast<float>(x), ga.params);
             const double b = x - fake_quantize(static_cast<float>(x), la.static_params);
-            eg += a * a;
-            es += b * b;
+            // each column's error weighs as it reaches the output (the objective of fit_params)
+            eg += a * a * importance[j];
+            es += b * b * importance[j];
+            ss_w += x * x * importance[j];
           }
-        if (ss > 0) ga.rel_error = std::sqrt(eg / ss), ga.static_rel_error = std::sqrt(es / ss);
+        if (ss > 0) {
+          ga.rel_error = std::sqrt(eg / ss_w);
+          ga.static_rel_error = std::sqrt(es / ss_w);
+          if (ga.held_out && ga.static_rel_error < ga.rel_error) {
+            ga.params = la.static_params;
+            ga.rel_error = ga.static_rel_error;
+            ga.uses_static = true;
+          }
+        }
         la.groups.push_back(ga);
       }
       out.activations = std::move(la);

@@ -418,6 +418,7 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
         e["relative_error"] = a.groups[g].rel_error;
         e["static_relative_error"] = a.groups[g].static_rel_error;
         e["held_out"] = a.groups[g].held_out;
+        e["uses_static"] = a.groups[g].uses_static;
         groups.push_back(std::move(e));
         ActivationRow row;
         row.component = s.component;

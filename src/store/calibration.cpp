@@ -305,6 +305,11 @@ std::optional<LayerActivations> layer_activations(const LayerCalibration& layer,
     if (ms > 0) {
       ga.rel_error = std::sqrt(activation_mse(check, ga.params) / ms);
       ga.static_rel_error = std::sqrt(activation_mse(check, out.static_params) / ms);
+      if (ga.held_out && ga.static_rel_error < ga.rel_error) {
+        ga.params = out.static_params;
+        ga.rel_error = ga.static_rel_error;
+        ga.uses_static = true;
+      }
     }
     out.groups.push_back(ga);
   }

@@ -77,12 +77,16 @@ std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const
 
 // Per timestep group: activation quantization parameters fitted on the group's inputs, and the
 // relative error sqrt(E[(x - x')^2] / E[x^2]) on the group's held-out inputs, for the group's
-// own parameters and for one static set fitted on the whole trajectory.
+// own parameters and for one static set fitted on the whole trajectory. A group whose own
+// parameters do worse on its held-out inputs than the static set keeps the static set.
 struct GroupActivation {
   ActivationParams params;
   double rel_error = 0;         // group parameters, held-out inputs
   double static_rel_error = 0;  // static parameters, same inputs
   bool held_out = false;
+  // The group's own parameters did worse than the static set on its held-out inputs (too few
+  // inputs to fit a clip): the group uses the static set, and rel_error is its error.
+  bool uses_static = false;
 };
 struct LayerActivations {
   ActivationParams static_params;
