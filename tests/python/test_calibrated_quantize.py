@@ -47,15 +47,21 @@ def _inputs(n: int, d: int, seed: int) -> torch.Tensor:
     return (z @ mix + 0.2 * torch.randn(n, d, generator=g)) * scale
 
 
-@pytest.fixture(scope="module")
-def calibrated_model(tmp_path_factory):
-    torch.manual_seed(0)
+def _saved_model(tmp_path_factory, name: str, seed: int):
+    """A TinyDenoiser with seeded weights, saved as <tmp>/<name>/model/model.safetensors."""
+    torch.manual_seed(seed)
     model = TinyDenoiser()
-    root = tmp_path_factory.mktemp("calib") / "model"
+    root = tmp_path_factory.mktemp(name) / "model"
     root.mkdir()
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     write_safetensors(root / "model.safetensors",
                       [(k, "F32", tuple(v.shape)) for k, v in state.items()], lambda k: state[k])
+    return model, root
+
+
+@pytest.fixture(scope="module")
+def calibrated_model(tmp_path_factory):
+    model, root = _saved_model(tmp_path_factory, "calib", seed=0)
     (root / "config.json").write_text(json.dumps({"architectures": ["DiT"]}))
     steps = list(range(T_MAX - 1, -1, -50))  # 20 steps
     x = _inputs(64, 96, 1)
@@ -265,13 +271,7 @@ def test_activation_bits_validation():
 def outlier_model(tmp_path_factory):
     """TinyDenoiser whose first layer sees two input channels 30-60x larger than the rest (the
     outlier channels of real transformers), with input samples recorded."""
-    torch.manual_seed(1)
-    model = TinyDenoiser()
-    root = tmp_path_factory.mktemp("outlier") / "model"
-    root.mkdir()
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    write_safetensors(root / "model.safetensors",
-                      [(k, "F32", tuple(v.shape)) for k, v in state.items()], lambda k: state[k])
+    model, root = _saved_model(tmp_path_factory, "outlier", seed=1)
     steps = list(range(T_MAX - 1, -1, -25))  # 40 steps: fit calls cover each group's range
     x = _inputs(64, 96, 2)
     x[:, 5] *= 60
