@@ -379,3 +379,56 @@ def test_relative_time_group_weights(calibrated_model, tmp_path):
     assert sum(a for a, _ in g0) < sum(b for _, b in g0), g0
     with pytest.raises(aq.ConfigurationError, match="time_group_weighting"):
         aq.DiffusionQuantConfig(time_group_weighting="by-magic")
+
+
+class ConvDenoiser(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 32, 3, padding=1)
+        self.head = torch.nn.Conv2d(32, 8, 1)
+
+    def forward(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        return self.head(torch.nn.functional.silu(self.conv(x * (0.5 + t / T_MAX))))
+
+
+def test_convolution_equalization_end_to_end(tmp_path):
+    """A convolution's input channel spans its kernel positions: input_scale has in_channels
+    values, the loader folds them over each channel's 3x3 columns, validate agrees."""
+    torch.manual_seed(4)
+    model = ConvDenoiser()
+    root = tmp_path / "model"
+    root.mkdir()
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    write_safetensors(root / "model.safetensors",
+                      [(k, "F32", tuple(v.shape)) for k, v in state.items()], lambda k: state[k])
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 8, 6, 6, generator=g)
+    x[:, 2] *= 40  # an outlier input channel
+    steps = list(range(T_MAX - 1, -1, -50))
+    with CalibrationRecorder(model, step_range=(0, T_MAX), num_bins=2, total_calls=2 * len(steps),
+                             max_samples=2 * len(steps), input_samples=256) as rec, torch.no_grad():
+        for rep in range(2):
+            for t in steps:
+                with rec.step(t):
+                    model(x + 0.05 * rep, t)
+        rec.save(root / "calibration.parquet")
+    r = _quantize(root, tmp_path / "q", bit_width=8, group_size=32, activation_bits=8, num_time_groups=2)
+    layer = next(l for l in r["layers"] if l["tensor"] == "conv.weight")
+    assert layer["equalization"]["applied"], layer["equalization"]
+    q = aq.load(r["quantized_path"])
+    a = q["conv.weight"].input_scale
+    assert a.shape == (8,) and a[2] == a.min()
+    # the stored codes decode (docs/format.md, int8 g32 asymmetric) to W diag(1 / input_scale);
+    # times input_scale over each channel's 9 columns, that is what numpy() returns
+    p = q["conv.weight"].packed()
+    assert p.bits == 8 and p.group_size == 32
+    codes = np.frombuffer(p.codes, np.uint8).astype(np.float32).reshape(32, 72)
+    s_ = np.repeat(p.scales.astype(np.float32).reshape(32, -1), 32, axis=1)[:, :72]
+    z_ = np.repeat(p.zero_points.astype(np.float32).reshape(32, -1), 32, axis=1)[:, :72]
+    stored = s_ * codes + z_
+    np.testing.assert_array_equal(stored * np.repeat(a, 9)[None, :], q["conv.weight"].numpy().reshape(32, 72))
+    w = state["conv.weight"]
+    cos = float(np.sum(w * q["conv.weight"].numpy()) / np.linalg.norm(w) / np.linalg.norm(q["conv.weight"].numpy()))
+    assert cos == pytest.approx(layer["cosine_similarity"], abs=1e-6) and cos > 0.99
+    v = aq.ArrowQuantV2().validate_quality(str(root), r["quantized_path"])
+    assert v["passed"], v
