@@ -194,6 +194,19 @@ bool QuantizeRun::attach_calibration(Slot& s) {
   }
   s.calibration = lc;
   s.preparing = true;
+  // Modality strategy for image / video / audio denoisers: a convolution with a spatial kernel
+  // that calibration has no Hessian for (wider than max_hessian_features, as the deep blocks of
+  // a UNet are, or grouped) cannot get GPTQ; it is quantized at 8 bits instead of low-bit
+  // data-free codes.
+  if (!text_like() && s.plan.bits < 8 && t.shape.size() >= 3 && cols > static_cast<uint64_t>(t.shape[1])) {
+    bool no_hessian = false;
+    for (const auto& b : lc->fit) no_hessian |= b.rows > 0 && b.hessian.empty();
+    if (no_hessian) {
+      s.plan.bits = 8;
+      s.plan.reason = StrCat("convolution without a calibration Hessian (", cols,
+                             " input features) at 8 bits: modality strategy for ", modality_, " denoisers");
+    }
+  }
   CalibratedLayerOptions o;
   o.time_aware = cfg_.enable_time_aware;
   o.spatial = search_equalization();

@@ -432,3 +432,28 @@ def test_convolution_equalization_end_to_end(tmp_path):
     assert cos == pytest.approx(layer["cosine_similarity"], abs=1e-6) and cos > 0.99
     v = aq.ArrowQuantV2().validate_quality(str(root), r["quantized_path"])
     assert v["passed"], v
+
+
+def test_convolutions_without_a_hessian_stay_at_8_bits(tmp_path):
+    """Modality strategy: a spatial convolution that calibration recorded no Hessian for (here
+    wider than max_hessian_features) is quantized at 8 bits, not low-bit data-free; a 1x1
+    convolution and text models are left to the configured bits."""
+    torch.manual_seed(4)
+    model = ConvDenoiser()
+    root = tmp_path / "model"
+    root.mkdir()
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    write_safetensors(root / "model.safetensors",
+                      [(k, "F32", tuple(v.shape)) for k, v in state.items()], lambda k: state[k])
+    x = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(5))
+    with CalibrationRecorder(model, num_bins=2, max_samples=4, max_hessian_features=16) as rec, torch.no_grad():
+        for t in (900, 600, 300, 100):
+            with rec.step(t):
+                model(x, t)
+        rec.save(root / "calibration.parquet")
+    r = _quantize(root, tmp_path / "q", bit_width=4, group_size=32, modality="image")
+    by = {l["tensor"]: l for l in r["layers"]}
+    assert by["conv.weight"]["bits"] == 8 and "without a calibration Hessian" in by["conv.weight"]["reason"]
+    assert by["head.weight"]["bits"] == 4  # 1x1: no spatial kernel
+    t = _quantize(root, tmp_path / "t", bit_width=4, group_size=32, modality="text")
+    assert {l["tensor"]: l for l in t["layers"]}["conv.weight"]["bits"] == 4
