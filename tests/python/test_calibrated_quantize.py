@@ -47,15 +47,33 @@ def _inputs(n: int, d: int, seed: int) -> torch.Tensor:
     return (z @ mix + 0.2 * torch.randn(n, d, generator=g)) * scale
 
 
+def _save_model(model: torch.nn.Module, root) -> dict:
+    """Writes the model's state as root/model.safetensors (root is created); returns the state."""
+    root.mkdir()
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    write_safetensors(root / "model.safetensors",
+                      [(k, "F32", tuple(v.shape)) for k, v in state.items()], lambda k: state[k])
+    return state
+
+
+def _record_two_passes(model, root, x, steps, shift: float, **recorder_kwargs) -> None:
+    """Records the model's calibration over two passes of `steps` (the second on x + shift) into
+    root/calibration.parquet, every call recorded, every 4th held out."""
+    with CalibrationRecorder(model, step_range=(0, T_MAX), total_calls=2 * len(steps), max_samples=2 * len(steps),
+                             holdout_every=4, **recorder_kwargs) as rec, torch.no_grad():
+        for rep in range(2):
+            for t in steps:
+                with rec.step(t):
+                    model(x + shift * rep, t)
+        rec.save(root / "calibration.parquet")
+
+
 def _saved_model(tmp_path_factory, name: str, seed: int):
     """A TinyDenoiser with seeded weights, saved as <tmp>/<name>/model/model.safetensors."""
     torch.manual_seed(seed)
     model = TinyDenoiser()
     root = tmp_path_factory.mktemp(name) / "model"
-    root.mkdir()
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    write_safetensors(root / "model.safetensors",
-                      [(k, "F32", tuple(v.shape)) for k, v in state.items()], lambda k: state[k])
+    _save_model(model, root)
     return model, root
 
 
@@ -65,13 +83,7 @@ def calibrated_model(tmp_path_factory):
     (root / "config.json").write_text(json.dumps({"architectures": ["DiT"]}))
     steps = list(range(T_MAX - 1, -1, -50))  # 20 steps
     x = _inputs(64, 96, 1)
-    with CalibrationRecorder(model, step_range=(0, T_MAX), num_bins=4, total_calls=2 * len(steps),
-                             max_samples=2 * len(steps), holdout_every=4) as rec, torch.no_grad():
-        for rep in range(2):
-            for t in steps:
-                with rec.step(t):
-                    model(x + 0.1 * rep, t)
-        rec.save(root / "calibration.parquet")
+    _record_two_passes(model, root, x, steps, 0.1, num_bins=4)
     return root
 
 
@@ -276,13 +288,7 @@ def outlier_model(tmp_path_factory):
     x = _inputs(64, 96, 2)
     x[:, 5] *= 60
     x[:, 17] *= 30
-    with CalibrationRecorder(model, step_range=(0, T_MAX), num_bins=2, total_calls=2 * len(steps),
-                             max_samples=2 * len(steps), holdout_every=4, input_samples=128) as rec, torch.no_grad():
-        for rep in range(2):
-            for t in steps:
-                with rec.step(t):
-                    model(x + 0.1 * rep, t)
-        rec.save(root / "calibration.parquet")
+    _record_two_passes(model, root, x, steps, 0.1, num_bins=2, input_samples=128)
     return root
 
 
@@ -397,21 +403,12 @@ def test_convolution_equalization_end_to_end(tmp_path):
     torch.manual_seed(4)
     model = ConvDenoiser()
     root = tmp_path / "model"
-    root.mkdir()
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    write_safetensors(root / "model.safetensors",
-                      [(k, "F32", tuple(v.shape)) for k, v in state.items()], lambda k: state[k])
+    state = _save_model(model, root)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(16, 8, 6, 6, generator=g)
     x[:, 2] *= 40  # an outlier input channel
     steps = list(range(T_MAX - 1, -1, -50))
-    with CalibrationRecorder(model, step_range=(0, T_MAX), num_bins=2, total_calls=2 * len(steps),
-                             max_samples=2 * len(steps), input_samples=256) as rec, torch.no_grad():
-        for rep in range(2):
-            for t in steps:
-                with rec.step(t):
-                    model(x + 0.05 * rep, t)
-        rec.save(root / "calibration.parquet")
+    _record_two_passes(model, root, x, steps, 0.05, num_bins=2, input_samples=256)
     r = _quantize(root, tmp_path / "q", bit_width=8, group_size=32, activation_bits=8, num_time_groups=2)
     layer = next(l for l in r["layers"] if l["tensor"] == "conv.weight")
     assert layer["equalization"]["applied"], layer["equalization"]
@@ -441,10 +438,7 @@ def test_convolutions_without_a_hessian_stay_at_8_bits(tmp_path):
     torch.manual_seed(4)
     model = ConvDenoiser()
     root = tmp_path / "model"
-    root.mkdir()
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    write_safetensors(root / "model.safetensors",
-                      [(k, "F32", tuple(v.shape)) for k, v in state.items()], lambda k: state[k])
+    state = _save_model(model, root)
     x = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(5))
     with CalibrationRecorder(model, num_bins=2, max_samples=4, max_hessian_features=16) as rec, torch.no_grad():
         for t in (900, 600, 300, 100):
