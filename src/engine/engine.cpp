@@ -113,7 +113,6 @@ class QuantizeRun {
   bool text_like() const { return modality_ == "text" || modality_ == "code"; }
   bool search_equalization() const { return cfg_.enable_spatial && !(text_like() && cfg_.activation_bits == 0); }
   uint64_t gptq_layers_ = 0, calibrated_layers_ = 0, equalized_layers_ = 0;
-  bool any_input_scale_ = false;
   json output_errors_ = json::object();  // qualified layer -> output error per timestep group
   std::vector<ActivationRow> activation_rows_;
   uint64_t source_bytes_ = 0, stored_bytes_ = 0, quantized_weights_ = 0, quantized_stored_bytes_ = 0;
@@ -406,7 +405,6 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
     layer["method"] = s.gptq() ? "gptq" : "data-free";
     if (s.cal && !s.cal->equalization.is_null()) layer["equalization"] = s.cal->equalization;
     if (s.cal && s.gptq()) layer["time_group_weights"] = s.cal->group_weights;
-    if (!info.input_scale.empty()) any_input_scale_ = true;
     if (!s.output_error.is_null()) {
       layer["output_error"] = s.output_error;
       layer["output_cosine"] = s.output_cosine;
