@@ -175,7 +175,39 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
                                                  const std::vector<TimeGroup>& groups,
                                                  const CalibratedLayerOptions& o) {
   CalibratedLayer out;
-  auto h = layer_hessians(lc, groups);
+  const size_t ngroups = groups.size();
+  // GPTQ's timestep-group weights: uniform, or (relative) 1 / the group's output energy
+  // tr(W H_g W^T) / n_g, summed bin by bin over a strided subset of at most kSearchRows rows.
+  std::vector<double> weights;
+  if (o.relative_group_weights && rows > 0 && cols > 0) {
+    const size_t step = std::max<size_t>(1, (rows + kSearchRows - 1) / kSearchRows);
+    const Eigen::Index n = static_cast<Eigen::Index>((rows + step - 1) / step), C = static_cast<Eigen::Index>(cols);
+    MatD ws(n, C);
+    for (Eigen::Index r = 0; r < n; ++r)
+      for (Eigen::Index j = 0; j < C; ++j) ws(r, j) = w[static_cast<size_t>(r) * step * cols + static_cast<size_t>(j)];
+    std::vector<double> energy(ngroups, 0.0);
+    std::vector<int64_t> fit_rows(ngroups, 0);
+    for (const auto& b : lc.fit)
+      for (size_t g = 0; g < ngroups; ++g)
+        if (in_group(groups[g], b.bin) && b.rows > 0 && b.hessian.size() == cols * cols) {
+          energy[g] += ((ws * Eigen::Map<const MatD>(b.hessian.data(), C, C)).array() * ws.array()).sum();
+          fit_rows[g] += b.rows;
+        }
+    bool ok = true;
+    weights.assign(ngroups, 0.0);
+    for (size_t g = 0; g < ngroups; ++g) {
+      if (fit_rows[g] == 0) continue;
+      const double e = energy[g] / static_cast<double>(fit_rows[g]);
+      ok = ok && std::isfinite(e) && e > 0;
+      weights[g] = 1.0 / e;
+    }
+    if (!ok) {
+      weights.clear();
+      out.warnings.push_back(StrCat(name, ": relative timestep-group weights need a positive output energy in every "
+                                          "group; uniform weights used"));
+    }
+  }
+  auto h = layer_hessians(lc, groups, weights);
   if (!h) {
     std::string why = "no Hessian was recorded";
     for (const auto& b : lc.fit)
@@ -183,55 +215,13 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
     out.warnings.push_back(StrCat(name, ": quantized data-free (", why, ")"));
     return out;
   }
-  const size_t ngroups = groups.size();
-  {
-    // GPTQ's Hessian: uniform over the groups with data (layer_hessians), or weighted by 1 / the
-    // group's output energy, estimated on a strided subset of at most kSearchRows rows.
-    size_t used = 0;
-    for (size_t g = 0; g < ngroups; ++g) used += h->rows[g] > 0;
-    out.group_weights.assign(ngroups, 0.0);
-    for (size_t g = 0; g < ngroups; ++g)
-      if (h->rows[g] > 0) out.group_weights[g] = 1.0 / static_cast<double>(used);
-    if (o.relative_group_weights && used > 1) {
-      const size_t step = std::max<size_t>(1, (rows + kSearchRows - 1) / kSearchRows);
-      std::vector<double> energy(ngroups, 0.0);
-      std::vector<std::vector<double>> fit(ngroups);
-      double sum = 0;
-      bool ok = true;
-      for (size_t g = 0; g < ngroups && ok; ++g) {
-        if (h->rows[g] == 0) continue;
-        // the group's fit Hessian, H_g / n_g
-        std::vector<double> hg(cols * cols, 0.0);
-        for (const auto& b : lc.fit)
-          if (in_group(groups[g], b.bin) && b.rows > 0)
-            for (size_t i = 0; i < cols * cols; ++i) hg[i] += b.hessian[i];
-        for (double& v : hg) v /= static_cast<double>(h->rows[g]);
-        const Eigen::Index n = static_cast<Eigen::Index>((rows + step - 1) / step), C = static_cast<Eigen::Index>(cols);
-        MatD ws(n, C);
-        for (Eigen::Index r = 0; r < n; ++r)
-          for (Eigen::Index j = 0; j < C; ++j) ws(r, j) = w[static_cast<size_t>(r) * step * cols + static_cast<size_t>(j)];
-        const double e = ((ws * Eigen::Map<const MatD>(hg.data(), C, C)).array() * ws.array()).sum();
-        ok = std::isfinite(e) && e > 0;
-        energy[g] = e;
-        fit[g] = std::move(hg);
-      }
-      if (ok) {
-        for (size_t g = 0; g < ngroups; ++g)
-          if (h->rows[g] > 0) sum += 1.0 / energy[g];
-        std::fill(h->gptq.begin(), h->gptq.end(), 0.0);
-        for (size_t g = 0; g < ngroups; ++g) {
-          if (h->rows[g] == 0) continue;
-          out.group_weights[g] = (1.0 / energy[g]) / sum;
-          // scaled by the number of groups so the Hessian's magnitude matches the uniform one's
-          const double wg = out.group_weights[g] * static_cast<double>(used);
-          for (size_t i = 0; i < cols * cols; ++i) h->gptq[i] += wg * fit[g][i] / static_cast<double>(used);
-        }
-      } else {
-        out.warnings.push_back(StrCat(name, ": relative timestep-group weights need a positive output energy in every "
-                                            "group; uniform weights used"));
-      }
-    }
-  }
+  // the weights as used: over the groups with fit rows, summing to 1
+  out.group_weights.assign(ngroups, 0.0);
+  double weight_sum = 0;
+  for (size_t g = 0; g < ngroups; ++g)
+    if (h->rows[g] > 0) weight_sum += weights.empty() ? 1.0 : weights[g];
+  for (size_t g = 0; g < ngroups; ++g)
+    if (h->rows[g] > 0) out.group_weights[g] = (weights.empty() ? 1.0 : weights[g]) / weight_sum;
   out.hessians = std::make_shared<const LayerHessians>(std::move(*h));
   const LayerHessians& H = *out.hessians;
   if (channels == 0 || cols % channels != 0) channels = cols;
@@ -277,11 +267,13 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
     for (size_t j = 0; j < cols; ++j) inv[j] = 1.0f / sc[j];
     if (o.time_aware) {
       // GPTQ's Hessian of the scaled inputs X S^-1: H / (s_i s_j)
-      std::vector<double> hs(H.gptq);
-      if (!c.s.empty())
+      std::vector<double> hs;
+      if (!c.s.empty()) {
+        hs = H.gptq;
         for (size_t i = 0; i < cols; ++i)
           for (size_t j = 0; j < cols; ++j) hs[i * cols + j] *= static_cast<double>(inv[i]) * static_cast<double>(inv[j]);
-      auto f = gptq_factor(hs.data(), cols, o.gptq);
+      }
+      auto f = gptq_factor(c.s.empty() ? H.gptq.data() : hs.data(), cols, o.gptq);
       if (!f.ok()) {
         c.failure = f.status().message();
         continue;
@@ -291,7 +283,7 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
     if (!search) break;
     // Quantize the sampled rows of W S with the layer's quantizer; Q' is what would be stored.
     std::vector<float> ws(w_sub);
-    scale_columns(ws.data(), sub, cols, c.s.empty() ? std::vector<float>{} : c.s);
+    scale_columns(ws.data(), sub, cols, c.s);
     std::vector<float> q(sub * cols);
     if (c.factor) {
       const QuantScheme& sch = o.gptq_scheme;
@@ -454,9 +446,10 @@ OutputCheck check_layer_output(const float* w, const float* q, size_t rows, size
       std::copy_n(q + i * row_step * cols, cols, q_stored.data() + i * cols);
     }
     inv = expand(layer.input_scale, cols);
-    std::vector<float> s(cols);
-    for (size_t j = 0; j < cols; ++j) s[j] = 1.0f / inv[j];
-    scale_columns(q_stored.data(), sub, cols, layer.input_scale.empty() ? std::vector<float>{} : std::vector<float>(s));
+    // the stored weight Q' = Q S: the effective weight over input_scale (= 1 / s), column by column
+    std::vector<float> s(layer.input_scale.size());
+    for (size_t c = 0; c < s.size(); ++c) s[c] = 1.0f / layer.input_scale[c];
+    scale_columns(q_stored.data(), sub, cols, s);
   }
   for (size_t g = 0; g < groups.size(); ++g) {
     if (H.rows[g] == 0 && !H.check_held_out[g]) continue;

@@ -233,13 +233,15 @@ std::vector<TimeGroup> group_time_bins(const CalibrationData& data, int num_grou
   return groups;
 }
 
-std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups) {
+std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups,
+                                            const std::vector<double>& weights) {
   LayerHessians out;
   out.cols = static_cast<size_t>(layer.in_features);
   const size_t nn = out.cols * out.cols;
   out.gptq.assign(nn, 0.0);
-  size_t used = 0;
-  for (const TimeGroup& g : groups) {
+  double weight_sum = 0;
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    const TimeGroup& g = groups[gi];
     std::vector<double> fit(nn, 0.0), hold(nn, 0.0);
     int64_t fit_rows = 0, hold_rows = 0;
     auto in_group = [&](int b) { return std::find(g.bins.begin(), g.bins.end(), b) != g.bins.end(); };
@@ -257,9 +259,10 @@ std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const
     }
     out.rows.push_back(fit_rows);
     if (fit_rows > 0) {
-      ++used;
+      const double w = weights.empty() ? 1.0 : weights[gi];
+      weight_sum += w;
       const double inv = 1.0 / static_cast<double>(fit_rows);
-      for (size_t i = 0; i < nn; ++i) out.gptq[i] += fit[i] * inv;
+      for (size_t i = 0; i < nn; ++i) out.gptq[i] += w * (fit[i] * inv);
     }
     const bool held = hold_rows > 0;
     const double inv = 1.0 / static_cast<double>(std::max<int64_t>(1, held ? hold_rows : fit_rows));
@@ -268,8 +271,8 @@ std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const
     out.check.push_back(std::move(c));
     out.check_held_out.push_back(held);
   }
-  if (used == 0) return std::nullopt;
-  for (double& v : out.gptq) v /= static_cast<double>(used);
+  if (!(weight_sum > 0)) return std::nullopt;
+  for (double& v : out.gptq) v /= weight_sum;
   return out;
 }
 

@@ -67,13 +67,16 @@ std::vector<TimeGroup> group_time_bins(const CalibrationData& data, int num_grou
 // A layer's Hessians for GPTQ and validation over the given groups.
 struct LayerHessians {
   size_t cols = 0;
-  std::vector<double> gptq;                 // sum_g w_g H_g / rows_g, uniform w_g = 1 / groups
+  std::vector<double> gptq;                 // sum_g w_g H_g / rows_g over the groups with fit rows
   std::vector<std::vector<double>> check;   // per group: held-out H_g / rows_g (fit data when none held out)
   std::vector<bool> check_held_out;         // per group: whether check[g] is held-out data
   std::vector<int64_t> rows;                // per group: fit rows
 };
 // nullopt when the layer has no Hessian in some group (recorded without one: too wide).
-std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups);
+// `weights`: w_g per group (those of groups without fit rows are ignored, the rest renormalised
+// to sum to 1); empty: uniform.
+std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups,
+                                            const std::vector<double>& weights = {});
 
 // Per timestep group: activation quantization parameters fitted on the group's inputs, and the
 // relative error sqrt(E[(x - x')^2] / E[x^2]) on the group's held-out inputs, for the group's
