@@ -19,5 +19,8 @@ echo "==> C++ tests (sanitizers on)"
 echo "==> Python tests"
 # PyTorch (CPU) for the calibration tests: an optional extra for users, required here so those
 # tests run rather than skip. 2.13.0 is the CPU build this machine kind keeps on disk.
-"$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+# gguf (gguf-py) and ggml-python: the independent decoders (and llama.cpp's encoder) that the
+# ggml-scheme tests hold our bytes against. ggml-python builds ggml from source the first time
+# (about a minute; pip caches the wheel).
+"$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" "gguf>=0.10" "ggml-python>=0.0.40" 2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -m pytest -q tests/python "$@"

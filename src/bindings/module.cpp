@@ -2,6 +2,7 @@
 // errors into the package's exceptions (arrow_quant_v2.errors). No algorithm lives here.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -130,7 +131,8 @@ aq::QuantScheme scheme_from(int bits, int group_size, bool symmetric, const std:
   else raise(aq::InvalidConfig("scale_method must be 'search' or 'minmax', got '" + method + "'"));
   if (kind == "affine") s.kind = aq::SchemeKind::kAffine;
   else if (kind == "entropy") s.kind = aq::SchemeKind::kEntropy;
-  else raise(aq::InvalidConfig("scheme must be 'affine' or 'entropy', got '" + kind + "'"));
+  else if (auto t = aq::parse_ggml_type(kind)) s = aq::ggml_scheme(*t);
+  else raise(aq::InvalidConfig("scheme must be 'affine', 'entropy' or a ggml type (q8_0, q6_k, q5_k, q4_k, q3_k, q2_k, iq4_xs, iq4_nl), got '" + kind + "'"));
   s.rotate = rotate;
   s.target_bpw = target_bpw;
   if (auto st = aq::validate_scheme(s); !st.ok()) raise(st);
@@ -147,6 +149,7 @@ void put_scheme(nb::dict& d, const aq::QuantScheme& s, uint64_t cols) {
   d["rotation"] = s.rotate ? aq::rotation_block(cols) : 1;
   d["scheme"] = aq::scheme_name(s);
   if (s.kind == aq::SchemeKind::kEntropy) d["target_bits_per_weight"] = s.entropy_budget();
+  if (s.kind == aq::SchemeKind::kGgml) d["ggml_type"] = aq::ggml_traits(s.ggml).ggml_name;
 }
 
 void put_entropy(nb::dict& d, const aq::EntropySide* e) {
@@ -362,8 +365,16 @@ NB_MODULE(_core, m) {
   m.def("encode_array",
         [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> a, int bits, int group_size,
            bool symmetric, const std::string& method, int threads, const std::string& name, const std::string& scheme,
-           bool rotate, double target_bpw) {
+           bool rotate, double target_bpw,
+           std::optional<nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>> importance) {
           aq::QuantScheme sch = scheme_from(bits, group_size, symmetric, "f16", method, scheme, rotate, target_bpw);
+          std::shared_ptr<const std::vector<float>> imp;
+          if (importance) {
+            if (importance->shape(0) != a.shape(1))
+              raise(aq::InvalidConfig("importance holds " + std::to_string(importance->shape(0)) +
+                                      " values; the array's rows hold " + std::to_string(a.shape(1))));
+            imp = std::make_shared<const std::vector<float>>(importance->data(), importance->data() + importance->shape(0));
+          }
           aq::RowSource src;
           src.data = reinterpret_cast<const uint8_t*>(a.data());
           src.dtype = aq::DType::kF32;
@@ -375,13 +386,14 @@ NB_MODULE(_core, m) {
             nb::gil_scoped_release release;
             std::optional<aq::ThreadPool> pool;
             if (threads != 1) pool.emplace(threads);
-            r.emplace(aq::encode_tensor(src, sch, pool ? &*pool : nullptr));
+            r.emplace(aq::encode_tensor(src, sch, pool ? &*pool : nullptr, imp));
           }
           return Encoded(unwrap(std::move(*r)));
         },
         nb::arg("array"), nb::arg("bits"), nb::arg("group_size") = 128, nb::arg("symmetric") = false,
         nb::arg("scale_method") = "search", nb::arg("num_threads") = 0, nb::arg("name") = "array",
         nb::arg("scheme") = "affine", nb::arg("rotate") = false, nb::arg("target_bpw") = 0.0,
+        nb::arg("importance").none() = nb::none(),
         "Encodes a float32 matrix with one scheme (no layer policy); returns an Encoded.");
 
   m.def("quantize_array",

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "common/half.h"
+#include "quant/ggml_codec.h"
 #include "quant/group_quant.h"
 #include "quant/hadamard.h"
 #include "quant/pack.h"
@@ -46,7 +47,17 @@ TensorJob::TensorJob(RowSource source, QuantScheme scheme) : src_(std::move(sour
   block_stats_.resize(blocks_);
   block_status_.resize(blocks_);
   rotation_ = scheme.rotate ? rotation_block(src_.cols) : 1;
-  if (scheme.kind == SchemeKind::kAffine) {
+  if (scheme.kind == SchemeKind::kGgml) {
+    const GgmlTraits& g = ggml_traits(scheme.ggml);
+    if (src_.cols % static_cast<uint64_t>(g.block) != 0) {
+      init_error_ = InvalidConfig(StrCat(src_.file.empty() ? "" : src_.file + ": ", "tensor '", src_.name, "': ",
+                                         g.name, " needs rows of a multiple of ", g.block, " weights; its rows hold ",
+                                         src_.cols));
+      blocks_ = 0;
+    } else {
+      out_.codes.assign(src_.rows * ggml_row_bytes(scheme.ggml, src_.cols), 0);
+    }
+  } else if (scheme.kind == SchemeKind::kAffine) {
     const QuantizedSize size = quantized_size(scheme, src_.rows, src_.cols);
     out_.codes.assign(size.code_bytes, 0);
     out_.scales.assign(size.scale_bytes, 0);
@@ -86,6 +97,14 @@ TensorJob::TensorJob(RowSource source, QuantScheme scheme) : src_(std::move(sour
     blocks_ = 0;
   }
   if (blocks_ == 0) finished_ = true;
+}
+
+void TensorJob::set_importance(std::shared_ptr<const std::vector<float>> importance) {
+  if (importance && importance->size() != src_.cols) {
+    init_error_ = Internal(StrCat(src_.name, ": importance of ", importance->size(), " columns for rows of ", src_.cols));
+    return;
+  }
+  importance_ = std::move(importance);
 }
 
 uint64_t TensorJob::block_count_rows(uint64_t b) const {
@@ -186,6 +205,7 @@ bool TensorJob::load_block(uint64_t b, std::vector<float>& w, bool check) {
 
 void TensorJob::run_block(int pass, uint64_t b) {
   if (out_.scheme.kind == SchemeKind::kAffine) return affine_block(b);
+  if (out_.scheme.kind == SchemeKind::kGgml) return ggml_block(b);
   if (!block_status_[b].ok()) return;  // failed in an earlier pass
   switch (pass) {
     case 0: return entropy_norms_block(b);
@@ -196,7 +216,7 @@ void TensorJob::run_block(int pass, uint64_t b) {
 
 int TensorJob::after_pass(int pass) {
   if (!status().ok()) return -1;
-  if (out_.scheme.kind == SchemeKind::kAffine) return -1;
+  if (out_.scheme.kind != SchemeKind::kEntropy) return -1;
   if (pass == 0) {
     entropy_choose_step();
     return 1;
@@ -315,6 +335,23 @@ void TensorJob::affine_block(uint64_t b) {
   const size_t ssize = scale_type_size(scheme.scale_type);
   store_scales(scheme.scale_type, s, nr * gpr, out_.scales.data() + r0 * gpr * ssize);
   if (z) store_scales(scheme.scale_type, z, nr * gpr, out_.zero_points.data() + r0 * gpr * ssize);
+}
+
+// ---- ggml block types -----------------------------------------------------------------------
+
+void TensorJob::ggml_block(uint64_t b) {
+  thread_local std::vector<float> w, deq;
+  if (!load_block(b, w)) return;
+  const GgmlType t = out_.scheme.ggml;
+  const uint64_t cols = src_.cols, r0 = block_begin(b), nr = block_count_rows(b), n = nr * cols;
+  const uint64_t row_bytes = ggml_row_bytes(t, cols);
+  GgmlEncodeOptions opt;
+  opt.importance = importance_ ? importance_->data() : nullptr;
+  uint8_t* out = out_.codes.data() + r0 * row_bytes;
+  for (uint64_t r = 0; r < nr; ++r) ggml_encode_row(t, w.data() + r * cols, cols, out + r * row_bytes, opt);
+  deq.resize(n);
+  ggml_decode(t, out, n / static_cast<uint64_t>(ggml_traits(t).block), deq.data());
+  block_stats_[b].add(w.data(), deq.data(), n);
 }
 
 // ---- entropy-coded --------------------------------------------------------------------------
@@ -457,10 +494,12 @@ EncodedTensor TensorJob::take() {
   return std::move(out_);
 }
 
-Result<EncodedTensor> encode_tensor(const RowSource& source, QuantScheme scheme, ThreadPool* pool) {
+Result<EncodedTensor> encode_tensor(const RowSource& source, QuantScheme scheme, ThreadPool* pool,
+                                    std::shared_ptr<const std::vector<float>> importance) {
   AQ_RETURN_IF_ERROR(validate_scheme(scheme));
   for (int attempt = 0; attempt < 2; ++attempt) {
     TensorJob job(source, scheme);
+    if (importance) job.set_importance(importance);
     if (pool) {
       // Shared so that a worker still signalling after the job finished finds it alive.
       struct Signal {

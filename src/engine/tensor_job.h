@@ -68,6 +68,10 @@ class TensorJob {
   // the layer's input Hessian, shared by every block.
   TensorJob(RowSource source, QuantScheme scheme, std::shared_ptr<const GptqFactor> gptq);
 
+  // ggml schemes: per input column weights of the squared error (the diagonal of the layer's
+  // calibration Hessian), or null for plain squared error. Before start().
+  void set_importance(std::shared_ptr<const std::vector<float>> importance);
+
   // Submits the first pass to the pool; `on_block_done` runs on a worker after every block.
   void start(ThreadPool& pool, const std::atomic<bool>* stop, std::function<void()> on_block_done);
   // Runs every pass on the calling thread.
@@ -96,6 +100,7 @@ class TensorJob {
   bool load_block(uint64_t b, std::vector<float>& w, bool check = true);
 
   void affine_block(uint64_t b);
+  void ggml_block(uint64_t b);
   void entropy_norms_block(uint64_t b);
   void entropy_histogram_block(uint64_t b);
   void entropy_code_block(uint64_t b);
@@ -118,6 +123,7 @@ class TensorJob {
   uint64_t block_rows_ = 0, blocks_ = 0;
   int rotation_ = 1;
   std::shared_ptr<const GptqFactor> gptq_;
+  std::shared_ptr<const std::vector<float>> importance_;
   Status init_error_ = Status::OK();
   ThreadPool* pool_ = nullptr;
   std::function<void()> on_block_done_;
@@ -151,6 +157,8 @@ inline constexpr uint64_t kEntropyCompareBelow = 1u << 20;
 
 // Convenience for in-memory arrays and tests: quantizes a whole tensor, in parallel when a pool
 // is given, retrying with float32 scales when float16 cannot hold them.
-Result<EncodedTensor> encode_tensor(const RowSource& source, QuantScheme scheme, ThreadPool* pool);
+// `importance`: per-column error weights for ggml schemes (TensorJob::set_importance), or null.
+Result<EncodedTensor> encode_tensor(const RowSource& source, QuantScheme scheme, ThreadPool* pool,
+                                    std::shared_ptr<const std::vector<float>> importance = nullptr);
 
 }  // namespace aq

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "common/status.h"
+#include "quant/ggml_types.h"
 
 namespace aq {
 
@@ -30,6 +31,7 @@ enum class ScaleMethod : uint8_t {
 enum class SchemeKind : uint8_t {
   kAffine,   // fixed-rate group-wise codes (every weight costs `bits`; fastest to decode)
   kEntropy,  // per-row uniform step, rANS-coded codes (quant/entropy_quant.h): least error per bit
+  kGgml,     // one of ggml's block types (quant/ggml_types.h): the bytes llama.cpp & co. compute on
 };
 
 struct QuantScheme {
@@ -41,6 +43,7 @@ struct QuantScheme {
   ScaleMethod method = ScaleMethod::kSearch;
   bool rotate = false;     // randomized Hadamard rotation of the rows first (quant/hadamard.h)
   double target_bpw = 0;   // entropy: stored bits per weight to aim for; 0 = bits + 0.5
+  GgmlType ggml = GgmlType::kQ4_K;  // kGgml: which block type (bits = its nominal width)
 
   double entropy_budget() const { return target_bpw > 0 ? target_bpw : bits + 0.5; }
   bool operator==(const QuantScheme&) const = default;
@@ -49,8 +52,8 @@ struct QuantScheme {
 Status validate_scheme(const QuantScheme& s);
 
 // "int4_g128_asym", "int8_pc_sym" (pc = per channel), "int4_g64_asym_rot" (rotated),
-// "entropy_4.50" (entropy-coded at a 4.5 bits/weight budget, "_rot" when rotated); scale type and
-// method are not in it.
+// "entropy_4.50" (entropy-coded at a 4.5 bits/weight budget, "_rot" when rotated), "q4_k" (a ggml
+// type); scale type and method are not in it.
 std::string scheme_name(const QuantScheme& s);
 const char* scale_type_name(ScaleType t);
 const char* scale_method_name(ScaleMethod m);
@@ -68,7 +71,10 @@ inline size_t packed_code_bytes(int bits, uint64_t count) {
 }
 inline size_t scale_type_size(ScaleType t) { return t == ScaleType::kF16 ? 2 : 4; }
 
-// Bytes stored for a rows x cols affine tensor: packed codes + scales (+ offsets). Entropy-coded
+// A ggml scheme of type t.
+QuantScheme ggml_scheme(GgmlType t);
+
+// Bytes stored for a rows x cols affine or ggml tensor: packed codes + scales (+ offsets). Entropy-coded
 // sizes are known only once coded.
 struct QuantizedSize {
   uint64_t code_bytes = 0;

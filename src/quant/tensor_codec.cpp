@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "quant/ggml_codec.h"
 #include "quant/group_quant.h"
 #include "quant/hadamard.h"
 #include "quant/pack.h"
@@ -105,6 +106,9 @@ Result<std::shared_ptr<const FrequencyTable>> make_decode_table(const EncodedVie
 Status check_encoded(const QuantScheme& scheme, uint64_t rows, uint64_t cols, const EncodedView& v) {
   AQ_RETURN_IF_ERROR(validate_scheme(scheme));
   if (scheme.kind == SchemeKind::kEntropy) return check_entropy(rows, cols, v);
+  if (scheme.kind == SchemeKind::kGgml && cols % static_cast<uint64_t>(ggml_traits(scheme.ggml).block) != 0)
+    return FormatError(StrCat(scheme_name(scheme), " needs rows of a multiple of ", ggml_traits(scheme.ggml).block,
+                              " weights; this tensor's rows hold ", cols));
   const QuantizedSize want = quantized_size(scheme, rows, cols);
   if (v.codes.size() != want.code_bytes)
     return FormatError(StrCat("codes hold ", v.codes.size(), " bytes; ", scheme_name(scheme), " of ", rows, "x", cols,
@@ -170,6 +174,12 @@ Status decode_rows(const QuantScheme& scheme, uint64_t rows, uint64_t cols, cons
   (void)rows;
   const int rotation = scheme.rotate ? rotation_block(cols) : 1;
   if (scheme.kind == SchemeKind::kEntropy) return decode_entropy_rows(cols, v, rotation, r0, nr, out);
+  if (scheme.kind == SchemeKind::kGgml) {
+    const uint64_t row_bytes = ggml_row_bytes(scheme.ggml, cols);
+    ggml_decode(scheme.ggml, v.codes.data() + r0 * row_bytes,
+                nr * cols / static_cast<uint64_t>(ggml_traits(scheme.ggml).block), out);
+    return Status::OK();
+  }
   // Every group starts on a byte when group and row lengths are whole numbers of bytes.
   const size_t g = group_len(scheme, cols);
   const bool aligned = (cols * scheme.bits) % 8 == 0 && (g * scheme.bits) % 8 == 0 &&

@@ -1,0 +1,194 @@
+// Decoders of ggml's block types. The fast path follows each type's byte layout (a block's
+// codes are interleaved so that 16 or 32 consecutive weights share a shift); the reference reads
+// the integer model. Both compute every product and difference as its own float32 operation
+// (the core is built with -ffp-contract=off), as ggml's reference decoders do.
+#include <cstring>
+
+#include "common/half.h"
+#include "quant/ggml_codec.h"
+
+namespace aq {
+
+namespace {
+
+inline float h2f(uint16_t h) { return f16_to_f32(h); }
+
+#define AQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+AQ_CLONES void decode_q8_0(const uint8_t* in, uint64_t nb, float* y) {
+  for (uint64_t i = 0; i < nb; ++i, in += sizeof(BlockQ8_0), y += 32) {
+    BlockQ8_0 b;
+    std::memcpy(&b, in, sizeof(b));
+    const float d = h2f(b.d);
+    for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(b.qs[j]) * d;
+  }
+}
+
+AQ_CLONES void decode_iq4_nl(const uint8_t* in, uint64_t nb, float* y) {
+  for (uint64_t i = 0; i < nb; ++i, in += sizeof(BlockIQ4_NL), y += 32) {
+    BlockIQ4_NL b;
+    std::memcpy(&b, in, sizeof(b));
+    const float d = h2f(b.d);
+    for (int l = 0; l < 16; ++l) {
+      y[l] = d * static_cast<float>(kIq4Levels[b.qs[l] & 15]);
+      y[l + 16] = d * static_cast<float>(kIq4Levels[b.qs[l] >> 4]);
+    }
+  }
+}
+
+AQ_CLONES void decode_q6_k(const uint8_t* in, uint64_t nb, float* y) {
+  for (uint64_t i = 0; i < nb; ++i, in += sizeof(BlockQ6_K), y += 256) {
+    BlockQ6_K b;
+    std::memcpy(&b, in, sizeof(b));
+    const float d = h2f(b.d);
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* ql = b.ql + 64 * h;
+      const uint8_t* qh = b.qh + 32 * h;
+      const int8_t* sc = b.scales + 8 * h;
+      float* o = y + 128 * h;
+      for (int k = 0; k < 4; ++k) {
+        // weights 32k .. 32k + 31 of this half: nibble k / 2 of ql[(32k + l) % 64], bits 2k of qh[l]
+        const float d0 = d * static_cast<float>(sc[2 * k]);
+        const float d1 = d * static_cast<float>(sc[2 * k + 1]);
+        for (int l = 0; l < 32; ++l) {
+          const int lo = (ql[(32 * k + l) % 64] >> (4 * (k / 2))) & 15;
+          const int q = (lo | (((qh[l] >> (2 * k)) & 3) << 4)) - 32;
+          o[32 * k + l] = (l < 16 ? d0 : d1) * static_cast<float>(q);
+        }
+      }
+    }
+  }
+}
+
+template <bool kFive>
+void decode_q45_k_impl(const uint8_t* in, uint64_t nb, float* y) {
+  constexpr size_t kBytes = kFive ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K);
+  for (uint64_t i = 0; i < nb; ++i, in += kBytes, y += 256) {
+    uint16_t dh, mh;
+    std::memcpy(&dh, in, 2);
+    std::memcpy(&mh, in + 2, 2);
+    const float d = h2f(dh), dmin = h2f(mh);
+    const uint8_t* q = in + 4;
+    const uint8_t* qh = in + 16;
+    const uint8_t* qs = in + 16 + (kFive ? 32 : 0);
+    for (int j = 0; j < 8; ++j) {
+      int sc, m;
+      if (j < 4) {
+        sc = q[j] & 63;
+        m = q[j + 4] & 63;
+      } else {
+        sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+      }
+      const float d1 = d * static_cast<float>(sc);
+      const float m1 = dmin * static_cast<float>(m);
+      const uint8_t* s = qs + 32 * (j / 2);
+      const int shift = 4 * (j % 2);
+      float* o = y + 32 * j;
+      for (int l = 0; l < 32; ++l) {
+        int c = (s[l] >> shift) & 15;
+        if constexpr (kFive) c |= ((qh[l] >> j) & 1) << 4;
+        o[l] = d1 * static_cast<float>(c) - m1;
+      }
+    }
+  }
+}
+AQ_CLONES void decode_q4_k(const uint8_t* in, uint64_t nb, float* y) { decode_q45_k_impl<false>(in, nb, y); }
+AQ_CLONES void decode_q5_k(const uint8_t* in, uint64_t nb, float* y) { decode_q45_k_impl<true>(in, nb, y); }
+
+AQ_CLONES void decode_q3_k(const uint8_t* in, uint64_t nb, float* y) {
+  for (uint64_t i = 0; i < nb; ++i, in += sizeof(BlockQ3_K), y += 256) {
+    BlockQ3_K b;
+    std::memcpy(&b, in, sizeof(b));
+    const float d = h2f(b.d);
+    float dl[16];
+    for (int s = 0; s < 16; ++s) {
+      const int lo = (b.scales[s % 8] >> (4 * (s / 8))) & 15;
+      const int hi = (b.scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+      dl[s] = d * static_cast<float>((lo | (hi << 4)) - 32);
+    }
+    for (int g = 0; g < 8; ++g) {  // 32 weights: half g / 4, shift g % 4
+      const uint8_t* qs = b.qs + 32 * (g / 4);
+      const int shift = 2 * (g % 4);
+      float* o = y + 32 * g;
+      for (int l = 0; l < 32; ++l) {
+        const int q = ((qs[l] >> shift) & 3) + (((b.hmask[l] >> g) & 1) << 2) - 4;
+        o[l] = dl[2 * g + l / 16] * static_cast<float>(q);
+      }
+    }
+  }
+}
+
+AQ_CLONES void decode_q2_k(const uint8_t* in, uint64_t nb, float* y) {
+  for (uint64_t i = 0; i < nb; ++i, in += sizeof(BlockQ2_K), y += 256) {
+    BlockQ2_K b;
+    std::memcpy(&b, in, sizeof(b));
+    const float d = h2f(b.d), dmin = h2f(b.dmin);
+    for (int g = 0; g < 8; ++g) {
+      const uint8_t* qs = b.qs + 32 * (g / 4);
+      const int shift = 2 * (g % 4);
+      const float dl0 = d * static_cast<float>(b.scales[2 * g] & 15);
+      const float ml0 = dmin * static_cast<float>(b.scales[2 * g] >> 4);
+      const float dl1 = d * static_cast<float>(b.scales[2 * g + 1] & 15);
+      const float ml1 = dmin * static_cast<float>(b.scales[2 * g + 1] >> 4);
+      float* o = y + 32 * g;
+      for (int l = 0; l < 16; ++l) o[l] = dl0 * static_cast<float>((qs[l] >> shift) & 3) - ml0;
+      for (int l = 16; l < 32; ++l) o[l] = dl1 * static_cast<float>((qs[l] >> shift) & 3) - ml1;
+    }
+  }
+}
+
+AQ_CLONES void decode_iq4_xs(const uint8_t* in, uint64_t nb, float* y) {
+  for (uint64_t i = 0; i < nb; ++i, in += sizeof(BlockIQ4_XS), y += 256) {
+    BlockIQ4_XS b;
+    std::memcpy(&b, in, sizeof(b));
+    const float d = h2f(b.d);
+    for (int j = 0; j < 8; ++j) {
+      const int ls = ((b.scales_l[j / 2] >> (4 * (j % 2))) & 15) | (((b.scales_h >> (2 * j)) & 3) << 4);
+      const float dl = d * static_cast<float>(ls - 32);
+      const uint8_t* qs = b.qs + 16 * j;
+      float* o = y + 32 * j;
+      for (int l = 0; l < 16; ++l) {
+        o[l] = dl * static_cast<float>(kIq4Levels[qs[l] & 15]);
+        o[l + 16] = dl * static_cast<float>(kIq4Levels[qs[l] >> 4]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+float ggml_block_value(GgmlType t, const GgmlBlock& b, int p) {
+  const GgmlTraits& g = ggml_traits(t);
+  const float d = h2f(b.d);
+  const float level = ggml_level(t, b.k[p]);
+  if (g.sc_lo == g.sc_hi) return d * level;  // no sub-scales (Q8_0, IQ4_NL)
+  const int j = p / g.sub;
+  const float dl = d * static_cast<float>(b.sc[j]);
+  if (!g.has_min) return dl * level;
+  return dl * level - h2f(b.dmin) * static_cast<float>(b.m[j]);
+}
+
+void ggml_decode_reference(GgmlType t, const uint8_t* in, uint64_t nblocks, float* out) {
+  const GgmlTraits& g = ggml_traits(t);
+  GgmlBlock b;
+  for (uint64_t i = 0; i < nblocks; ++i) {
+    ggml_unpack_block(t, in + i * static_cast<uint64_t>(g.bytes), &b);
+    for (int p = 0; p < g.block; ++p) out[i * static_cast<uint64_t>(g.block) + p] = ggml_block_value(t, b, p);
+  }
+}
+
+void ggml_decode(GgmlType t, const uint8_t* in, uint64_t nblocks, float* out) {
+  switch (t) {
+    case GgmlType::kQ8_0: return decode_q8_0(in, nblocks, out);
+    case GgmlType::kQ6_K: return decode_q6_k(in, nblocks, out);
+    case GgmlType::kQ5_K: return decode_q5_k(in, nblocks, out);
+    case GgmlType::kQ4_K: return decode_q4_k(in, nblocks, out);
+    case GgmlType::kQ3_K: return decode_q3_k(in, nblocks, out);
+    case GgmlType::kQ2_K: return decode_q2_k(in, nblocks, out);
+    case GgmlType::kIQ4_XS: return decode_iq4_xs(in, nblocks, out);
+    case GgmlType::kIQ4_NL: return decode_iq4_nl(in, nblocks, out);
+  }
+}
+
+}  // namespace aq
