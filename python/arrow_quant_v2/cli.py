@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from . import _core
 from ._progress import ProgressAdapter, format_eta
 from .api import ArrowQuantV2
-from .config import BIT_WIDTHS, GROUP_SIZES, MODALITIES, PROFILES, DiffusionQuantConfig
+from .config import BIT_WIDTHS, GGML_TYPES, GROUP_SIZES, MODALITIES, PROFILES, SCHEMES, DiffusionQuantConfig
 from .errors import ArrowQuantError
 
 
@@ -67,7 +67,7 @@ def _config_from_args(a: argparse.Namespace) -> DiffusionQuantConfig:
     fields: Dict[str, Any] = {}
     if a.profile:
         fields["deployment_profile"] = a.profile
-    for name in ("bit_width", "group_size", "min_accuracy", "num_threads", "modality", "sensitive_bit_width",
+    for name in ("scheme", "bit_width", "group_size", "min_accuracy", "num_threads", "modality", "sensitive_bit_width",
                  "min_tensor_size", "scale_method", "nonfinite"):
         v = getattr(a, name)
         if v is not None:
@@ -334,8 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model (.safetensors file, HF directory or diffusers pipeline)")
     q.add_argument("model")
     q.add_argument("output")
-    q.add_argument("--profile", choices=PROFILES, help="edge (INT2 g64), local (INT4 g128) or cloud (INT8 per channel)")
-    q.add_argument("--bits", dest="bit_width", type=int, choices=BIT_WIDTHS)
+    q.add_argument("--profile", choices=PROFILES, help="edge (Q2_K), local (Q4_K) or cloud (Q8_0)")
+    q.add_argument("--bits", dest="bit_width", type=int, choices=BIT_WIDTHS,
+                   help="code width; with a ggml scheme (the profiles'), the ggml type of that width")
+    q.add_argument("--scheme", type=str.lower, choices=SCHEMES,
+                   help="affine, entropy (archive format), or a ggml block type: " + ", ".join(GGML_TYPES))
     q.add_argument("--group-size", dest="group_size", type=int, choices=GROUP_SIZES, help="0 = per channel")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_const", const=True, default=None)

@@ -13,28 +13,34 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import ConfigurationError
 
-BIT_WIDTHS = (2, 3, 4, 8)
+BIT_WIDTHS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (0, 32, 64, 128, 256)  # 0 = one group per output channel
 MODALITIES = ("text", "code", "image", "audio")
 PROFILES = ("edge", "local", "cloud")
 SCALE_METHODS = ("search", "minmax")
-SCHEMES = ("affine", "entropy")
+# ggml's block types (docs/format.md): the bytes llama.cpp, stable-diffusion.cpp, ComfyUI-GGUF
+# and diffusers' GGUF loader compute on; each has its own code width (bit_width follows it).
+GGML_TYPES: Dict[str, int] = {"q8_0": 8, "q6_k": 6, "q5_k": 5, "q4_k": 4, "q3_k": 3, "q2_k": 2, "iq4_xs": 4, "iq4_nl": 4}
+SCHEMES = ("affine", "entropy") + tuple(GGML_TYPES)
+GGML_FOR_BITS: Dict[int, str] = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0"}
 NONFINITE_POLICIES = ("error", "keep")
 KEEP_BITS = 16  # a bit override of 16 keeps a tensor unquantized
 
-# The deployment profiles pick the scheme with the least error for their budget (BENCHMARKS.md):
-# the entropy-coded scheme (per-row step, rANS-coded codes) at bit_width + 0.5 stored bits per
-# weight -- 2.5, 4.5 and 8.5, the budgets of llama.cpp's Q2_K-class, Q4_K and Q8_0. bit_width
-# keeps its meaning (the nominal code width) and the result reports the true bits per weight.
-# group_size and symmetric keep the fixed-rate settings (INT2 g64, INT4 g128, INT8 per channel)
-# for whoever sets scheme="affine" on top of a profile.
+# The deployment profiles produce models that run small: every quantized layer is one of ggml's
+# block types, so the model loads in the runtimes people use (llama.cpp, stable-diffusion.cpp,
+# ComfyUI-GGUF, diffusers' GGUF loader) and decodes per forward instead of expanding at load.
+# Sensitive layers take Q8_0 and the accuracy fallback climbs Q2_K -> Q3_K -> Q4_K -> Q8_0; rows
+# that K types cannot take (not a multiple of 256) go to IQ4_NL (up to 4 bits) or Q8_0.
+# scheme="entropy" stays as the archive / download format (least error per stored bit, decoded
+# to full precision at load). group_size and symmetric keep fixed-rate settings for whoever sets
+# scheme="affine" on top of a profile.
 PROFILE_SETTINGS: Dict[str, Dict[str, Any]] = {  # noqa: E501
-    # ~2.5 bits/weight: the smallest models, for phones and microcontrollers.
-    "edge": {"bit_width": 2, "group_size": 64, "symmetric": False, "scheme": "entropy", "min_accuracy": 0.85},
-    # ~4.5 bits/weight: laptops and desktops, quality close to the original.
-    "local": {"bit_width": 4, "group_size": 128, "symmetric": False, "scheme": "entropy", "min_accuracy": 0.95},
-    # ~8.5 bits/weight: servers, near-lossless.
-    "cloud": {"bit_width": 8, "group_size": 0, "symmetric": True, "scheme": "entropy", "min_accuracy": 0.99},
+    # Q2_K, ~2.6-3 bits/weight with the sensitive layers: the smallest models.
+    "edge": {"bit_width": 2, "group_size": 64, "symmetric": False, "scheme": "q2_k", "min_accuracy": 0.85},
+    # Q4_K, ~4.5-4.9 bits/weight: laptops and desktops, quality close to the original.
+    "local": {"bit_width": 4, "group_size": 128, "symmetric": False, "scheme": "q4_k", "min_accuracy": 0.95},
+    # Q8_0, 8.5 bits/weight: servers, near-lossless.
+    "cloud": {"bit_width": 8, "group_size": 0, "symmetric": True, "scheme": "q8_0", "min_accuracy": 0.99},
 }
 
 
@@ -118,7 +124,15 @@ def _check_int(name: str, lo: int, hi: Optional[int] = None, note: str = "") -> 
 
 def _check_bits(v: Any) -> int:
     if not _is_int(v) or v not in BIT_WIDTHS:
-        raise ConfigurationError(f"bit_width must be one of 2, 3, 4, 8; got {v!r}")
+        raise ConfigurationError(f"bit_width must be one of 2, 3, 4, 5, 6, 8; got {v!r}")
+    return v
+
+
+def _check_scheme(v: Any) -> str:
+    if isinstance(v, str) and v.lower() in GGML_TYPES:
+        return v.lower()
+    if not isinstance(v, str) or v not in SCHEMES:
+        raise ConfigurationError(f"scheme must be one of {', '.join(map(repr, SCHEMES))} (ggml types in any case); got {v!r}")
     return v
 
 
@@ -178,7 +192,7 @@ def _check_overrides(v: Any) -> Dict[str, int]:
     for p, b in v.items():
         _check_patterns("bit_overrides")([p])
         if not _is_int(b) or b not in BIT_WIDTHS + (KEEP_BITS,):
-            raise ConfigurationError(f"bit_overrides[{p!r}] must be 2, 3, 4, 8, or 16 (keep unquantized); got {b!r}")
+            raise ConfigurationError(f"bit_overrides[{p!r}] must be 2, 3, 4, 5, 6, 8, or 16 (keep unquantized); got {b!r}")
         out[p] = b
     return out
 
@@ -195,13 +209,13 @@ def _check_components(v: Any) -> Optional[Tuple[str, ...]]:
 
 def _check_sensitive_bits(v: Any) -> int:
     if not _is_int(v) or v not in BIT_WIDTHS + (KEEP_BITS,):
-        raise ConfigurationError(f"sensitive_bit_width must be 2, 3, 4, 8, or 16 (keep unquantized); got {v!r}")
+        raise ConfigurationError(f"sensitive_bit_width must be 2, 3, 4, 5, 6, 8, or 16 (keep unquantized); got {v!r}")
     return v
 
 
 # name -> (default, checker, doc). Order: the seed's fields first.
 _FIELDS: Dict[str, Tuple[Any, Callable[[Any], Any], str]] = {
-    "bit_width": (4, _check_bits, "integer code width: 2, 3, 4 or 8"),
+    "bit_width": (4, _check_bits, "integer code width: 2, 3, 4, 5, 6 or 8 (a ggml scheme sets it)"),
     "modality": (None, _check_modality, "text, code, image or audio; None detects it from the model"),
     "num_time_groups": (10, _check_int("num_time_groups", 1, 1000), "timestep groups for time-aware calibration"),
     "group_size": (128, _check_group_size, "weights per scale along the input dimension (0 = per channel)"),
@@ -212,8 +226,9 @@ _FIELDS: Dict[str, Tuple[Any, Callable[[Any], Any], str]] = {
     "deployment_profile": ("local", _check_profile, "edge, local or cloud"),
     "fail_fast": (False, _check_bool("fail_fast"), "stop at the first per-layer error instead of collecting"),
     # ArrowQuant's own fields
-    "scheme": ("affine", _check_choice("scheme", SCHEMES),
-               "'affine' (fixed-rate group-wise codes) or 'entropy' (rotated, rANS-coded: least error per bit)"),
+    "scheme": ("affine", _check_scheme,
+               "'affine' (fixed-rate group-wise codes), 'entropy' (rANS-coded: least error per stored bit; an "
+               "archive format), or a ggml block type: q8_0, q6_k, q5_k, q4_k, q3_k, q2_k, iq4_xs, iq4_nl"),
     "target_bits_per_weight": (None, _check_target_bpw, "entropy scheme: stored bits per weight (None = bit_width + 0.5)"),
     "rotate": (False, _check_bool("rotate"), "randomized Hadamard rotation of rows (helps affine codes on heavy tails)"),
     "symmetric": (False, _check_bool("symmetric"), "symmetric codes (no offset) instead of asymmetric"),
@@ -266,11 +281,27 @@ class DiffusionQuantConfig:
                     setattr(self, name, value)
         for name, value in kwargs.items():
             setattr(self, name, value)
+        if "bit_width" in kwargs and "scheme" in kwargs and self.scheme in GGML_TYPES:
+            self._check_ggml_width(_check_bits(kwargs["bit_width"]))  # given both: they must agree
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in _FIELDS:
             raise ConfigurationError(f"DiffusionQuantConfig has no field {name!r}; known: {', '.join(_FIELDS)}")
-        object.__setattr__(self, name, _FIELDS[name][1](value))
+        value = _FIELDS[name][1](value)
+        object.__setattr__(self, name, value)
+        # A ggml type fixes the code width: setting the scheme sets bit_width; setting another
+        # bit_width on a ggml scheme (a profile's, or --bits on the command line) picks the ggml
+        # type of that width (2 -> q2_k ... 6 -> q6_k, 8 -> q8_0).
+        if name == "scheme" and value in GGML_TYPES:
+            object.__setattr__(self, "bit_width", GGML_TYPES[value])
+        elif name == "bit_width" and getattr(self, "scheme", None) in GGML_TYPES and GGML_TYPES[self.scheme] != value:
+            object.__setattr__(self, "scheme", GGML_FOR_BITS[value])
+
+    def _check_ggml_width(self, bits: int) -> None:
+        want = GGML_TYPES[self.scheme]
+        if bits != want:
+            raise ConfigurationError(f"scheme {self.scheme!r} is {want}-bit; bit_width={bits} was given "
+                                     f"(leave bit_width out, or give {want})")
 
     @staticmethod
     def from_profile(profile: str, **overrides: Any) -> "DiffusionQuantConfig":
@@ -284,6 +315,8 @@ class DiffusionQuantConfig:
         only make sense together; returns self."""
         for name, (_, check, _) in _FIELDS.items():
             check(getattr(self, name))
+        if self.scheme in GGML_TYPES:
+            self._check_ggml_width(self.bit_width)
         if self.target_bits_per_weight is not None and self.scheme != "entropy":
             raise ConfigurationError("target_bits_per_weight applies to scheme='entropy' only; the size of "
                                      "affine codes follows bit_width and group_size")
@@ -301,9 +334,14 @@ class DiffusionQuantConfig:
         return cls(**dict(d))
 
     def replace(self, **changes: Any) -> "DiffusionQuantConfig":
-        d = self.to_dict()
-        d.update(changes)
-        return DiffusionQuantConfig(**d)
+        """A copy with `changes` applied as assignments (so ``replace(bit_width=3)`` of a q8_0
+        configuration gives q3_k, as ``cfg.bit_width = 3`` would)."""
+        new = DiffusionQuantConfig(**self.to_dict())
+        for name, value in changes.items():
+            setattr(new, name, value)
+        if "bit_width" in changes and "scheme" in changes and new.scheme in GGML_TYPES:
+            new._check_ggml_width(changes["bit_width"])
+        return new
 
     def _engine_json(self) -> str:
         """The JSON the C++ engine reads (bit_overrides as ordered pairs: first match wins)."""

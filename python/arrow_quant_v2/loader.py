@@ -47,6 +47,9 @@ class PackedTensor:
     # Channel equalization: multiply the layer's input by input_scale (per input channel) before
     # the stored weight and before activation quantization; None when the layer has none.
     input_scale: Optional[np.ndarray] = None
+    # ggml block types: "Q4_K", "Q8_0", ... (codes are exactly the type's blocks for the row-major
+    # weight, scales live inside them); None for other schemes.
+    ggml_type: Optional[str] = None
 
 
 class QuantizedTensor:
@@ -88,12 +91,13 @@ class QuantizedTensor:
     def packed(self) -> PackedTensor:
         d = self._reader.packed(self._index)
         sdt = np.float16 if d.get("scale_type") == "f16" else np.float32
+        ggml_type = d.get("ggml_type")
         return PackedTensor(
             name=self.name, shape=list(d["shape"]), dtype=d["dtype"], quantized=d["quantized"], codes=d["codes"],
-            scales=None if d["scales"] is None else np.frombuffer(d["scales"], dtype=sdt),
+            scales=None if d["scales"] is None or ggml_type else np.frombuffer(d["scales"], dtype=sdt),
             zero_points=None if d["zero_points"] is None else np.frombuffer(d["zero_points"], dtype=sdt),
             bits=d.get("bits"), group_size=d.get("group_size"), symmetric=d.get("symmetric"),
-            input_scale=d.get("input_scale"))
+            input_scale=d.get("input_scale"), ggml_type=ggml_type)
 
     def __repr__(self) -> str:
         return f"QuantizedTensor({self.name!r}, shape={self.shape}, {self.scheme}, source {self.dtype})"

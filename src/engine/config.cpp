@@ -40,8 +40,8 @@ Result<NamePattern> compile(const std::string& field, const std::string& text) {
 }
 
 Status check_bits(const std::string& field, int bits, bool allow_keep) {
-  if (bits == 2 || bits == 3 || bits == 4 || bits == 8 || (allow_keep && bits == kKeepBits)) return Status::OK();
-  return InvalidConfig(StrCat(field, " must be 2, 3, 4 or 8", allow_keep ? " (or 16 to keep unquantized)" : "",
+  if ((bits >= 2 && bits <= 6) || bits == 8 || (allow_keep && bits == kKeepBits)) return Status::OK();
+  return InvalidConfig(StrCat(field, " must be 2, 3, 4, 5, 6 or 8", allow_keep ? " (or 16 to keep unquantized)" : "",
                               ", got ", bits));
 }
 
@@ -115,7 +115,17 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
   AQ_RETURN_IF_ERROR(get(j, "scheme", &kind, "a string"));
   if (kind == "affine") c.scheme_kind = SchemeKind::kAffine;
   else if (kind == "entropy") c.scheme_kind = SchemeKind::kEntropy;
-  else return InvalidConfig(StrCat("scheme must be 'affine' or 'entropy', got '", kind, "'"));
+  else if (auto g = parse_ggml_type(kind)) {
+    c.scheme_kind = SchemeKind::kGgml;
+    c.ggml_type = *g;
+    if (c.bit_width != ggml_traits(*g).nominal_bits)
+      return InvalidConfig(StrCat("scheme '", ggml_traits(*g).name, "' is ", ggml_traits(*g).nominal_bits,
+                                  "-bit; bit_width ", c.bit_width, " was given (leave it out, or give ",
+                                  ggml_traits(*g).nominal_bits, ")"));
+  } else {
+    return InvalidConfig(StrCat("scheme must be 'affine', 'entropy' or a ggml type (q8_0, q6_k, q5_k, q4_k, q3_k, "
+                                "q2_k, iq4_xs, iq4_nl), got '", kind, "'"));
+  }
   if (auto it = j.find("rotate"); it != j.end() && !it->is_null()) {
     if (!it->is_boolean()) return InvalidConfig(StrCat("rotate must be true, false or null, got ", it->dump()));
     c.rotate = it->get<bool>() ? 1 : 0;
@@ -221,7 +231,35 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
   return c;
 }
 
+std::optional<GgmlType> EngineConfig::ggml_type_for(int bits, uint64_t cols, std::string* note) const {
+  GgmlType t = ggml_type;
+  if (bits != bit_width) {
+    switch (bits) {
+      case 2: t = GgmlType::kQ2_K; break;
+      case 3: t = GgmlType::kQ3_K; break;
+      case 4: t = GgmlType::kQ4_K; break;
+      case 5: t = GgmlType::kQ5_K; break;
+      case 6: t = GgmlType::kQ6_K; break;
+      default: t = GgmlType::kQ8_0; break;
+    }
+  }
+  const GgmlTraits& g = ggml_traits(t);
+  if (cols % static_cast<uint64_t>(g.block) == 0) return t;
+  if (cols % static_cast<uint64_t>(kQ32) != 0) return std::nullopt;
+  const GgmlType f = g.nominal_bits <= 4 ? GgmlType::kIQ4_NL : GgmlType::kQ8_0;
+  if (note)
+    *note = StrCat(g.name, " needs rows of a multiple of ", g.block, " weights, these hold ", cols, ": ",
+                   ggml_traits(f).name);
+  return f;
+}
+
 QuantScheme EngineConfig::scheme(int bits, uint64_t rows, uint64_t cols) const {
+  if (scheme_kind == SchemeKind::kGgml) {
+    (void)rows;
+    // A row length no ggml type takes never gets here (plan_tensor keeps such tensors); cols 0
+    // (validation of the configuration) asks for the type at bit_width.
+    return ggml_scheme(cols == 0 ? ggml_type : ggml_type_for(bits, cols).value_or(GgmlType::kQ8_0));
+  }
   QuantScheme s;
   s.bits = bits;
   s.group_size = group_size;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <regex>
 #include <string>
 #include <utility>
@@ -27,7 +28,8 @@ struct EngineConfig {
   int group_size = 128;  // 0 = per channel
   bool symmetric = false;
   ScaleMethod scale_method = ScaleMethod::kSearch;
-  SchemeKind scheme_kind = SchemeKind::kAffine;  // "affine" | "entropy"
+  SchemeKind scheme_kind = SchemeKind::kAffine;  // "affine" | "entropy" | a ggml type
+  GgmlType ggml_type = GgmlType::kQ4_K;          // kGgml: the type at bit_width
   int rotate = -1;                   // randomized Hadamard rotation: 1 on; 0 or -1 (unset) off
   double target_bits_per_weight = 0; // entropy: the budget at bit_width (0 = bit_width + 0.5)
   double min_accuracy = 0.85;
@@ -61,6 +63,12 @@ struct EngineConfig {
   // The scheme for a rows x cols tensor planned at `bits` (bit_width, a sensitive width, or a
   // fallback rung). Entropy budgets move with the bits: target + (bits - bit_width), or bits + 0.5.
   QuantScheme scheme(int bits, uint64_t rows = 0, uint64_t cols = 0) const;
+  // ggml schemes: the type for a layer at `bits` with rows of `cols` weights. At bit_width the
+  // configured type, at other widths the K type of that width (8 and 7: Q8_0). A row length the
+  // type cannot take falls back to a 32-weight block type of about the same size (IQ4_NL up to 4
+  // bits, Q8_0 above; `note` says so); nullopt when cols is no multiple of 32 either (the layer
+  // is kept).
+  std::optional<GgmlType> ggml_type_for(int bits, uint64_t cols, std::string* note = nullptr) const;
 };
 
 // Defaults that hold embeddings, timestep and conditioning embedders, adaLN modulation and the

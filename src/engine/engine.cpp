@@ -111,7 +111,16 @@ class QuantizeRun {
   std::string modality_;  // detected or configured, set before any component is quantized
   // Modality strategy: text and code diffusion LMs deployed weight-only get no equalization search
   bool text_like() const { return modality_ == "text" || modality_ == "code"; }
-  bool search_equalization() const { return cfg_.enable_spatial && !(text_like() && cfg_.activation_bits == 0); }
+  bool ggml() const { return cfg_.scheme_kind == SchemeKind::kGgml; }
+  // ggml runtimes (llama.cpp, stable-diffusion.cpp, diffusers' GGUF loader) have no per-channel
+  // input scale to apply, so ggml schemes get no equalization.
+  bool search_equalization() const {
+    return cfg_.enable_spatial && !ggml() && !(text_like() && cfg_.activation_bits == 0);
+  }
+  // ggml schemes with calibration: the encoder's per-column importance, the diagonal of the
+  // timestep-group-weighted Hessian (llama.cpp's imatrix, but over timestep groups).
+  bool importance_weighted(const Slot& s) const { return ggml() && cfg_.enable_time_aware && s.cal && s.cal->hessians; }
+  uint64_t importance_layers_ = 0;
   uint64_t gptq_layers_ = 0, calibrated_layers_ = 0, equalized_layers_ = 0;
   json output_errors_ = json::object();  // qualified layer -> output error per timestep group
   std::vector<ActivationRow> activation_rows_;
@@ -159,6 +168,18 @@ void QuantizeRun::start_job(Slot& s) {
     src.dtype = DType::kF32;
   }
   s.job = s.gptq() ? std::make_unique<TensorJob>(src, s.scheme, s.cal->gptq) : std::make_unique<TensorJob>(src, s.scheme);
+  if (importance_weighted(s)) {
+    const std::vector<double>& h = s.cal->hessians->gptq;
+    const size_t n = s.cal->hessians->cols;
+    double mean = 0;
+    for (size_t j = 0; j < n; ++j) mean += h[j * n + j];
+    mean = n ? mean / static_cast<double>(n) : 0;
+    // Columns no calibration input reached still weigh a little, so every block keeps a fit.
+    const double floor = mean > 0 ? 1e-4 * mean : 1.0;
+    auto imp = std::make_shared<std::vector<float>>(n);
+    for (size_t j = 0; j < n; ++j) (*imp)[j] = static_cast<float>(std::max(h[j * n + j], floor) / (mean > 0 ? mean : 1.0));
+    s.job->set_importance(std::move(imp));
+  }
   s.job->start(pool_, &stop_, [this] {
     std::lock_guard<std::mutex> lock(mu_);
     cv_.notify_all();
@@ -207,7 +228,7 @@ bool QuantizeRun::attach_calibration(Slot& s) {
     }
   }
   CalibratedLayerOptions o;
-  o.time_aware = cfg_.enable_time_aware;
+  o.time_aware = cfg_.enable_time_aware && !ggml();  // GPTQ on ggml grids: not built yet
   o.spatial = search_equalization();
   o.activation_bits = cfg_.activation_bits;
   o.relative_group_weights = cfg_.time_group_weighting == "relative";
@@ -248,6 +269,7 @@ void QuantizeRun::start_prepared(std::deque<std::unique_ptr<Slot>>& window) {
       if (r->hessians) {
         ++calibrated_layers_;
         if (r->gptq) ++gptq_layers_;
+        if (ggml() && cfg_.enable_time_aware) ++importance_layers_;
         if (!r->input_scale.empty()) ++equalized_layers_;
         s.cal = std::make_shared<const CalibratedLayer>(std::move(*r));
       }
@@ -402,7 +424,7 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
     layer["relative_error"] = info.relative_error;
     layer["sqnr_db"] = info.sqnr_db;
     layer["bits_per_weight"] = 8.0 * static_cast<double>(stored) / static_cast<double>(t.numel);
-    layer["method"] = s.gptq() ? "gptq" : "data-free";
+    layer["method"] = s.gptq() ? "gptq" : importance_weighted(s) ? "importance" : "data-free";
     if (s.cal && !s.cal->equalization.is_null()) layer["equalization"] = s.cal->equalization;
     if (s.cal && s.gptq()) layer["time_group_weights"] = s.cal->group_weights;
     if (!s.output_error.is_null()) {
@@ -599,7 +621,15 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
                    {"activation_bits", cfg_.activation_bits},
                    {"activation_params", activation_rows_.empty() ? json(nullptr) : json(kActivationsFile)},
                    {"output_error", output_errors_}};
-    if (cfg_.enable_time_aware) {
+    if (cfg_.enable_time_aware && ggml()) {
+      time_aware["applied"] = importance_layers_ > 0;
+      time_aware["reason"] = importance_layers_ > 0
+          ? StrCat("ggml blocks encoded with per-column importance diag(sum_g w_g X_g^T X_g / n_g) over ", groups_.size(),
+                   " timestep groups for ", importance_layers_,
+                   " layers (GPTQ on ggml grids is not built yet); output error per group measured on held-out inputs")
+          : std::string("the calibration file matched no quantized layer with a Hessian");
+      time_aware["time_groups"] = groups.size();
+    } else if (cfg_.enable_time_aware) {
       time_aware["applied"] = gptq_layers_ > 0;
       time_aware["reason"] = gptq_layers_ > 0
           ? StrCat("GPTQ on H = sum_g w_g X_g^T X_g / n_g over ", groups_.size(), " timestep groups (",
@@ -610,7 +640,10 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
           : std::string("the calibration file matched no quantized layer with a Hessian");
       time_aware["time_groups"] = groups.size();
     }
-    if (cfg_.enable_spatial && !search_equalization()) {
+    if (cfg_.enable_spatial && ggml()) {
+      spatial["reason"] = "ggml block types: the runtimes that compute on them (llama.cpp, stable-diffusion.cpp, "
+                          "diffusers' GGUF loader) have no per-channel input scale, so no channel equalization";
+    } else if (cfg_.enable_spatial && !search_equalization()) {
       spatial["reason"] = StrCat("modality strategy: ", modality_, " diffusion LMs are quantized weight-only with GPTQ "
                                  "and no channel equalization (set activation_bits to search it for W8A8 / W4A8)");
     } else if (cfg_.enable_spatial) {

@@ -4,7 +4,9 @@
 
 namespace aq {
 
-TensorPlan plan_tensor(const EngineConfig& c, const TensorInfo& t) {
+namespace {
+
+TensorPlan plan_bits(const EngineConfig& c, const TensorInfo& t) {
   TensorPlan p;
   if (!dtype_is_float(t.dtype)) {
     p.reason = StrCat("kept: ", dtype_name(t.dtype), " is not a floating-point type");
@@ -48,6 +50,23 @@ TensorPlan plan_tensor(const EngineConfig& c, const TensorInfo& t) {
   p.quantize = true;
   p.bits = c.bit_width;
   p.reason = "default";
+  return p;
+}
+
+}  // namespace
+
+TensorPlan plan_tensor(const EngineConfig& c, const TensorInfo& t) {
+  TensorPlan p = plan_bits(c, t);
+  if (!p.quantize || c.scheme_kind != SchemeKind::kGgml) return p;
+  // ggml block types need whole blocks per row
+  const uint64_t cols = t.numel / std::max<uint64_t>(1, static_cast<uint64_t>(t.shape[0]));
+  std::string note;
+  if (!c.ggml_type_for(p.bits, cols, &note)) {
+    p.quantize = false;
+    p.reason = StrCat("kept: rows of ", cols, " weights fit no ggml block type (a multiple of 32 is needed)");
+    return p;
+  }
+  if (!note.empty()) p.reason += "; " + note;
   return p;
 }
 

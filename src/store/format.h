@@ -19,8 +19,9 @@
 
 namespace aq {
 
-// Version 2 added the optional input_scale column (channel equalization); readers read 1 and 2.
-inline constexpr int kFormatVersion = 2;
+// Version 2 added the optional input_scale column (channel equalization); version 3 the ggml
+// block types as scheme kinds (q8_0 ... iq4_nl). Readers read 1 to 3.
+inline constexpr int kFormatVersion = 3;
 inline constexpr int kMinFormatVersion = 1;
 inline constexpr const char* kFormatName = "arrowquant";
 inline constexpr const char* kManifestFile = "manifest.json";

@@ -107,7 +107,7 @@ Status ParquetSink::Write(const StoredTensorInfo& info, const TensorPayload& pay
   if (info.quantized) {
     const int rotation = q.rotate ? rotation_block(info.cols()) : 1;
     scheme = one(std::make_shared<arrow::StructScalar>(
-        arrow::ScalarVector{str(scheme_kind_name(q.kind)),
+        arrow::ScalarVector{str(q.kind == SchemeKind::kGgml ? ggml_traits(q.ggml).name : scheme_kind_name(q.kind)),
                             std::make_shared<arrow::Int8Scalar>(static_cast<int8_t>(q.bits)),
                             std::make_shared<arrow::Int32Scalar>(q.group_size),
                             std::make_shared<arrow::BooleanScalar>(q.symmetric),

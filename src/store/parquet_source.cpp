@@ -153,7 +153,10 @@ Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& pa
       const std::string k = kind->GetString(i);
       if (k == "affine") t.scheme.kind = SchemeKind::kAffine;
       else if (k == "entropy") t.scheme.kind = SchemeKind::kEntropy;
-      else return FormatError(StrCat(where, ": unknown scheme kind '", k, "'"));
+      else if (auto g = parse_ggml_type(k); g && version_number >= 3) {
+        t.scheme.kind = SchemeKind::kGgml;
+        t.scheme.ggml = *g;
+      } else return FormatError(StrCat(where, ": unknown scheme kind '", k, "'"));
       if (!target->IsNull(i)) t.scheme.target_bpw = target->Value(i);
       t.scheme.rotate = rotation->Value(i) > 1;
       AQ_RETURN_IF_ERROR(validate_scheme(t.scheme).WithPrefix(where + ": "));

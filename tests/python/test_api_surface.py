@@ -49,7 +49,7 @@ def test_every_exception_is_exported_and_shares_the_base_class(cls):
 def test_configuration_error_is_a_value_error():
     assert issubclass(ConfigurationError, ValueError)
     with pytest.raises(ValueError):
-        DiffusionQuantConfig(bit_width=5)
+        DiffusionQuantConfig(bit_width=7)
 
 
 def test_model_not_found_error_is_a_quantization_error_and_a_file_not_found_error():

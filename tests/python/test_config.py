@@ -57,8 +57,24 @@ def test_explicit_field_wins_over_profile_and_the_rest_comes_from_the_profile():
     assert cfg.bit_width == 3
     assert cfg.deployment_profile == "edge"
     for name, value in PROFILE_SETTINGS["edge"].items():
-        if name != "bit_width":
+        if name not in ("bit_width", "scheme"):
             assert getattr(cfg, name) == value, name
+    # the profile's ggml scheme follows the width asked for: Q2_K at 2 bits, Q3_K at 3
+    assert cfg.scheme == "q3_k"
+
+
+def test_a_ggml_scheme_sets_bit_width_and_both_given_must_agree():
+    assert DiffusionQuantConfig(scheme="Q6_K").bit_width == 6
+    assert DiffusionQuantConfig(scheme="q2_k").scheme == "q2_k"
+    assert DiffusionQuantConfig(scheme="iq4_xs", bit_width=4).bit_width == 4
+    with pytest.raises(ConfigurationError, match="'q2_k' is 2-bit; bit_width=4"):
+        DiffusionQuantConfig(scheme="q2_k", bit_width=4)
+    with pytest.raises(ConfigurationError, match="scheme"):
+        DiffusionQuantConfig(scheme="q7_k")
+    cfg = DiffusionQuantConfig(scheme="q4_k")
+    cfg.bit_width = 8  # another width on a ggml scheme: the ggml type of that width
+    assert cfg.scheme == "q8_0"
+    assert DiffusionQuantConfig(scheme="q8_0").replace(bit_width=3).scheme == "q3_k"
 
 
 def test_from_profile_accepts_overrides():
@@ -75,7 +91,7 @@ def test_from_profile_rejects_unknown_profiles(profile):
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("bit_width", 5),
+        ("bit_width", 7),
         ("bit_width", 1),
         ("bit_width", 16),
         ("bit_width", 4.0),
@@ -102,12 +118,12 @@ def test_from_profile_rejects_unknown_profiles(profile):
         ("nonfinite", "zero"),
         ("overwrite", "true"),
         ("min_tensor_size", -5),
-        ("sensitive_bit_width", 5),
+        ("sensitive_bit_width", 7),
         ("skip_patterns", "norm"),
         ("skip_patterns", ["("]),
         ("skip_patterns", [3]),
         ("sensitive_patterns", ["[unclosed"]),
-        ("bit_overrides", {"attn": 5}),
+        ("bit_overrides", {"attn": 7}),
         ("bit_overrides", {"(": 4}),
         ("bit_overrides", ["attn"]),
         ("components", [""]),
@@ -130,9 +146,9 @@ def test_invalid_regex_in_skip_patterns_names_the_field_and_pattern():
     assert "skip_patterns" in str(info.value) and "attn[0-" in str(info.value)
 
 
-def test_bit_overrides_value_5_is_rejected_naming_the_pattern():
+def test_bit_overrides_value_7_is_rejected_naming_the_pattern():
     with pytest.raises(ConfigurationError) as info:
-        DiffusionQuantConfig(bit_overrides={"to_q": 5})
+        DiffusionQuantConfig(bit_overrides={"to_q": 7})
     assert "bit_overrides" in str(info.value) and "to_q" in str(info.value)
 
 

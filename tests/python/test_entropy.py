@@ -91,8 +91,9 @@ def test_scheme_must_be_affine_or_entropy():
 
 
 @pytest.mark.parametrize("profile,bits", [("edge", 2), ("local", 4), ("cloud", 8)])
-def test_profiles_use_the_entropy_scheme(profile, bits):
-    c = DiffusionQuantConfig.from_profile(profile)
+def test_profiles_take_the_entropy_scheme_as_the_archive_format(profile, bits):
+    # the profiles run small (ggml types); scheme="entropy" on top of one keeps its width
+    c = DiffusionQuantConfig.from_profile(profile, scheme="entropy")
     assert c.scheme == "entropy"
     assert c.bit_width == bits
     assert c.target_bits_per_weight is None
@@ -112,10 +113,10 @@ def _neutral_model(rng) -> Dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("profile", ["edge", "local", "cloud"])
-def test_profiles_store_at_most_bit_width_plus_one_half_bits_per_weight(profile, tmp_path, rng):
+def test_entropy_profiles_store_at_most_bit_width_plus_one_half_bits_per_weight(profile, tmp_path, rng):
     arrays = _neutral_model(rng)
     path = write_model_file(tmp_path / "model.safetensors", arrays)
-    config = DiffusionQuantConfig.from_profile(profile)
+    config = DiffusionQuantConfig.from_profile(profile, scheme="entropy")
     result = ArrowQuantV2().quantize_diffusion_model(path, tmp_path / "out", config=config)
     budget = config.bit_width + 0.5
     layers = {l["tensor"]: l for l in result["layers"]}

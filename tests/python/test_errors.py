@@ -245,7 +245,7 @@ def test_invalid_config_json_from_the_core_is_a_configuration_error(tmp_path, qu
     src, _ = model_dir
     # the engine checks its configuration again: bad JSON or a bad value is a ConfigurationError
     with pytest.raises(ConfigurationError):
-        aq._core.quantize_model(str(src), str(tmp_path / "out"), json.dumps({"bit_width": 5}), None)
+        aq._core.quantize_model(str(src), str(tmp_path / "out"), json.dumps({"bit_width": 7}), None)
     with pytest.raises(ConfigurationError):
         aq._core.quantize_model(str(src), str(tmp_path / "out"), "not json", None)
     _assert_clean(tmp_path, tmp_path / "out")

@@ -75,7 +75,7 @@ def test_bit_width_argument_is_honoured(quantizer, lora, bits):
 def test_bit_width_argument_overrides_the_config_and_keeps_the_rest(quantizer, lora):
     name = "lora.up.weight"
     # min_accuracy 0: the cloud profile's 0.99 would (rightly) send a 3-bit layer up the fallback ladder
-    cfg = DiffusionQuantConfig.from_profile("cloud", min_accuracy=0.0)
+    cfg = DiffusionQuantConfig.from_profile("cloud", scheme="affine", min_accuracy=0.0)
     q = quantizer.quantize({name: lora[name]}, bit_width=3, config=cfg)[name]
     assert (q.bits, q.group_size, q.symmetric) == (3, 0, True)
     assert cfg.bit_width == 8  # the caller's config is not modified
@@ -148,7 +148,7 @@ def test_weights_must_be_a_mapping(quantizer, lora):
 
 def test_invalid_bit_width_argument_raises_configuration_error(quantizer, lora):
     with pytest.raises(ConfigurationError, match="bit_width"):
-        quantizer.quantize(lora, bit_width=5)
+        quantizer.quantize(lora, bit_width=7)
 
 
 def test_non_finite_values_raise_or_are_kept_by_policy(quantizer, rng):

@@ -245,11 +245,9 @@ def test_profile_settings_reach_every_default_layer(small_model, tmp_path, quant
     assert result["deployment_profile"] == "cloud"
     for layer in result["layers"]:
         if layer["quantized"]:
-            assert (layer["bits"], layer["group_size"], layer["symmetric"]) == (8, 0, True)
-            # the profile's scheme: entropy-coded at the 8.5 bits/weight budget (PROFILE_SETTINGS),
-            # or, for a tensor too small to amortize its tables, the fixed-rate codes of the
-            # profile when they have less error within that budget
-            assert layer["scheme"] in ("entropy_8.50", "int8_pc_sym")
+            # the profile's scheme: ggml's Q8_0 (blocks of 32, symmetric)
+            assert (layer["bits"], layer["group_size"], layer["symmetric"]) == (8, 32, True)
+            assert layer["scheme"] == "q8_0"
             assert layer["bits_per_weight"] <= 8.5
 
 
