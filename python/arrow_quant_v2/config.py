@@ -279,10 +279,11 @@ class DiffusionQuantConfig:
             for name, value in PROFILE_SETTINGS[profile].items():
                 if name not in kwargs:
                     setattr(self, name, value)
-        for name, value in kwargs.items():
+        # bit_width before scheme: a ggml scheme given explicitly then sets the width
+        for name, value in sorted(kwargs.items(), key=lambda kv: kv[0] == "scheme"):
             setattr(self, name, value)
         if "bit_width" in kwargs and "scheme" in kwargs and self.scheme in GGML_TYPES:
-            self._check_ggml_width(_check_bits(kwargs["bit_width"]))  # given both: they must agree
+            self._check_ggml_width(kwargs["bit_width"])  # given both: they must agree
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in _FIELDS:
@@ -340,6 +341,7 @@ class DiffusionQuantConfig:
         for name, value in changes.items():
             setattr(new, name, value)
         if "bit_width" in changes and "scheme" in changes and new.scheme in GGML_TYPES:
+            new.scheme = changes["scheme"]
             new._check_ggml_width(changes["bit_width"])
         return new
 

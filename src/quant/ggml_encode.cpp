@@ -461,7 +461,27 @@ AQ_INLINE void quantize_sub_scales(const Fit* f, State<T>* st) {
   }
 }
 
-// Step 1: each sub-block's integers around their least-squares optimum, codes re-assigned.
+// The kTry candidates of least predicted error (errors e[0..n), lowest first) into idx.
+template <int kTry>
+AQ_INLINE int best_few(const float* e, int n, int* idx) {
+  int k = 0;
+  for (int i = 0; i < n; ++i) {
+    if (!(e[i] < INFINITY)) continue;
+    int pos = k < kTry ? k++ : kTry;
+    if (pos == kTry && !(e[i] < e[idx[kTry - 1]])) continue;
+    if (pos == kTry) pos = kTry - 1;
+    while (pos > 0 && e[i] < e[idx[pos - 1]]) {
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    idx[pos] = i;
+  }
+  return k;
+}
+
+// Step 1: each sub-block's integers around their least-squares optimum. Candidates are ranked by
+// their error with the current codes (a quadratic in the integers, from the sub-block's sums);
+// the two best get their codes re-assigned and are measured, the best kept if it lowers the error.
 template <GgmlType T>
 AQ_INLINE void refit_sub(const float* x, const float* w, State<T>* st) {
   if constexpr (K<T>::kSub) {
@@ -474,8 +494,11 @@ AQ_INLINE void refit_sub(const float* x, const float* w, State<T>* st) {
       float* Ls = st->L + j * S;
       float best = sub_error<S>(xs, ws, Ls, sub_a(*st, j), sub_b(*st, j));
       float L[S];
+      int csc[9], cm[9];
+      float pred[9];
+      int n = 0;
       if constexpr (K<T>::kMin) {
-        Sums s = sums<S>(xs, ws, Ls);
+        const Sums s = sums<S>(xs, ws, Ls);
         float a, c;
         if (!lsq_asym(s, &a, &c)) {
           // a zero sub-scale leaves every code 0, which says nothing of the scale: start from
@@ -490,16 +513,12 @@ AQ_INLINE void refit_sub(const float* x, const float* w, State<T>* st) {
           for (int dm = -1; dm <= 1; ++dm) {
             const int sc = std::clamp(s0 + ds, K<T>::SC_LO, K<T>::SC_HI);
             const int m = std::clamp(m0 + dm, 0, K<T>::SC_HI);
-            if (sc == st->sc[j] && m == st->m[j]) continue;
-            const float aa = d * static_cast<float>(sc), bb = dmin * static_cast<float>(m);
-            assign_sub<T>(xs, aa, bb, L);
-            const float e = sub_error<S>(xs, ws, L, aa, bb);
-            if (e < best) {
-              best = e;
-              st->sc[j] = sc;
-              st->m[j] = m;
-              std::memcpy(Ls, L, sizeof(L));
-            }
+            csc[n] = sc;
+            cm[n] = m;
+            const bool same = sc == st->sc[j] && m == st->m[j];
+            const float aa = d * static_cast<float>(sc), cc = -dmin * static_cast<float>(m);
+            // with the current codes (sxx left out: a constant)
+            pred[n++] = same ? INFINITY : err_asym(s, 0.0f, aa, cc);
           }
       } else {
         float ll, lx;
@@ -514,27 +533,39 @@ AQ_INLINE void refit_sub(const float* x, const float* w, State<T>* st) {
         const int s0 = nearest_int(lx / ll / d);
         for (int ds = -1; ds <= 1; ++ds) {
           const int sc = std::clamp(s0 + ds, K<T>::SC_LO, K<T>::SC_HI);
-          if (sc == st->sc[j]) continue;
+          csc[n] = sc;
+          cm[n] = 0;
           const float aa = d * static_cast<float>(sc);
-          assign_sub<T>(xs, aa, 0.0f, L);
-          const float e = sub_error<S>(xs, ws, L, aa, 0.0f);
-          if (e < best) {
-            best = e;
-            st->sc[j] = sc;
-            std::memcpy(Ls, L, sizeof(L));
-          }
+          pred[n++] = sc == st->sc[j] ? INFINITY : aa * aa * ll - 2 * aa * lx;
+        }
+      }
+      int idx[3];
+      const int k = best_few<3>(pred, n, idx);
+      for (int t = 0; t < k; ++t) {
+        const int i = idx[t];
+        const float aa = d * static_cast<float>(csc[i]), bb = K<T>::kMin ? dmin * static_cast<float>(cm[i]) : 0.0f;
+        assign_sub<T>(xs, aa, bb, L);
+        const float e = sub_error<S>(xs, ws, L, aa, bb);
+        if (e < best) {
+          best = e;
+          st->sc[j] = csc[i];
+          st->m[j] = cm[i];
+          std::memcpy(Ls, L, sizeof(L));
         }
       }
     }
   }
 }
 
-// Step 2: the float16 block scale(s) by least squares given the integers and codes, the float16
-// neighbours tried; then the codes re-assigned. Kept only when the error drops.
+// Step 2: the float16 block scale(s) by least squares given the integers and codes. The float16
+// neighbours are ranked by their error with the current codes; the two best get the codes
+// re-assigned and are measured. Kept only when the error drops.
 template <GgmlType T>
 AQ_INLINE void refit_super(const float* x, const float* w, State<T>* st, float* err) {
   constexpr int S = K<T>::S, NS = State<T>::NS;
-  State<T> next = *st;
+  uint16_t cd[9], cm[9];
+  float pred[9];
+  int n = 0;
   if constexpr (!K<T>::kMin) {
     // value = d u, u = sc L
     float suu = 0, sxu = 0;
@@ -547,21 +578,12 @@ AQ_INLINE void refit_super(const float* x, const float* w, State<T>* st, float* 
     }
     if (!(suu > 0)) return;
     const uint16_t h0 = f16_sat(sxu / suu);
-    const uint16_t cands[3] = {h0, f16_step(h0, 1), f16_step(h0, -1)};
-    float be = *err;
-    for (uint16_t h : cands) {
-      if (h == st->d) continue;
-      State<T> c = *st;
-      c.d = h;
-      assign_all<T>(x, &c);
-      const float e = state_error<T>(x, w, c);
-      if (e < be) {
-        be = e;
-        next = c;
-      }
+    for (uint16_t h : {h0, f16_step(h0, 1), f16_step(h0, -1)}) {
+      const float dd = h2f(h);
+      cd[n] = h;
+      cm[n] = 0;
+      pred[n++] = h == st->d ? INFINITY : dd * dd * suu - 2 * dd * sxu;
     }
-    *st = next;
-    *err = be;
   } else {
     // value = d u - dmin v, u = sc L, v = m
     float suu = 0, svv = 0, suv = 0, sxu = 0, sxv = 0;
@@ -588,25 +610,33 @@ AQ_INLINE void refit_super(const float* x, const float* w, State<T>* st, float* 
     if (!(d > 0)) return;
     if (!(dm > 0)) dm = 0;
     const uint16_t hd = f16_sat(d), hm = f16_sat(dm);
-    const uint16_t cd[3] = {hd, f16_step(hd, 1), f16_step(hd, -1)};
-    const uint16_t cm[3] = {hm, f16_step(hm, 1), f16_step(hm, -1)};
-    float be = *err;
-    for (uint16_t a : cd)
-      for (uint16_t b : cm) {
-        if (a == st->d && b == st->dmin) continue;
-        State<T> c = *st;
-        c.d = a;
-        c.dmin = b;
-        assign_all<T>(x, &c);
-        const float e = state_error<T>(x, w, c);
-        if (e < be) {
-          be = e;
-          next = c;
-        }
+    for (uint16_t a : {hd, f16_step(hd, 1), f16_step(hd, -1)})
+      for (uint16_t b : {hm, f16_step(hm, 1), f16_step(hm, -1)}) {
+        const float dd = h2f(a), mm = h2f(b);
+        cd[n] = a;
+        cm[n] = b;
+        pred[n++] = a == st->d && b == st->dmin
+                        ? INFINITY
+                        : -2 * dd * sxu + 2 * mm * sxv + dd * dd * suu - 2 * dd * mm * suv + mm * mm * svv;
       }
-    *st = next;
-    *err = be;
   }
+  int idx[2];
+  const int k = best_few<2>(pred, n, idx);
+  State<T> next = *st;
+  float be = *err;
+  for (int t = 0; t < k; ++t) {
+    State<T> c = *st;
+    c.d = cd[idx[t]];
+    c.dmin = cm[idx[t]];
+    assign_all<T>(x, &c);
+    const float e = state_error<T>(x, w, c);
+    if (e < be) {
+      be = e;
+      next = c;
+    }
+  }
+  *st = next;
+  *err = be;
 }
 
 template <GgmlType T>
