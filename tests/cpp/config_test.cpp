@@ -93,9 +93,9 @@ TEST(EngineConfig, rejects_unknown_fields_by_name) {
 }
 
 TEST(EngineConfig, rejects_bad_bit_widths) {
-  for (const json& b : {json(5), json(1), json(0), json(16), json(-4), json("4"), json(4.5), json(true)})
+  for (const json& b : {json(7), json(1), json(0), json(16), json(-4), json("4"), json(4.5), json(true)})
     expect_rejected({{"bit_width", b}}, "bit_width");
-  for (const json& b : {json(5), json(1), json("8")}) expect_rejected({{"sensitive_bit_width", b}}, "sensitive_bit_width");
+  for (const json& b : {json(7), json(1), json("8")}) expect_rejected({{"sensitive_bit_width", b}}, "sensitive_bit_width");
   expect_rejected({{"bit_overrides", json::array({json::array({"attn", 7})})}}, "bit_overrides");
   expect_rejected({{"bit_overrides", json::array({json::array({"attn", "8"})})}}, "bit_overrides");
   expect_rejected({{"bit_overrides", {{"attn", 8}}}}, "bit_overrides");  // an object loses order

@@ -146,7 +146,7 @@ TEST_F(StoreTest, writes_one_row_group_per_tensor_with_nulls_where_the_format_sa
   ASSERT_TRUE((*reader)->GetSchema(&schema).ok());
   ASSERT_NE(schema->metadata(), nullptr);
   EXPECT_EQ(schema->metadata()->Get("arrowquant.format").ValueOr(""), "arrowquant");
-  EXPECT_EQ(schema->metadata()->Get("arrowquant.format_version").ValueOr(""), "2");
+  EXPECT_EQ(schema->metadata()->Get("arrowquant.format_version").ValueOr(""), "3");
   EXPECT_EQ(schema->metadata()->Get("arrowquant.component").ValueOr(""), "unet");
   auto read = (*reader)->ReadTable();
   ASSERT_TRUE(read.ok()) << read.status().ToString();
@@ -439,14 +439,14 @@ TEST(Manifest, reads_only_complete_arrowquant_manifests_of_our_version) {
   EXPECT_EQ(read_manifest(dir.str()).status().code(), StatusCode::kFormatError);
   ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "other"}, {"format_version", 1}}));
   EXPECT_EQ(read_manifest(dir.str()).status().code(), StatusCode::kFormatError);
-  ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", 3}}));
+  ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", 4}}));
   auto wrong = read_manifest(dir.str());
   EXPECT_EQ(wrong.status().code(), StatusCode::kFormatError);
-  EXPECT_CONTAINS(wrong.status().message(), "3");
-  EXPECT_CONTAINS(wrong.status().message(), "versions 1 to 2");
+  EXPECT_CONTAINS(wrong.status().message(), "4");
+  EXPECT_CONTAINS(wrong.status().message(), "versions 1 to 3");
   ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", 0}}));
   EXPECT_EQ(read_manifest(dir.str()).status().code(), StatusCode::kFormatError);
-  for (int v : {1, 2}) {
+  for (int v : {1, 2, 3}) {
     ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", v}}));
     EXPECT_TRUE(read_manifest(dir.str()).ok()) << v;
   }
