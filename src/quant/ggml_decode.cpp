@@ -11,16 +11,17 @@ namespace aq {
 
 namespace {
 
-inline float h2f(uint16_t h) { return f16_to_f32(h); }
+inline __attribute__((always_inline)) float h2f(uint16_t h) { return f16_to_f32(h); }
 
 #define AQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 AQ_CLONES void decode_q8_0(const uint8_t* in, uint64_t nb, float* y) {
   for (uint64_t i = 0; i < nb; ++i, in += sizeof(BlockQ8_0), y += 32) {
-    BlockQ8_0 b;
-    std::memcpy(&b, in, sizeof(b));
-    const float d = h2f(b.d);
-    for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(b.qs[j]) * d;
+    uint16_t h;
+    std::memcpy(&h, in, 2);
+    const float d = h2f(h);
+    const int8_t* qs = reinterpret_cast<const int8_t*>(in + 2);
+    for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(qs[j]) * d;
   }
 }
 
@@ -61,7 +62,7 @@ AQ_CLONES void decode_q6_k(const uint8_t* in, uint64_t nb, float* y) {
 }
 
 template <bool kFive>
-void decode_q45_k_impl(const uint8_t* in, uint64_t nb, float* y) {
+inline __attribute__((always_inline)) void decode_q45_k_impl(const uint8_t* in, uint64_t nb, float* y) {
   constexpr size_t kBytes = kFive ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K);
   for (uint64_t i = 0; i < nb; ++i, in += kBytes, y += 256) {
     uint16_t dh, mh;

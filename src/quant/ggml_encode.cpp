@@ -113,10 +113,14 @@ template <GgmlType T>
 struct Levels {
   float level[K<T>::NL] = {};
   float mid[K<T>::NL] = {};
+  float step[K<T>::NL] = {};  // level[k + 1] - level[k]
   constexpr Levels() {
     for (int k = 0; k < K<T>::NL; ++k)
       level[k] = K<T>::kTable ? static_cast<float>(kIq4Levels[static_cast<size_t>(k)]) : static_cast<float>(k + K<T>::LO);
-    for (int k = 0; k + 1 < K<T>::NL; ++k) mid[k] = 0.5f * (level[k] + level[k + 1]);
+    for (int k = 0; k + 1 < K<T>::NL; ++k) {
+      mid[k] = 0.5f * (level[k] + level[k + 1]);
+      step[k] = level[k + 1] - level[k];
+    }
   }
 };
 template <GgmlType T>
@@ -249,6 +253,9 @@ AQ_INLINE float err_asym(const Sums& s, float sxx, float a, float c) {
 // Trial inverse scales (rmin + rdelta * i + nmax) / (max - min), i < nstep (plus nmax itself),
 // each refit by least squares; the best under weights w. With w2 (kTwo), the same trials are
 // also scored under a second set of weights, into *f2: the assignment is shared.
+//
+// Eight trials run at once, one per lane: each lane walks the sub-block's weights in order, so
+// no sum is ever split across lanes and every lane's arithmetic is the scalar one.
 template <GgmlType T, bool kTwo = false>
 AQ_INLINE Fit fit_asym_grid(const float* x, const float* w, float sxx, float rmin, float rdelta, int nstep,
                             const float* w2 = nullptr, float sxx2 = 0, Fit* f2 = nullptr) {
@@ -268,25 +275,56 @@ AQ_INLINE Fit fit_asym_grid(const float* x, const float* w, float sxx, float rmi
   }
   if (xmax != xmin) {
     constexpr float nmax = static_cast<float>(K<T>::HI);
-    float L[S];
     const Sums base = sums_base<S>(x, w);
     Sums base2;
     if constexpr (kTwo) base2 = sums_base<S>(x, w2);
-    for (int is = -1; is < nstep; ++is) {
-      const float iscale = (is < 0 ? nmax : rmin + rdelta * static_cast<float>(is) + nmax) / (xmax - xmin);
-      if (!(iscale > 0)) continue;
-      assign_asym<T>(x, iscale, -xmin, L);
-      float a, c;
-      const Sums s = sums_l<S>(x, w, L, base);
-      if (lsq_asym(s, &a, &c)) {
-        const float e = err_asym(s, sxx, a, c);
-        if (e < best.err) best = {a, -c, e};
+    const float mn = -xmin, range = xmax - xmin;
+    const int ntrial = nstep + 1;  // trial 0: nmax itself
+    for (int t0 = 0; t0 < ntrial; t0 += kLanes) {
+      float inv[kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        const int t = std::min(t0 + l, ntrial - 1);  // the last chunk repeats its final trial
+        inv[l] = (t == 0 ? nmax : rmin + rdelta * static_cast<float>(t - 1) + nmax) / range;
       }
-      if constexpr (kTwo) {
-        const Sums s2 = sums_l<S>(x, w2, L, base2);
-        if (lsq_asym(s2, &a, &c)) {
-          const float e = err_asym(s2, sxx2, a, c);
-          if (e < best2.err) best2 = {a, -c, e};
+      float sl[kLanes] = {}, sll[kLanes] = {}, slx[kLanes] = {};
+      float tl[kLanes] = {}, tll[kLanes] = {}, tlx[kLanes] = {};
+      for (int i = 0; i < S; ++i) {
+        const float xi = x[i], xs = x[i] + mn, wi = w[i];
+        const float w2i = kTwo ? w2[i] : 0.0f;
+        for (int l = 0; l < kLanes; ++l) {
+          const float k = std::min(nmax, std::max(0.0f, round_even(xs * inv[l])));
+          const float wk = wi * k;
+          sl[l] += wk;
+          sll[l] += wk * k;
+          slx[l] += wk * xi;
+          if constexpr (kTwo) {
+            const float vk = w2i * k;
+            tl[l] += vk;
+            tll[l] += vk * k;
+            tlx[l] += vk * xi;
+          }
+        }
+      }
+      for (int l = 0; l < kLanes && t0 + l < ntrial; ++l) {
+        if (!(inv[l] > 0)) continue;
+        float a, c;
+        Sums st = base;
+        st.l = sl[l];
+        st.ll = sll[l];
+        st.lx = slx[l];
+        if (lsq_asym(st, &a, &c)) {
+          const float e = err_asym(st, sxx, a, c);
+          if (e < best.err) best = {a, -c, e};
+        }
+        if constexpr (kTwo) {
+          Sums s2 = base2;
+          s2.l = tl[l];
+          s2.ll = tll[l];
+          s2.lx = tlx[l];
+          if (lsq_asym(s2, &a, &c)) {
+            const float e = err_asym(s2, sxx2, a, c);
+            if (e < best2.err) best2 = {a, -c, e};
+          }
         }
       }
     }
@@ -320,7 +358,8 @@ AQ_INLINE Fit polish_asym(const float* x, const float* w, Fit f, int steps) {
 
 // Symmetric: trial scales vmax / (end + step * i), i in [-ntry, ntry], for the negative end of
 // the levels, each refit by least squares; the best under weights w. With w2 (kTwo) the same
-// trials, and those for the positive end, are scored under w2 into *f2.
+// trials, and those for the positive end, are scored under w2 into *f2. Eight trials at once,
+// one per lane, as in fit_asym_grid.
 template <GgmlType T, bool kTwo = false>
 AQ_INLINE Fit fit_sym_grid(const float* x, const float* w, float sxx, int ntry, float step, const float* w2 = nullptr,
                            float sxx2 = 0, Fit* f2 = nullptr) {
@@ -336,7 +375,8 @@ AQ_INLINE Fit fit_sym_grid(const float* x, const float* w, float sxx, int ntry, 
   Fit best, best2;
   best.err = sxx;
   best2.err = sxx2;
-  if (amax != 0) {
+  if (amax != 0 && K<T>::kTable) {
+    // the table's nearest-level search vectorizes along the weights, not across trials
     float L[S];
     const float ends[2] = {static_cast<float>(K<T>::LO), static_cast<float>(K<T>::HI)};
     for (int e = 0; e < (kTwo ? 2 : 1); ++e)
@@ -354,6 +394,43 @@ AQ_INLINE Fit fit_sym_grid(const float* x, const float* w, float sxx, int ntry, 
           if (ll > 0 && sxx2 - lx / ll * lx < best2.err) best2 = {lx / ll, 0.0f, sxx2 - lx / ll * lx};
         }
       }
+  } else if (amax != 0) {
+    const int per_end = 2 * ntry + 1;
+    const int ntrial = kTwo ? 2 * per_end : per_end;  // [0, per_end): the negative end
+    const float lo = static_cast<float>(K<T>::LO), hi = static_cast<float>(K<T>::HI);
+    for (int t0 = 0; t0 < ntrial; t0 += kLanes) {
+      float inv[kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        const int t = std::min(t0 + l, ntrial - 1);
+        const int it = t % per_end - ntry;
+        const float lev = t < per_end ? lo - step * static_cast<float>(it) : hi + step * static_cast<float>(it);
+        inv[l] = lev == 0 ? 0.0f : lev / vmax;
+      }
+      float sll[kLanes] = {}, slx[kLanes] = {}, tll[kLanes] = {}, tlx[kLanes] = {};
+      for (int i = 0; i < S; ++i) {
+        const float xi = x[i], wi = w[i];
+        const float w2i = kTwo ? w2[i] : 0.0f;
+        for (int l = 0; l < kLanes; ++l) {
+          const float v = std::min(hi, std::max(lo, round_even(xi * inv[l])));
+          const float wv = wi * v;
+          sll[l] += wv * v;
+          slx[l] += wv * xi;
+          if constexpr (kTwo) {
+            const float uv = w2i * v;
+            tll[l] += uv * v;
+            tlx[l] += uv * xi;
+          }
+        }
+      }
+      for (int l = 0; l < kLanes && t0 + l < ntrial; ++l) {
+        if (inv[l] == 0) continue;
+        if (t0 + l < per_end && sll[l] > 0 && sxx - slx[l] / sll[l] * slx[l] < best.err)
+          best = {slx[l] / sll[l], 0.0f, sxx - slx[l] / sll[l] * slx[l]};
+        if constexpr (kTwo)
+          if (tll[l] > 0 && sxx2 - tlx[l] / tll[l] * tlx[l] < best2.err)
+            best2 = {tlx[l] / tll[l], 0.0f, sxx2 - tlx[l] / tll[l] * tlx[l]};
+      }
+    }
   }
   if constexpr (kTwo) *f2 = best2;
   return best;
@@ -801,11 +878,9 @@ void encode_block_t(const float* x, const float* imp, const GgmlEncodeOptions& o
   if constexpr (T == GgmlType::kQ8_0) {
     start_llama<T>(x, imp, &llama);
     if (two) {
-      Fit f;
       const float sxx = wsq<T>(x, w);
-      f = fit_sym_grid<T>(x, w, sxx, 4, 0.25f);
-      Fit g;
-      fit_sym_grid<T, true>(x, w, sxx, 0, 0.0f, w, sxx, &g);  // both ends, no offsets
+      Fit g;  // the largest weight on either end, at the end or half a level inside it
+      Fit f = fit_sym_grid<T, true>(x, w, sxx, 1, 0.5f, w, sxx, &g);
       if (g.err < f.err) f = g;
       f = polish_sym<T>(x, w, sxx, f, 3);
       quantize_sub_scales<T>(&f, &ours);
@@ -834,8 +909,20 @@ void encode_block_t(const float* x, const float* imp, const GgmlEncodeOptions& o
       best = c;
     }
   };
-  consider(llama);
-  if (two) consider(ours);
+  if (!two) {
+    consider(llama);
+  } else {
+    // Refinement costs as much as a start: only the start with the lower error is refined
+    // (the other stays a candidate as it is).
+    const double e_ours = exact_error<T>(x, w, ours);
+    if (e_ours < best_err) {
+      best_err = e_ours;
+      best = ours;
+      consider(ours);
+    } else {
+      consider(llama);
+    }
+  }
   {
     // Every weight 0: the floor no block may be worse than (tiny weights whose scales float16
     // cannot hold).
