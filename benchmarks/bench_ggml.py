@@ -61,14 +61,19 @@ def synthetic_sets(n: int, rows: Optional[int]) -> Dict[str, Matrices]:
 
 def real_conv_sets() -> Dict[str, Matrices]:
     """MTCNN's trained convolution kernels from the facenet-pytorch wheel (data/{p,r,o}net.pt)."""
+    import importlib.util
+
     try:
         import torch
-        import facenet_pytorch
     except ImportError:
+        torch = None
+    # located, not imported: the package imports torchvision, which only its weights do not need
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if torch is None or spec is None or not spec.submodule_search_locations:
         print("(facenet-pytorch with torch not installed: no real conv set)\n")
         return {}
     mats: Matrices = []
-    data = os.path.join(os.path.dirname(facenet_pytorch.__file__), "data")
+    data = os.path.join(list(spec.submodule_search_locations)[0], "data")
     try:
         for f in ("pnet.pt", "rnet.pt", "onet.pt"):
             path = os.path.join(data, f)

@@ -229,7 +229,10 @@ _FIELDS: Dict[str, Tuple[Any, Callable[[Any], Any], str]] = {
     "scheme": ("affine", _check_scheme,
                "'affine' (fixed-rate group-wise codes), 'entropy' (rANS-coded: least error per stored bit; an "
                "archive format), or a ggml block type: q8_0, q6_k, q5_k, q4_k, q3_k, q2_k, iq4_xs, iq4_nl"),
-    "target_bits_per_weight": (None, _check_target_bpw, "entropy scheme: stored bits per weight (None = bit_width + 0.5)"),
+    "target_bits_per_weight": (None, _check_target_bpw,
+                               "entropy scheme: stored bits per weight of each tensor (None = bit_width + 0.5); "
+                               "ggml schemes: the model's budget, each layer's type chosen by measured "
+                               "sensitivity (None = the scheme's type everywhere)"),
     "rotate": (False, _check_bool("rotate"), "randomized Hadamard rotation of rows (helps affine codes on heavy tails)"),
     "symmetric": (False, _check_bool("symmetric"), "symmetric codes (no offset) instead of asymmetric"),
     "scale_method": ("search", _check_choice("scale_method", SCALE_METHODS), "'search' (error-minimizing) or 'minmax'"),
@@ -318,9 +321,10 @@ class DiffusionQuantConfig:
             check(getattr(self, name))
         if self.scheme in GGML_TYPES:
             self._check_ggml_width(self.bit_width)
-        if self.target_bits_per_weight is not None and self.scheme != "entropy":
-            raise ConfigurationError("target_bits_per_weight applies to scheme='entropy' only; the size of "
-                                     "affine codes follows bit_width and group_size")
+        if self.target_bits_per_weight is not None and self.scheme == "affine":
+            raise ConfigurationError("target_bits_per_weight applies to scheme='entropy' (the tensor budget) and "
+                                     "ggml schemes (the model budget); the size of affine codes follows bit_width "
+                                     "and group_size")
         return self
 
     def to_dict(self) -> Dict[str, Any]:

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import zlib
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -248,15 +248,21 @@ def generate_demo_pipeline(path: "os.PathLike[str] | str", base_channels: int = 
     return summary
 
 
-def llm_specs(layers: int, hidden: int, intermediate: int, vocab: int, dtype: str = "BF16") -> List[Spec]:
+def llm_specs(layers: int, hidden: int, intermediate: int, vocab: int, dtype: str = "BF16",
+              kv_dim: Optional[int] = None, qkv_bias: bool = False) -> List[Spec]:
     """Tensor names and shapes of a Llama-style transformer as diffusion language models
     (Dream-7B, LLaDA-8B) store it: token embedding, per layer four attention and three MLP
-    projections with two RMSNorms, a final norm and the output head."""
+    projections with two RMSNorms, a final norm and the output head. ``kv_dim``: the width of
+    the key and value projections under grouped-query attention (Dream-7B: 4 of 28 heads of 128,
+    512); ``qkv_bias``: biases on q/k/v (Qwen2-style, as Dream has)."""
+    kv = kv_dim or hidden
     specs: List[Spec] = [("model.embed_tokens.weight", dtype, (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}"
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            specs.append((f"{p}.self_attn.{n}.weight", dtype, (hidden, hidden)))
+        for n, out in (("q_proj", hidden), ("k_proj", kv), ("v_proj", kv), ("o_proj", hidden)):
+            specs.append((f"{p}.self_attn.{n}.weight", dtype, (out, hidden)))
+            if qkv_bias and n != "o_proj":
+                specs.append((f"{p}.self_attn.{n}.bias", dtype, (out,)))
         specs.append((f"{p}.mlp.gate_proj.weight", dtype, (intermediate, hidden)))
         specs.append((f"{p}.mlp.up_proj.weight", dtype, (intermediate, hidden)))
         specs.append((f"{p}.mlp.down_proj.weight", dtype, (hidden, intermediate)))
@@ -269,7 +275,8 @@ def llm_specs(layers: int, hidden: int, intermediate: int, vocab: int, dtype: st
 
 def generate_diffusion_lm(path: "os.PathLike[str] | str", layers: int = 2, hidden: int = 4096,
                           intermediate: int = 11008, vocab: int = 32000, seed: int = 0,
-                          overwrite: bool = False) -> Dict[str, object]:
+                          overwrite: bool = False, kv_dim: Optional[int] = None,
+                          qkv_bias: bool = False) -> Dict[str, object]:
     """Writes a Dream-style diffusion language model in Hugging Face layout (config.json with
     model_type "Dream", model.safetensors in bf16). The default widths are those of a 7B model;
     ``layers`` sets the depth (a 7B model has 28-32)."""
@@ -285,7 +292,7 @@ def generate_diffusion_lm(path: "os.PathLike[str] | str", layers: int = 2, hidde
         json.dump({"architectures": ["DreamModel"], "model_type": "Dream", "hidden_size": hidden,
                    "intermediate_size": intermediate, "num_hidden_layers": layers, "vocab_size": vocab,
                    "torch_dtype": "bfloat16"}, f, indent=2)
-    specs = llm_specs(layers, hidden, intermediate, vocab)
+    specs = llm_specs(layers, hidden, intermediate, vocab, kv_dim=kv_dim, qkv_bias=qkv_bias)
     shapes = {n: s for n, _, s in specs}
     size = write_safetensors(os.path.join(tmp, "model.safetensors"), specs, lambda n: _values(seed, n, shapes[n]),
                              metadata={"format": "pt"})

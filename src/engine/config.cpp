@@ -133,8 +133,13 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
   AQ_RETURN_IF_ERROR(get(j, "target_bits_per_weight", &c.target_bits_per_weight, "a number"));
   if (c.target_bits_per_weight != 0 && !(c.target_bits_per_weight >= 1.0 && c.target_bits_per_weight <= 12.0))
     return InvalidConfig(StrCat("target_bits_per_weight must be between 1 and 12 (or None), got ", c.target_bits_per_weight));
-  if (c.target_bits_per_weight != 0 && c.scheme_kind != SchemeKind::kEntropy)
-    return InvalidConfig("target_bits_per_weight applies to scheme='entropy' only (affine schemes' size follows bit_width and group_size)");
+  if (c.target_bits_per_weight != 0 && c.scheme_kind == SchemeKind::kAffine)
+    return InvalidConfig("target_bits_per_weight applies to scheme='entropy' (the tensor budget) and ggml schemes (the "
+                         "model budget); affine schemes' size follows bit_width and group_size");
+  if (c.target_bits_per_weight != 0 && c.scheme_kind == SchemeKind::kGgml &&
+      !(c.target_bits_per_weight >= 2.625 && c.target_bits_per_weight <= 8.5))
+    return InvalidConfig(StrCat("target_bits_per_weight for ggml schemes (the model budget) must be between 2.625 "
+                                "(every layer Q2_K) and 8.5 (every layer Q8_0), got ", c.target_bits_per_weight));
   AQ_RETURN_IF_ERROR(validate_scheme(c.scheme(c.bit_width)));
   AQ_RETURN_IF_ERROR(get(j, "min_accuracy", &c.min_accuracy, "a number"));
   if (!(c.min_accuracy >= 0.0 && c.min_accuracy <= 1.0))

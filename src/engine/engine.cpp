@@ -1,13 +1,16 @@
 #include "engine/engine.h"
 
 #include <chrono>
+#include <cstdio>
 #include <condition_variable>
 #include <deque>
 #include <filesystem>
+#include <map>
 #include <mutex>
 #include <optional>
 
 #include "common/thread_pool.h"
+#include "engine/budget.h"
 #include "engine/calibrated_layer.h"
 #include "engine/output_dir.h"
 #include "engine/plan.h"
@@ -121,6 +124,11 @@ class QuantizeRun {
   // timestep-group-weighted Hessian (llama.cpp's imatrix, but over timestep groups).
   bool importance_weighted(const Slot& s) const { return ggml() && cfg_.enable_time_aware && s.cal && s.cal->hessians; }
   uint64_t importance_layers_ = 0;
+  // Model budget (ggml schemes with target_bits_per_weight): per tensor of the component being
+  // quantized, the bits of its chosen type and the reason.
+  Status plan_budget(const std::vector<TensorRef>& refs);
+  std::map<std::string, std::pair<int, std::string>> budget_;
+  json budget_report_ = nullptr;
   uint64_t gptq_layers_ = 0, calibrated_layers_ = 0, equalized_layers_ = 0;
   json output_errors_ = json::object();  // qualified layer -> output error per timestep group
   std::vector<ActivationRow> activation_rows_;
@@ -498,6 +506,8 @@ Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector
   std::deque<std::unique_ptr<Slot>> window;
   uint64_t inflight = 0;
   size_t next = 0;
+  budget_.clear();
+  if (ggml() && cfg_.target_bits_per_weight > 0) AQ_RETURN_IF_ERROR(plan_budget(refs));
   const size_t max_window = 2 * static_cast<size_t>(pool_.size()) + 2;
   Status result = Status::OK();
   while (next < refs.size() || !window.empty()) {
@@ -507,6 +517,10 @@ Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector
       s->component = comp.name;
       s->ref = refs[next++];
       s->plan = plan_tensor(cfg_, s->info());
+      if (auto b = budget_.find(s->info().name); b != budget_.end() && s->plan.quantize) {
+        s->plan.bits = b->second.first;
+        s->plan.reason = b->second.second;
+      }
       if (s->plan.quantize && !(calib_ && attach_calibration(*s))) {
         s->scheme = scheme_for(*s, s->plan.bits);
         start_job(*s);
@@ -532,6 +546,66 @@ Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector
   return result;
 }
 
+
+Status QuantizeRun::plan_budget(const std::vector<TensorRef>& refs) {
+  std::vector<BudgetLayer> layers;
+  std::vector<int> widths;
+  for (const TensorRef& r : refs) {
+    const TensorInfo& t = *r.info;
+    const TensorPlan plan = plan_tensor(cfg_, t);
+    if (!plan.quantize) continue;
+    const uint64_t rows = static_cast<uint64_t>(t.shape[0]), cols = t.numel / std::max<uint64_t>(1, rows);
+    BudgetLayer L;
+    L.name = t.name;
+    L.weights = t.numel;
+    const bool override = plan.reason.rfind("bit override", 0) == 0;
+    if (plan.reason.rfind("sensitive layer", 0) == 0) L.prior = kSensitivePrior;
+    for (int bits : {2, 3, 4, 5, 6, 8}) {
+      const auto type = cfg_.ggml_type_for(override ? plan.bits : bits, cols);
+      if (type && std::find(L.types.begin(), L.types.end(), *type) == L.types.end()) L.types.push_back(*type);
+    }
+    std::sort(L.types.begin(), L.types.end(),
+              [](GgmlType a, GgmlType b) { return ggml_bits_per_weight(a) < ggml_bits_per_weight(b); });
+    if (override) {
+      L.fixed = 0;
+      L.error.assign(L.types.size(), 0.0);
+    } else {
+      RowSource src;
+      src.data = r.file->data(t);
+      src.dtype = t.dtype;
+      src.rows = rows;
+      src.cols = cols;
+      src.name = t.name;
+      src.file = r.file->path();
+      const Status st = measure_budget_layer(src, &pool_, &L);
+      if (!st.ok()) continue;  // left to the layer's own job, which reports it
+    }
+    layers.push_back(std::move(L));
+  }
+  const std::vector<int> pick = allocate_budget(layers, cfg_.target_bits_per_weight);
+  double bits = 0, weights = 0;
+  json counts = json::object();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const BudgetLayer& L = layers[i];
+    const GgmlType t = L.types[static_cast<size_t>(pick[i])];
+    bits += ggml_bits_per_weight(t) * static_cast<double>(L.weights);
+    weights += static_cast<double>(L.weights);
+    const std::string name = ggml_traits(t).name;
+    counts[name] = counts.value(name, 0) + 1;
+    if (L.fixed >= 0) continue;  // keeps its override (and reason)
+    char err[32];
+    std::snprintf(err, sizeof(err), "%.3g", std::sqrt(L.error[static_cast<size_t>(pick[i])]));
+    budget_[L.name] = {ggml_traits(t).nominal_bits,
+                       StrCat("model budget ", cfg_.target_bits_per_weight, " bits/weight: ", name, " (sampled relative error ",
+                              err, L.prior > 1 ? ", sensitive layer" : "", ")")};
+  }
+  budget_report_ = {{"target_bits_per_weight", cfg_.target_bits_per_weight},
+                    {"planned_bits_per_weight", weights > 0 ? bits / weights : 0.0},
+                    {"layers", layers.size()}, {"types", counts},
+                    {"rule", "per layer, the type minimising sum_l p_l ||W_l - Q_l||^2 / ||W_l||^2 (sampled rows; p = "
+                             "8 for sensitive layers, 1 otherwise) within the budget, greedy on cost per bit"}};
+  return Status::OK();
+}
 
 Result<json> QuantizeRun::run(const std::string& model_path, const std::string& output_path) {
   AQ_ASSIGN_OR_RETURN(ModelSource model, discover_model(model_path, cfg_.components));
@@ -722,6 +796,7 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
   report["warnings"] = warnings_;
   report["time_aware"] = time_aware;
   report["spatial"] = spatial;
+  report["budget"] = budget_report_;
   report["calibration"] = calibration;
   report["copied_files"] = model.auxiliary_files.size();
   return report;

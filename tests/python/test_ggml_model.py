@@ -178,3 +178,55 @@ def test_ggml_schemes_with_calibration_weight_the_encoder_by_timestep_group_impo
     mean = lambda l: float(np.mean([g["relative_error"] for g in l["output_error"]]))  # noqa: E731
     # the uneven input scales make importance matter: less output error on held-out inputs
     assert mean(first_w) < 0.8 * mean(first_p), (mean(first_w), mean(first_p))
+
+
+def _budget_model(rng) -> dict:
+    """Layers of unlike sensitivity: Gaussian, heavy-tailed, one with outlier columns, a small
+    sensitive projection, and a wide one."""
+    a = {f"blocks.{i}.ff.weight": rng.normal(0, 0.02, (128, 1024)).astype(np.float32) for i in range(3)}
+    a["blocks.3.ff.weight"] = (rng.standard_t(3, (128, 1024)) * 0.02).astype(np.float32)
+    w = rng.normal(0, 0.02, (128, 1024)).astype(np.float32)
+    w[:, ::50] *= 25
+    a["blocks.4.ff.weight"] = w
+    a["time_embedding.linear_1.weight"] = rng.normal(0, 0.02, (64, 256)).astype(np.float32)
+    return a
+
+
+@pytest.mark.parametrize("target", [3.0, 4.8])
+def test_a_model_budget_mixes_types_by_measured_sensitivity_within_the_budget(target, tmp_path):
+    arrays = _budget_model(np.random.default_rng(8))
+    src = write_model_file(tmp_path / "model.safetensors", arrays)
+    q = ArrowQuantV2()
+    cfg = DiffusionQuantConfig(scheme="q4_k", target_bits_per_weight=target, enable_fallback=False)
+    result = q.quantize_diffusion_model(src, tmp_path / "out", cfg)
+    layers = [l for l in result["layers"] if l["quantized"]]
+    bits = sum(8 * l["stored_bytes"] for l in layers) / sum(arrays[l["tensor"]].size for l in layers)
+    assert bits <= target + 1e-9, bits
+    assert bits >= target - 1.0, bits  # the budget is used, not left on the table
+    assert result["budget"]["target_bits_per_weight"] == target
+    types = {l["tensor"]: l["scheme"] for l in layers}
+    assert len(set(types.values())) >= 2, types  # a mix, not one type
+    assert all("model budget" in l["reason"] for l in layers)
+    # the outlier-column layer, the sensitive projection, and the heavy tails get no less than
+    # a plain Gaussian layer
+    rank = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"]
+    plain = rank.index(types["blocks.0.ff.weight"])
+    assert rank.index(types["blocks.4.ff.weight"]) >= plain
+    assert rank.index(types["time_embedding.linear_1.weight"]) >= plain
+    # against the largest single type within the budget for every layer: less total relative error
+    uniform = "q2_k" if target == 3.0 else "q4_k"
+    single = q.quantize_diffusion_model(src, tmp_path / "single",
+                                        DiffusionQuantConfig(scheme=uniform, enable_fallback=False,
+                                                             sensitive_bit_width=int(uniform[1])))
+    cost = lambda r: sum(l["relative_error"] ** 2 for l in r["layers"] if l["quantized"])  # noqa: E731
+    single_bits = sum(8 * l["stored_bytes"] for l in single["layers"] if l["quantized"]) / \
+        sum(arrays[l["tensor"]].size for l in single["layers"] if l["quantized"])
+    assert single_bits <= target
+    assert cost(result) < cost(single), (cost(result), cost(single))
+
+
+def test_a_model_budget_outside_what_ggml_types_can_meet_is_a_configuration_error(tmp_path):
+    with pytest.raises(aq.ConfigurationError, match="target_bits_per_weight"):
+        src = write_model_file(tmp_path / "model.safetensors", _budget_model(np.random.default_rng(1)))
+        ArrowQuantV2().quantize_diffusion_model(src, tmp_path / "out",
+                                                DiffusionQuantConfig(scheme="q4_k", target_bits_per_weight=2.0))

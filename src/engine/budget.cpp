@@ -1,0 +1,120 @@
+#include "engine/budget.h"
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <queue>
+
+#include "quant/ggml_codec.h"
+
+namespace aq {
+
+Status measure_budget_layer(const RowSource& src, ThreadPool* pool, BudgetLayer* layer) {
+  const uint64_t rows = src.rows, cols = src.cols;
+  const uint64_t n = std::min<uint64_t>(rows, kBudgetSampleRows);
+  const uint64_t stride = n ? rows / n : 1;
+  std::vector<float> x(n * cols);
+  for (uint64_t i = 0; i < n; ++i)
+    convert_to_f32(src.dtype, src.data + (i * stride) * cols * dtype_size(src.dtype), cols, x.data() + i * cols);
+  double energy = 0;
+  for (float v : x) {
+    if (!std::isfinite(v)) return NonFinite(StrCat("tensor '", src.name, "': a sampled weight is not finite"));
+    energy += static_cast<double>(v) * v;
+  }
+  layer->error.assign(layer->types.size(), 0.0);
+  auto measure = [&, energy](size_t k) {
+    const GgmlType t = layer->types[k];
+    std::vector<uint8_t> bytes(ggml_row_bytes(t, cols));
+    std::vector<float> y(cols);
+    GgmlEncodeOptions fast;  // the llama-equivalent start refined once: the ranking, not the last percent
+    fast.starts = 1;
+    fast.rounds = 1;
+    double e = 0;
+    for (uint64_t i = 0; i < n; ++i) {
+      ggml_encode_row(t, x.data() + i * cols, cols, bytes.data(), fast);
+      ggml_decode(t, bytes.data(), cols / static_cast<uint64_t>(ggml_traits(t).block), y.data());
+      for (uint64_t j = 0; j < cols; ++j) {
+        const double d = static_cast<double>(x[i * cols + j]) - y[j];
+        e += d * d;
+      }
+    }
+    layer->error[k] = energy > 0 ? e / energy : 0.0;
+  };
+  if (pool) {
+    WaitGroup wg;
+    wg.add(static_cast<int>(layer->types.size()));
+    for (size_t k = 0; k < layer->types.size(); ++k)
+      pool->submit([&measure, &wg, k] {
+        measure(k);
+        wg.done();
+      });
+    wg.wait();
+  } else {
+    for (size_t k = 0; k < layer->types.size(); ++k) measure(k);
+  }
+  return Status::OK();
+}
+
+std::vector<int> allocate_budget(const std::vector<BudgetLayer>& layers, double target_bpw) {
+  std::vector<int> pick(layers.size(), 0);
+  double total_weights = 0, bits = 0;
+  auto bits_of = [&](size_t l, int k) {
+    return ggml_bits_per_weight(layers[l].types[static_cast<size_t>(k)]) * static_cast<double>(layers[l].weights);
+  };
+  for (size_t l = 0; l < layers.size(); ++l) {
+    pick[l] = layers[l].fixed >= 0 ? layers[l].fixed : 0;
+    total_weights += static_cast<double>(layers[l].weights);
+    bits += bits_of(l, pick[l]);
+  }
+  const double budget = target_bpw * total_weights;
+  // The best next step of layer l from its current pick: the candidate with the largest cost
+  // drop per added bit (the next vertex of the lower convex hull).
+  struct Step {
+    double gain;  // cost drop per bit
+    size_t layer;
+    int to;
+    bool operator<(const Step& o) const { return gain < o.gain || (gain == o.gain && layer > o.layer); }
+  };
+  auto next_step = [&](size_t l) -> std::optional<Step> {
+    const BudgetLayer& L = layers[l];
+    if (L.fixed >= 0) return std::nullopt;
+    const int cur = pick[l];
+    std::optional<Step> best;
+    for (int k = cur + 1; k < static_cast<int>(L.types.size()); ++k) {
+      const double db = bits_of(l, k) - bits_of(l, cur);
+      const double dc = L.prior * (L.error[static_cast<size_t>(cur)] - L.error[static_cast<size_t>(k)]);
+      if (db <= 0 || dc <= 0) continue;
+      const double g = dc / db;
+      if (!best || g > best->gain) best = Step{g, l, k};
+    }
+    return best;
+  };
+  std::priority_queue<Step> q;
+  for (size_t l = 0; l < layers.size(); ++l)
+    if (auto s = next_step(l)) q.push(*s);
+  while (!q.empty()) {
+    const Step s = q.top();
+    q.pop();
+    if (pick[s.layer] >= s.to) continue;  // stale
+    const double add = bits_of(s.layer, s.to) - bits_of(s.layer, pick[s.layer]);
+    if (bits + add > budget) {
+      // too big a step: a smaller upgrade of the same layer may still fit
+      const BudgetLayer& L = layers[s.layer];
+      std::optional<Step> smaller;
+      for (int k = pick[s.layer] + 1; k < s.to; ++k) {
+        const double db = bits_of(s.layer, k) - bits_of(s.layer, pick[s.layer]);
+        const double dc = L.prior * (L.error[static_cast<size_t>(pick[s.layer])] - L.error[static_cast<size_t>(k)]);
+        if (db > 0 && dc > 0 && bits + db <= budget && (!smaller || dc / db > smaller->gain))
+          smaller = Step{dc / db, s.layer, k};
+      }
+      if (smaller) q.push(*smaller);
+      continue;
+    }
+    bits += add;
+    pick[s.layer] = s.to;
+    if (auto n = next_step(s.layer)) q.push(*n);
+  }
+  return pick;
+}
+
+}  // namespace aq
