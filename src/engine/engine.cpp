@@ -174,6 +174,8 @@ void QuantizeRun::start_job(Slot& s) {
   if (s.cal && s.cal->scaled) {  // equalized: the job quantizes W S
     src.data = reinterpret_cast<const uint8_t*>(s.cal->scaled->data());
     src.dtype = DType::kF32;
+  } else {
+    src.release = [file = s.ref.file, info = &t](uint64_t begin, uint64_t n) { file->release(*info, begin, n); };
   }
   s.job = s.gptq() ? std::make_unique<TensorJob>(src, s.scheme, s.cal->gptq) : std::make_unique<TensorJob>(src, s.scheme);
   if (importance_weighted(s)) {

@@ -190,6 +190,8 @@ bool TensorJob::load_block(uint64_t b, std::vector<float>& w, bool check) {
   const uint64_t r0 = block_begin(b), n = block_count_rows(b) * src_.cols;
   w.resize(n);
   convert_to_f32(src_.dtype, src_.data + r0 * src_.cols * dtype_size(src_.dtype), n, w.data());
+  if (src_.release && out_.scheme.kind != SchemeKind::kEntropy)  // read once: the block's pages can go
+    src_.release(r0 * src_.cols * dtype_size(src_.dtype), n * dtype_size(src_.dtype));
   if (!check || all_finite(w.data(), n)) return true;
   for (uint64_t i = 0; i < n; ++i) {
     if (!std::isfinite(w[i])) {

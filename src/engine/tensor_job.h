@@ -41,6 +41,10 @@ struct RowSource {
   uint64_t cols = 0;
   std::string name;  // for error messages
   std::string file;  // for error messages ("" for in-memory arrays)
+  // Memory-mapped sources: hands the pages of bytes [begin, begin + n) of `data` back to the OS
+  // once a single-pass scheme has read them, so a tensor of gigabytes (a 7B model's embedding)
+  // does not stay resident while it is encoded. Null: nothing to release.
+  std::function<void(uint64_t begin, uint64_t n)> release;
 };
 
 struct EncodedTensor {

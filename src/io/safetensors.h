@@ -43,6 +43,8 @@ class SafetensorsFile {
   const uint8_t* data(const TensorInfo& t) const { return file_->data() + t.offset; }
   // Gives the tensor's pages back to the OS once it has been consumed.
   void release(const TensorInfo& t) const { file_->release(t.offset, t.nbytes); }
+  // Drops the pages of bytes [begin, begin + n) of tensor t (a block already read).
+  void release(const TensorInfo& t, uint64_t begin, uint64_t n) const { file_->release(t.offset + begin, n); }
 
  private:
   explicit SafetensorsFile(std::unique_ptr<MappedFile> f) : file_(std::move(f)) {}

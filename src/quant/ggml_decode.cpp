@@ -39,22 +39,25 @@ AQ_CLONES void decode_iq4_nl(const uint8_t* in, uint64_t nb, float* y) {
 
 AQ_CLONES void decode_q6_k(const uint8_t* in, uint64_t nb, float* y) {
   for (uint64_t i = 0; i < nb; ++i, in += sizeof(BlockQ6_K), y += 256) {
-    BlockQ6_K b;
-    std::memcpy(&b, in, sizeof(b));
-    const float d = h2f(b.d);
+    const uint8_t* ql0 = in;
+    const uint8_t* qh0 = in + 128;
+    const int8_t* sc0 = reinterpret_cast<const int8_t*>(in + 192);
+    uint16_t dh;
+    std::memcpy(&dh, in + 208, 2);
+    const float d = h2f(dh);
     for (int h = 0; h < 2; ++h) {
-      const uint8_t* ql = b.ql + 64 * h;
-      const uint8_t* qh = b.qh + 32 * h;
-      const int8_t* sc = b.scales + 8 * h;
-      float* o = y + 128 * h;
       for (int k = 0; k < 4; ++k) {
-        // weights 32k .. 32k + 31 of this half: nibble k / 2 of ql[(32k + l) % 64], bits 2k of qh[l]
-        const float d0 = d * static_cast<float>(sc[2 * k]);
-        const float d1 = d * static_cast<float>(sc[2 * k + 1]);
-        for (int l = 0; l < 32; ++l) {
-          const int lo = (ql[(32 * k + l) % 64] >> (4 * (k / 2))) & 15;
-          const int q = (lo | (((qh[l] >> (2 * k)) & 3) << 4)) - 32;
-          o[32 * k + l] = (l < 16 ? d0 : d1) * static_cast<float>(q);
+        // weights 128 h + 32 k + l: nibble k / 2 of ql[64 h + (32 k + l) % 64], bits 2k of qh[32 h + l]
+        const uint8_t* ql = ql0 + 64 * h + (32 * k) % 64;
+        const uint8_t* qh = qh0 + 32 * h;
+        const int sl = 4 * (k / 2), sh = 2 * k;
+        float* o = y + 128 * h + 32 * k;
+        for (int half = 0; half < 2; ++half) {
+          const float dl = d * static_cast<float>(sc0[8 * h + 2 * k + half]);
+          for (int l = 16 * half; l < 16 * half + 16; ++l) {
+            const int q = (((ql[l] >> sl) & 15) | (((qh[l] >> sh) & 3) << 4)) - 32;
+            o[l] = dl * static_cast<float>(q);
+          }
         }
       }
     }
@@ -99,22 +102,25 @@ AQ_CLONES void decode_q5_k(const uint8_t* in, uint64_t nb, float* y) { decode_q4
 
 AQ_CLONES void decode_q3_k(const uint8_t* in, uint64_t nb, float* y) {
   for (uint64_t i = 0; i < nb; ++i, in += sizeof(BlockQ3_K), y += 256) {
-    BlockQ3_K b;
-    std::memcpy(&b, in, sizeof(b));
-    const float d = h2f(b.d);
-    float dl[16];
-    for (int s = 0; s < 16; ++s) {
-      const int lo = (b.scales[s % 8] >> (4 * (s / 8))) & 15;
-      const int hi = (b.scales[8 + s % 4] >> (2 * (s / 4))) & 3;
-      dl[s] = d * static_cast<float>((lo | (hi << 4)) - 32);
-    }
+    const uint8_t* hmask = in;
+    const uint8_t* qs0 = in + 32;
+    const uint8_t* sc = in + 96;
+    uint16_t dh;
+    std::memcpy(&dh, in + 108, 2);
+    const float d = h2f(dh);
     for (int g = 0; g < 8; ++g) {  // 32 weights: half g / 4, shift g % 4
-      const uint8_t* qs = b.qs + 32 * (g / 4);
+      const uint8_t* qs = qs0 + 32 * (g / 4);
       const int shift = 2 * (g % 4);
       float* o = y + 32 * g;
-      for (int l = 0; l < 32; ++l) {
-        const int q = ((qs[l] >> shift) & 3) + (((b.hmask[l] >> g) & 1) << 2) - 4;
-        o[l] = dl[2 * g + l / 16] * static_cast<float>(q);
+      for (int half = 0; half < 2; ++half) {
+        const int s = 2 * g + half;
+        const int lo = (sc[s % 8] >> (4 * (s / 8))) & 15;
+        const int hi = (sc[8 + s % 4] >> (2 * (s / 4))) & 3;
+        const float dl = d * static_cast<float>((lo | (hi << 4)) - 32);
+        for (int l = 16 * half; l < 16 * half + 16; ++l) {
+          const int q = ((qs[l] >> shift) & 3) + (((hmask[l] >> g) & 1) << 2) - 4;
+          o[l] = dl * static_cast<float>(q);
+        }
       }
     }
   }
