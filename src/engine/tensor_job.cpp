@@ -349,6 +349,7 @@ void TensorJob::ggml_block(uint64_t b) {
   const uint64_t row_bytes = ggml_row_bytes(t, cols);
   GgmlEncodeOptions opt;
   opt.importance = importance_ ? importance_->data() : nullptr;
+  opt.magnitude = out_.scheme.ggml_magnitude;
   uint8_t* out = out_.codes.data() + r0 * row_bytes;
   for (uint64_t r = 0; r < nr; ++r) ggml_encode_row(t, w.data() + r * cols, cols, out + r * row_bytes, opt);
   deq.resize(n);

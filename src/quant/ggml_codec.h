@@ -33,6 +33,9 @@ struct GgmlEncodeOptions {
   int starts = 2;
   // Coordinate-descent rounds after each start.
   int rounds = 2;
+  // Multiply each weight's error weight by sqrt(mean x^2 of its sub-block) + |x| (llama.cpp's
+  // data-free weighting: large weights kept closer at some cost in plain squared error).
+  bool magnitude = false;
 };
 
 // Encodes one row of `cols` weights (a multiple of the type's block) into

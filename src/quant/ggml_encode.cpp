@@ -872,6 +872,15 @@ void encode_block_t(const float* x, const float* imp, const GgmlEncodeOptions& o
   float w[N];
   if (imp) std::memcpy(w, imp, sizeof(w));
   else std::fill(w, w + N, 1.0f);
+  if (opt.magnitude) {
+    constexpr int S = K<T>::S;
+    for (int j = 0; j < NS; ++j) {
+      float sum = 0;
+      for (int i = 0; i < S; ++i) sum += x[j * S + i] * x[j * S + i];
+      const float rms = std::sqrt(sum / static_cast<float>(S));
+      for (int i = 0; i < S; ++i) w[j * S + i] *= rms + std::fabs(x[j * S + i]) + 1e-30f;
+    }
+  }
 
   State<T> llama, ours;
   const bool two = opt.starts >= 2;

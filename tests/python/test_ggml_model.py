@@ -230,3 +230,18 @@ def test_a_model_budget_outside_what_ggml_types_can_meet_is_a_configuration_erro
         src = write_model_file(tmp_path / "model.safetensors", _budget_model(np.random.default_rng(1)))
         ArrowQuantV2().quantize_diffusion_model(src, tmp_path / "out",
                                                 DiffusionQuantConfig(scheme="q4_k", target_bits_per_weight=2.0))
+
+
+def test_magnitude_weighting_keeps_large_weights_closer_at_some_cost_in_plain_error():
+    rng = np.random.default_rng(9)
+    a = (rng.standard_t(3, (32, 1024)) * 0.02).astype(np.float32)
+    q = ArrowQuantV2()
+    plain = q.quantize({"w": a}, config=DiffusionQuantConfig(scheme="q3_k", enable_fallback=False))["w"]
+    mag = q.quantize({"w": a}, config=DiffusionQuantConfig(scheme="q3_k", enable_fallback=False,
+                                                           ggml_weighting="magnitude"))["w"]
+    big = np.abs(a) > np.quantile(np.abs(a), 0.99)
+    err = lambda x: np.abs(x.dequantize() - a)  # noqa: E731
+    assert err(mag)[big].mean() < err(plain)[big].mean()
+    assert np.linalg.norm(plain.dequantize() - a) < np.linalg.norm(mag.dequantize() - a)
+    with pytest.raises(aq.ConfigurationError, match="ggml_weighting"):
+        DiffusionQuantConfig(ggml_weighting="x")
