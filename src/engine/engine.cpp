@@ -199,7 +199,7 @@ void QuantizeRun::start_job(Slot& s) {
 QuantScheme QuantizeRun::scheme_for(const Slot& s, int bits) const {
   const uint64_t rows = s.info().shape[0], cols = s.info().numel / std::max<uint64_t>(1, rows);
   QuantScheme scheme = cfg_.scheme(bits, rows, cols);
-  if (s.gptq()) {
+  if (s.gptq() && scheme.kind != SchemeKind::kGgml) {
     // GPTQ works on the group-wise affine codes at the configured bits and group size. At the
     // profiles' settings these cost no more than the entropy budget they replace (2.5 / 4.25 /
     // 8.0 bits per weight against 2.5 / 4.5 / 8.5), and the rotation does not apply.
@@ -238,12 +238,13 @@ bool QuantizeRun::attach_calibration(Slot& s) {
     }
   }
   CalibratedLayerOptions o;
-  o.time_aware = cfg_.enable_time_aware && !ggml();  // GPTQ on ggml grids: not built yet
+  o.time_aware = cfg_.enable_time_aware;
   o.spatial = search_equalization();
   o.activation_bits = cfg_.activation_bits;
   o.relative_group_weights = cfg_.time_group_weighting == "relative";
   o.gptq.damp = cfg_.gptq_damp;
-  o.gptq.act_order = cfg_.gptq_act_order;
+  // ggml blocks are contiguous runs of columns: GPTQ on their grids keeps the column order
+  o.gptq.act_order = cfg_.gptq_act_order && !ggml();
   o.data_free = cfg_.scheme(s.plan.bits, rows, cols);
   o.gptq_scheme = o.data_free;
   o.gptq_scheme.kind = SchemeKind::kAffine;
@@ -700,9 +701,11 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
     if (cfg_.enable_time_aware && ggml()) {
       time_aware["applied"] = importance_layers_ > 0;
       time_aware["reason"] = importance_layers_ > 0
-          ? StrCat("ggml blocks encoded with per-column importance diag(sum_g w_g X_g^T X_g / n_g) over ", groups_.size(),
-                   " timestep groups for ", importance_layers_,
-                   " layers (GPTQ on ggml grids is not built yet); output error per group measured on held-out inputs")
+          ? StrCat("GPTQ on the ggml grids with H = sum_g w_g X_g^T X_g / n_g over ", groups_.size(),
+                   " timestep groups for ", gptq_layers_, " of ", importance_layers_,
+                   " calibrated layers (each block's scales fitted with per-column importance diag(H) when GPTQ "
+                   "reaches it, then column-by-column error feedback in the natural column order; the others: "
+                   "importance only); output error per group measured on held-out inputs")
           : std::string("the calibration file matched no quantized layer with a Hessian");
       time_aware["time_groups"] = groups.size();
     } else if (cfg_.enable_time_aware) {

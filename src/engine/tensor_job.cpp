@@ -29,9 +29,10 @@ uint64_t rows_per_block(uint64_t cols) {
 
 TensorJob::TensorJob(RowSource source, QuantScheme scheme, std::shared_ptr<const GptqFactor> gptq)
     : TensorJob(std::move(source), scheme) {
-  if (gptq && (scheme.kind != SchemeKind::kAffine || scheme.rotate || gptq->cols != src_.cols)) {
-    init_error_ = QuantizationFailure(StrCat(src_.name, ": GPTQ needs an unrotated affine scheme and a Hessian of ",
-                                         src_.cols, " columns"));
+  const bool ggml_ok = scheme.kind == SchemeKind::kGgml && gptq && !gptq->act_order;
+  if (gptq && ((scheme.kind != SchemeKind::kAffine && !ggml_ok) || scheme.rotate || gptq->cols != src_.cols)) {
+    init_error_ = QuantizationFailure(StrCat(src_.name, ": GPTQ needs an unrotated affine scheme (or a ggml type, "
+                                         "without act-order) and a Hessian of ", src_.cols, " columns"));
     return;
   }
   gptq_ = std::move(gptq);
@@ -351,7 +352,9 @@ void TensorJob::ggml_block(uint64_t b) {
   opt.importance = importance_ ? importance_->data() : nullptr;
   opt.magnitude = out_.scheme.ggml_magnitude;
   uint8_t* out = out_.codes.data() + r0 * row_bytes;
-  for (uint64_t r = 0; r < nr; ++r) ggml_encode_row(t, w.data() + r * cols, cols, out + r * row_bytes, opt);
+  if (gptq_) ggml_gptq_rows(t, *gptq_, w.data(), nr, cols, opt, out);
+  else
+    for (uint64_t r = 0; r < nr; ++r) ggml_encode_row(t, w.data() + r * cols, cols, out + r * row_bytes, opt);
   deq.resize(n);
   ggml_decode(t, out, n / static_cast<uint64_t>(ggml_traits(t).block), deq.data());
   block_stats_[b].add(w.data(), deq.data(), n);

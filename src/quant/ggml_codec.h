@@ -42,6 +42,20 @@ struct GgmlEncodeOptions {
 // ggml_row_bytes(t, cols) bytes at `out`. Weights must be finite.
 void ggml_encode_row(GgmlType t, const float* x, uint64_t cols, uint8_t* out, const GgmlEncodeOptions& opt = {});
 
+// The code index of weight p of block b nearest to x given the block's scales (the exact decoded
+// value goes to *value).
+int ggml_nearest_code(GgmlType t, const GgmlBlock& b, int p, float x, float* value);
+
+// GPTQ on the type's grid (quant/gptq.h for the method): each block's scales are chosen by
+// ggml_encode_block from the weights as updated so far when GPTQ reaches the block's first
+// column, then its columns are quantized one by one to the nearest level, each column's error
+// moved onto the columns not yet quantized through the factor. Blocks are contiguous runs of
+// columns, so the factor must keep the natural column order (no act-order). Writes rows x
+// ggml_row_bytes(t, cols) bytes to out.
+struct GptqFactor;
+void ggml_gptq_rows(GgmlType t, const GptqFactor& factor, const float* w, uint64_t rows, uint64_t cols,
+                    const GgmlEncodeOptions& opt, uint8_t* out);
+
 // Building blocks, exposed for tests and benchmarks. `w` are the per-weight error weights of the
 // block (null: all 1). The block's squared error sum_i w_i (x_i - value_i)^2 (double).
 double ggml_block_error(GgmlType t, const GgmlBlock& b, const float* x, const float* w);

@@ -12,6 +12,7 @@
 #include "common/thread_pool.h"
 #include "engine/tensor_job.h"
 #include "quant/ggml_codec.h"
+#include "quant/gptq.h"
 
 namespace aq {
 namespace {
@@ -186,6 +187,49 @@ TEST_P(GgmlTypes, tensors_encode_to_the_same_bytes_for_any_thread_count) {
   EXPECT_EQ(one->codes, three->codes);
   EXPECT_EQ(one->codes.size(), rows * ggml_row_bytes(t, cols));
   EXPECT_EQ(one->stats.sum_ee, three->stats.sum_ee);
+}
+
+TEST_P(GgmlTypes, gptq_on_the_grid_lowers_the_output_error_of_a_calibrated_layer) {
+  const GgmlType t = GetParam();
+  const uint64_t rows = 16, cols = 512, n = 2048;
+  // inputs with correlated, unevenly scaled features: H = X^T X
+  std::mt19937 g(21);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<double> mix(8 * cols), scale(cols);
+  for (auto& v : mix) v = nd(g);
+  for (auto& v : scale) v = std::exp(nd(g));
+  std::vector<double> h(cols * cols, 0.0);
+  std::vector<double> xrow(cols);
+  for (uint64_t s = 0; s < n; ++s) {
+    double z[8];
+    for (double& v : z) v = nd(g);
+    for (uint64_t j = 0; j < cols; ++j) {
+      double v = 0.3 * nd(g);
+      for (int k = 0; k < 8; ++k) v += z[k] * mix[static_cast<size_t>(k) * cols + j];
+      xrow[j] = v * scale[j];
+    }
+    for (uint64_t i = 0; i < cols; ++i)
+      for (uint64_t j = 0; j < cols; ++j) h[i * cols + j] += xrow[i] * xrow[j];
+  }
+  const std::vector<float> w = gaussian(rows * cols, 0.02f, 23);
+  GptqOptions go;
+  go.act_order = false;
+  auto f = gptq_factor(h.data(), cols, go);
+  ASSERT_TRUE(f.ok()) << f.status().message();
+  std::vector<float> imp(cols);
+  for (uint64_t j = 0; j < cols; ++j) imp[j] = static_cast<float>(h[j * cols + j] / n);
+  GgmlEncodeOptions opt;
+  opt.importance = imp.data();
+  const uint64_t rb = ggml_row_bytes(t, cols);
+  std::vector<uint8_t> a(rows * rb), b(rows * rb);
+  for (uint64_t r = 0; r < rows; ++r) ggml_encode_row(t, w.data() + r * cols, cols, a.data() + r * rb, opt);
+  ggml_gptq_rows(t, *f, w.data(), rows, cols, opt, b.data());
+  std::vector<float> qa(rows * cols), qb(rows * cols);
+  ggml_decode(t, a.data(), rows * cols / static_cast<uint64_t>(ggml_traits(t).block), qa.data());
+  ggml_decode(t, b.data(), rows * cols / static_cast<uint64_t>(ggml_traits(t).block), qb.data());
+  const double ea = output_error(w.data(), qa.data(), rows, cols, h.data()).rel_error;
+  const double eb = output_error(w.data(), qb.data(), rows, cols, h.data()).rel_error;
+  EXPECT_LT(eb, 0.9 * ea) << "importance only " << ea << ", GPTQ on the grid " << eb;
 }
 
 TEST(Ggml, a_row_length_the_type_cannot_take_is_an_error_naming_the_tensor) {

@@ -142,7 +142,7 @@ def test_in_memory_quantize_takes_ggml_schemes():
     assert np.array_equal(q.dequantize().view(np.uint32), theirs.astype(np.float32).view(np.uint32))
 
 
-def test_ggml_schemes_with_calibration_weight_the_encoder_by_timestep_group_importance(tmp_path):
+def test_ggml_schemes_with_calibration_run_gptq_on_the_grid_with_timestep_group_importance(tmp_path):
     torch = pytest.importorskip("torch")
     from arrow_quant_v2.calibration import CalibrationRecorder
     from arrow_quant_v2.safetensors_writer import write_safetensors
@@ -169,15 +169,20 @@ def test_ggml_schemes_with_calibration_weight_the_encoder_by_timestep_group_impo
     weighted = q.quantize_diffusion_model(root, tmp_path / "weighted", cfg)
     plain = q.quantize_diffusion_model(root, tmp_path / "plain", cfg.replace(enable_time_aware=False))
     assert weighted["time_aware"]["applied"] is True, weighted["time_aware"]
-    assert "importance" in weighted["time_aware"]["reason"]
+    assert "GPTQ on the ggml grids" in weighted["time_aware"]["reason"]
     assert weighted["spatial"]["applied"] is False and "ggml" in weighted["spatial"]["reason"]
     first_w = next(l for l in weighted["layers"] if l["tensor"] == "0.weight")
     first_p = next(l for l in plain["layers"] if l["tensor"] == "0.weight")
-    assert first_w["method"] == "importance" and first_p["method"] == "data-free"
+    assert first_w["method"] == "gptq" and first_p["method"] == "data-free"
     assert first_w["scheme"] == first_p["scheme"] == "q3_k"
     mean = lambda l: float(np.mean([g["relative_error"] for g in l["output_error"]]))  # noqa: E731
     # the uneven input scales make importance matter: less output error on held-out inputs
     assert mean(first_w) < 0.8 * mean(first_p), (mean(first_w), mean(first_p))
+    print("output error, GPTQ on the grid vs data-free:", mean(first_w), mean(first_p))
+    # the stored bytes are still the type's blocks, decoded bit for bit by ggml's decoder
+    t = aq.load(tmp_path / "weighted")["0.weight"]
+    theirs = gguf_dequantize(np.frombuffer(t.packed().codes, np.uint8).reshape(512, -1), gguf.GGMLQuantizationType.Q3_K)
+    assert np.array_equal(t.numpy().view(np.uint32), theirs.astype(np.float32).view(np.uint32))
 
 
 def _budget_model(rng) -> dict:
