@@ -301,8 +301,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
         r = _quantize(model, out, config, not a.quiet)
         v = q.validate_quality(model, out)
         results[profile] = {"quantize": r, "validate": v}
-        scheme = (f"entropy-coded {config.bit_width + 0.5:g}" if config.scheme == "entropy" else
-                  f"int{config.bit_width} {'per-channel' if config.group_size == 0 else f'g{config.group_size}'}")
+        if config.scheme == "entropy":
+            scheme = f"entropy-coded {config.bit_width + 0.5:g}"
+        elif config.scheme in GGML_TYPES:
+            used = sorted({l["scheme"] for l in r["layers"] if l.get("quantized")})
+            scheme = "+".join(used) if used else config.scheme  # the profile's type, sensitive Q8_0, fallbacks
+        else:
+            scheme = f"int{config.bit_width} {'per-channel' if config.group_size == 0 else f'g{config.group_size}'}"
         rows.append([profile, scheme,
                      f"{r['quantized_bits_per_weight']:.3f}", f"{r['bits_per_weight']:.3f}",
                      f"{r['compression_ratio']:.2f}x", f"{r['cosine_similarity']:.5f}",

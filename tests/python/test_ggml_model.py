@@ -250,3 +250,16 @@ def test_magnitude_weighting_keeps_large_weights_closer_at_some_cost_in_plain_er
     assert np.linalg.norm(plain.dequantize() - a) < np.linalg.norm(mag.dequantize() - a)
     with pytest.raises(aq.ConfigurationError, match="ggml_weighting"):
         DiffusionQuantConfig(ggml_weighting="x")
+
+
+def test_a_nan_weight_with_a_ggml_scheme_is_an_error_naming_it_or_kept_by_policy(tmp_path):
+    rng = np.random.default_rng(10)
+    w = rng.normal(0, 0.02, (16, 256)).astype(np.float32)
+    w[3, 100] = np.nan
+    src = write_model_file(tmp_path / "model.safetensors", {"blocks.0.w.weight": w})
+    with pytest.raises(aq.NonFiniteWeightError, match=r"blocks\.0\.w\.weight.*\[3, 100\].*NaN"):
+        ArrowQuantV2().quantize_diffusion_model(src, tmp_path / "out", DiffusionQuantConfig(scheme="q4_k", fail_fast=True))
+    assert not (tmp_path / "out").exists()
+    r = ArrowQuantV2().quantize_diffusion_model(src, tmp_path / "kept",
+                                                DiffusionQuantConfig(scheme="q4_k", nonfinite="keep"))
+    assert not r["layers"][0]["quantized"]
