@@ -23,6 +23,8 @@ void ggml_decode_reference(GgmlType t, const uint8_t* in, uint64_t nblocks, floa
 
 // The decoded value of weight p of an integer block (exactly what the decoders compute).
 float ggml_block_value(GgmlType t, const GgmlBlock& b, int p);
+// The value weight p of block b would decode to with code index k instead of b.k[p].
+float ggml_code_value(GgmlType t, const GgmlBlock& b, int p, int k);
 
 struct GgmlEncodeOptions {
   // Per input column importance (length = the row length, all > 0), or null: plain squared

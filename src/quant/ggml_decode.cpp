@@ -165,10 +165,12 @@ AQ_CLONES void decode_iq4_xs(const uint8_t* in, uint64_t nb, float* y) {
 
 }  // namespace
 
-float ggml_block_value(GgmlType t, const GgmlBlock& b, int p) {
+float ggml_block_value(GgmlType t, const GgmlBlock& b, int p) { return ggml_code_value(t, b, p, b.k[p]); }
+
+float ggml_code_value(GgmlType t, const GgmlBlock& b, int p, int k) {
   const GgmlTraits& g = ggml_traits(t);
   const float d = h2f(b.d);
-  const float level = ggml_level(t, b.k[p]);
+  const float level = ggml_level(t, k);
   if (g.sc_lo == g.sc_hi) return d * level;  // no sub-scales (Q8_0, IQ4_NL)
   const int j = p / g.sub;
   const float dl = d * static_cast<float>(b.sc[j]);

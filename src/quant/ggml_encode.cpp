@@ -113,14 +113,10 @@ template <GgmlType T>
 struct Levels {
   float level[K<T>::NL] = {};
   float mid[K<T>::NL] = {};
-  float step[K<T>::NL] = {};  // level[k + 1] - level[k]
   constexpr Levels() {
     for (int k = 0; k < K<T>::NL; ++k)
       level[k] = K<T>::kTable ? static_cast<float>(kIq4Levels[static_cast<size_t>(k)]) : static_cast<float>(k + K<T>::LO);
-    for (int k = 0; k + 1 < K<T>::NL; ++k) {
-      mid[k] = 0.5f * (level[k] + level[k + 1]);
-      step[k] = level[k + 1] - level[k];
-    }
+    for (int k = 0; k + 1 < K<T>::NL; ++k) mid[k] = 0.5f * (level[k] + level[k + 1]);
   }
 };
 template <GgmlType T>

@@ -15,13 +15,11 @@ namespace aq {
 
 int ggml_nearest_code(GgmlType t, const GgmlBlock& b, int p, float x, float* value) {
   const GgmlTraits& g = ggml_traits(t);
-  GgmlBlock probe = b;
   int best = 0;
   float best_v = 0, best_d = INFINITY;
   auto consider = [&](int k) {
     if (k < 0 || k >= g.levels) return;
-    probe.k[p] = static_cast<uint8_t>(k);
-    const float v = ggml_block_value(t, probe, p);
+    const float v = ggml_code_value(t, b, p, k);
     const float d = std::fabs(v - x);
     if (d < best_d) {
       best_d = d;
@@ -34,10 +32,8 @@ int ggml_nearest_code(GgmlType t, const GgmlBlock& b, int p, float x, float* val
     for (int k = 0; k < g.levels; ++k) consider(k);
   } else {
     // the level index the affine formula rounds to, and its neighbours (float rounding)
-    probe.k[p] = 0;
-    const float v0 = ggml_block_value(t, probe, p);
-    probe.k[p] = 1;
-    const float step = ggml_block_value(t, probe, p) - v0;
+    const float v0 = ggml_code_value(t, b, p, 0);
+    const float step = ggml_code_value(t, b, p, 1) - v0;
     const int k0 = step != 0 ? static_cast<int>(std::lround((x - v0) / step)) : 0;
     const int kc = std::clamp(k0, 0, g.levels - 1);
     consider(kc - 1);
