@@ -33,6 +33,11 @@ echo "==> installing build tools"
 echo "==> building and installing arrow_quant_v2"
 # No build isolation: the build uses this environment's pyarrow, the very one the package runs
 # with, and keeps its build folder (build/) so a rebuild only compiles what changed.
-"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-"$PY" -c "import arrow_quant_v2" || { echo "arrow_quant_v2 failed to build or import" >&2; exit 1; }
+# (A failed build must stop here: an earlier install would still import.)
+set +e
+"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation ".[test]" 2>&1 | grep -v "^WARNING: Location"
+status=${PIPESTATUS[0]}
+set -e
+[ "$status" -eq 0 ] || { echo "arrow_quant_v2 failed to build (pip exit status $status)" >&2; exit 1; }
+"$PY" -c "import arrow_quant_v2" || { echo "arrow_quant_v2 failed to import" >&2; exit 1; }
 echo "==> ready: $VENV/bin/arrowquant"

@@ -9,7 +9,42 @@
 
 namespace aq {
 
-Status measure_budget_layer(const RowSource& src, ThreadPool* pool, BudgetLayer* layer) {
+std::vector<float> hessian_importance(const std::vector<double>& h, size_t n) {
+  double mean = 0;
+  for (size_t j = 0; j < n; ++j) mean += h[j * n + j];
+  mean = n ? mean / static_cast<double>(n) : 0;
+  const double floor = mean > 0 ? 1e-4 * mean : 1.0;
+  std::vector<float> imp(n);
+  for (size_t j = 0; j < n; ++j) imp[j] = static_cast<float>(std::max(h[j * n + j], floor) / (mean > 0 ? mean : 1.0));
+  return imp;
+}
+
+namespace {
+
+// sum_i d_i H d_i^T over the n rows of d (n x cols), H symmetric cols x cols.
+double quadratic_form(const std::vector<double>& h, const double* d, uint64_t n, uint64_t cols) {
+  double total = 0;
+  std::vector<double> hd(cols);
+  for (uint64_t i = 0; i < n; ++i) {
+    const double* r = d + i * cols;
+    for (uint64_t a = 0; a < cols; ++a) {
+      const double* ha = h.data() + a * cols;
+      double s = 0;
+      for (uint64_t b = 0; b < cols; ++b) s += ha[b] * r[b];
+      hd[a] = s;
+    }
+    for (uint64_t a = 0; a < cols; ++a) total += r[a] * hd[a];
+  }
+  return total;
+}
+
+}  // namespace
+
+Status measure_budget_layer(const RowSource& src, ThreadPool* pool, BudgetLayer* layer,
+                            const std::vector<double>* hessian) {
+  if (hessian && hessian->size() != src.cols * src.cols)
+    return Internal(StrCat("tensor '", src.name, "': a budget Hessian of ", hessian->size(), " values for ",
+                                  src.cols, " columns"));
   const uint64_t rows = src.rows, cols = src.cols;
   const uint64_t n = std::min<uint64_t>(rows, kBudgetSampleRows);
   const uint64_t stride = n ? rows / n : 1;
@@ -21,24 +56,36 @@ Status measure_budget_layer(const RowSource& src, ThreadPool* pool, BudgetLayer*
     if (!std::isfinite(v)) return NonFinite(StrCat("tensor '", src.name, "': a sampled weight is not finite"));
     energy += static_cast<double>(v) * v;
   }
+  std::vector<float> importance;
+  if (hessian) {
+    std::vector<double> xd(x.begin(), x.end());
+    energy = quadratic_form(*hessian, xd.data(), n, cols);
+    importance = hessian_importance(*hessian, cols);
+  }
   layer->error.assign(layer->types.size(), 0.0);
   auto measure = [&, energy](size_t k) {
     const GgmlType t = layer->types[k];
     std::vector<uint8_t> bytes(ggml_row_bytes(t, cols));
     std::vector<float> y(cols);
+    std::vector<double> d(hessian ? n * cols : 0);
     GgmlEncodeOptions fast;  // the llama-equivalent start refined once: the ranking, not the last percent
     fast.starts = 1;
     fast.rounds = 1;
+    if (hessian) fast.importance = importance.data();
     double e = 0;
     for (uint64_t i = 0; i < n; ++i) {
       ggml_encode_row(t, x.data() + i * cols, cols, bytes.data(), fast);
       ggml_decode(t, bytes.data(), cols / static_cast<uint64_t>(ggml_traits(t).block), y.data());
       for (uint64_t j = 0; j < cols; ++j) {
-        const double d = static_cast<double>(x[i * cols + j]) - y[j];
-        e += d * d;
+        const double dj = static_cast<double>(x[i * cols + j]) - y[j];
+        if (hessian)
+          d[i * cols + j] = dj;
+        else
+          e += dj * dj;
       }
     }
-    layer->error[k] = energy > 0 ? e / energy : 0.0;
+    if (hessian) e = quadratic_form(*hessian, d.data(), n, cols);
+    layer->error[k] = energy > 0 ? std::max(0.0, e) / energy : 0.0;
   };
   if (pool) {
     WaitGroup wg;

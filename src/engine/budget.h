@@ -3,7 +3,11 @@
 //
 // Per layer, a strided sample of rows is encoded with every candidate type (the K types Q2_K ..
 // Q6_K and Q8_0 for rows of a multiple of 256 weights, IQ4_NL and Q8_0 for other multiples of
-// 32) and the relative squared weight error e_l(t) = ||W - Q||^2 / ||W||^2 measured. The cost of
+// 32) and the relative squared error measured: with calibration (the layer's Hessian H, the
+// timestep groups' input second moments averaged), the output error
+// e_l(t) = tr((W - Q) H (W - Q)^T) / tr(W H W^T), the rows encoded with diag(H) as their
+// importance, as the layer's own encoder does; without, the weight error
+// e_l(t) = ||W - Q||^2 / ||W||^2. The cost of
 // a choice is sum_l p_l e_l(t_l): every layer's relative error counts alike (each adds its share
 // to the residual stream whatever its size, so small layers are cheap to protect), times a prior
 // p_l = kSensitivePrior for the sensitive layers (embeddings, timestep and conditioning
@@ -37,11 +41,18 @@ struct BudgetLayer {
   std::vector<GgmlType> types;  // candidates, by increasing bits per weight
   std::vector<double> error;    // relative squared weight error of each candidate (on the sample)
   int fixed = -1;               // >= 0: the layer's type is set (an override), index into types
+  bool output_error = false;    // error measured under a calibration Hessian
 };
 
 // Encodes the sampled rows of `src` with every type in `layer.types` (on the pool when given)
-// and fills layer.error.
-Status measure_budget_layer(const RowSource& src, ThreadPool* pool, BudgetLayer* layer);
+// and fills layer.error: the relative output error under `hessian` (cols x cols, row-major) when
+// given, else the relative weight error.
+Status measure_budget_layer(const RowSource& src, ThreadPool* pool, BudgetLayer* layer,
+                            const std::vector<double>* hessian = nullptr);
+
+// The encoder's per-column importance from a Hessian: diag(H) over its mean, floored at 1e-4 so
+// that columns no calibration input reached still weigh a little and every block keeps a fit.
+std::vector<float> hessian_importance(const std::vector<double>& hessian, size_t cols);
 
 // The index into each layer's candidates; total bits <= target_bpw * total weights when the
 // cheapest choice allows it (otherwise the cheapest choice).

@@ -126,7 +126,7 @@ class QuantizeRun {
   uint64_t importance_layers_ = 0;
   // Model budget (ggml schemes with target_bits_per_weight): per tensor of the component being
   // quantized, the bits of its chosen type and the reason.
-  Status plan_budget(const std::vector<TensorRef>& refs);
+  Status plan_budget(const std::string& component, const std::vector<TensorRef>& refs);
   std::map<std::string, std::pair<int, std::string>> budget_;
   json budget_report_ = nullptr;
   uint64_t gptq_layers_ = 0, calibrated_layers_ = 0, equalized_layers_ = 0;
@@ -179,16 +179,8 @@ void QuantizeRun::start_job(Slot& s) {
   }
   s.job = s.gptq() ? std::make_unique<TensorJob>(src, s.scheme, s.cal->gptq) : std::make_unique<TensorJob>(src, s.scheme);
   if (importance_weighted(s)) {
-    const std::vector<double>& h = s.cal->hessians->gptq;
-    const size_t n = s.cal->hessians->cols;
-    double mean = 0;
-    for (size_t j = 0; j < n; ++j) mean += h[j * n + j];
-    mean = n ? mean / static_cast<double>(n) : 0;
-    // Columns no calibration input reached still weigh a little, so every block keeps a fit.
-    const double floor = mean > 0 ? 1e-4 * mean : 1.0;
-    auto imp = std::make_shared<std::vector<float>>(n);
-    for (size_t j = 0; j < n; ++j) (*imp)[j] = static_cast<float>(std::max(h[j * n + j], floor) / (mean > 0 ? mean : 1.0));
-    s.job->set_importance(std::move(imp));
+    s.job->set_importance(std::make_shared<std::vector<float>>(
+        hessian_importance(s.cal->hessians->gptq, s.cal->hessians->cols)));
   }
   s.job->start(pool_, &stop_, [this] {
     std::lock_guard<std::mutex> lock(mu_);
@@ -510,7 +502,7 @@ Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector
   uint64_t inflight = 0;
   size_t next = 0;
   budget_.clear();
-  if (ggml() && cfg_.target_bits_per_weight > 0) AQ_RETURN_IF_ERROR(plan_budget(refs));
+  if (ggml() && cfg_.target_bits_per_weight > 0) AQ_RETURN_IF_ERROR(plan_budget(comp.name, refs));
   const size_t max_window = 2 * static_cast<size_t>(pool_.size()) + 2;
   Status result = Status::OK();
   while (next < refs.size() || !window.empty()) {
@@ -550,8 +542,9 @@ Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector
 }
 
 
-Status QuantizeRun::plan_budget(const std::vector<TensorRef>& refs) {
+Status QuantizeRun::plan_budget(const std::string& component, const std::vector<TensorRef>& refs) {
   std::vector<BudgetLayer> layers;
+  uint64_t calibrated = 0;
   std::vector<int> widths;
   for (const TensorRef& r : refs) {
     const TensorInfo& t = *r.info;
@@ -580,7 +573,16 @@ Status QuantizeRun::plan_budget(const std::vector<TensorRef>& refs) {
       src.cols = cols;
       src.name = t.name;
       src.file = r.file->path();
-      const Status st = measure_budget_layer(src, &pool_, &L);
+      // With calibration the layer's output error under its Hessian (timestep groups averaged),
+      // else its weight error.
+      std::optional<LayerHessians> h;
+      if (calib_ && cfg_.enable_time_aware) {
+        const LayerCalibration* lc = calib_->find(component, t.name);
+        if (!lc && !component.empty()) lc = calib_->find("", t.name);
+        if (lc && static_cast<uint64_t>(lc->in_features) == cols) h = layer_hessians(*lc, groups_, {}, false);
+      }
+      if (h) ++calibrated, L.output_error = true;
+      const Status st = measure_budget_layer(src, &pool_, &L, h ? &h->gptq : nullptr);
       if (!st.ok()) continue;  // left to the layer's own job, which reports it
     }
     layers.push_back(std::move(L));
@@ -599,14 +601,17 @@ Status QuantizeRun::plan_budget(const std::vector<TensorRef>& refs) {
     char err[32];
     std::snprintf(err, sizeof(err), "%.3g", std::sqrt(L.error[static_cast<size_t>(pick[i])]));
     budget_[L.name] = {ggml_traits(t).nominal_bits,
-                       StrCat("model budget ", cfg_.target_bits_per_weight, " bits/weight: ", name, " (sampled relative error ",
-                              err, L.prior > 1 ? ", sensitive layer" : "", ")")};
+                       StrCat("model budget ", cfg_.target_bits_per_weight, " bits/weight: ", name, " (sampled relative ",
+                              L.output_error ? "output" : "weight", " error ", err, L.prior > 1 ? ", sensitive layer" : "",
+                              ")")};
   }
   budget_report_ = {{"target_bits_per_weight", cfg_.target_bits_per_weight},
                     {"planned_bits_per_weight", weights > 0 ? bits / weights : 0.0},
-                    {"layers", layers.size()}, {"types", counts},
-                    {"rule", "per layer, the type minimising sum_l p_l ||W_l - Q_l||^2 / ||W_l||^2 (sampled rows; p = "
-                             "8 for sensitive layers, 1 otherwise) within the budget, greedy on cost per bit"}};
+                    {"layers", layers.size()}, {"types", counts}, {"calibrated_layers", calibrated},
+                    {"rule", "per layer, the type minimising sum_l p_l e_l within the budget, greedy on cost per bit; e_l "
+                             "the relative output error tr(D H D^T) / tr(W H W^T) under the layer's calibration Hessian "
+                             "(timestep groups averaged), or without one the relative weight error ||D||^2 / ||W||^2, "
+                             "D = W - Q on sampled rows; p = 8 for sensitive layers, 1 otherwise"}};
   return Status::OK();
 }
 

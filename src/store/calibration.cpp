@@ -234,7 +234,7 @@ std::vector<TimeGroup> group_time_bins(const CalibrationData& data, int num_grou
 }
 
 std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups,
-                                            const std::vector<double>& weights) {
+                                            const std::vector<double>& weights, bool checks) {
   LayerHessians out;
   out.cols = static_cast<size_t>(layer.in_features);
   const size_t nn = out.cols * out.cols;
@@ -242,7 +242,7 @@ std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const
   double weight_sum = 0;
   for (size_t gi = 0; gi < groups.size(); ++gi) {
     const TimeGroup& g = groups[gi];
-    std::vector<double> fit(nn, 0.0), hold(nn, 0.0);
+    std::vector<double> fit(nn, 0.0), hold(checks ? nn : 0, 0.0);
     int64_t fit_rows = 0, hold_rows = 0;
     auto in_group = [&](int b) { return std::find(g.bins.begin(), g.bins.end(), b) != g.bins.end(); };
     for (const auto& b : layer.fit) {
@@ -252,7 +252,7 @@ std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const
       fit_rows += b.rows;
     }
     for (const auto& b : layer.holdout) {
-      if (!in_group(b.bin) || b.rows == 0) continue;
+      if (!checks || !in_group(b.bin) || b.rows == 0) continue;
       if (b.hessian.empty()) return std::nullopt;
       for (size_t i = 0; i < nn; ++i) hold[i] += b.hessian[i];
       hold_rows += b.rows;
@@ -264,6 +264,7 @@ std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const
       const double inv = 1.0 / static_cast<double>(fit_rows);
       for (size_t i = 0; i < nn; ++i) out.gptq[i] += w * (fit[i] * inv);
     }
+    if (!checks) continue;
     const bool held = hold_rows > 0;
     const double inv = 1.0 / static_cast<double>(std::max<int64_t>(1, held ? hold_rows : fit_rows));
     std::vector<double>& c = held ? hold : fit;

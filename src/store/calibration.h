@@ -74,9 +74,10 @@ struct LayerHessians {
 };
 // nullopt when the layer has no Hessian in some group (recorded without one: too wide).
 // `weights`: w_g per group (those of groups without fit rows are ignored, the rest renormalised
-// to sum to 1); empty: uniform.
+// to sum to 1); empty: uniform. `checks` false: only `gptq` and `rows` are filled (`check` is
+// left empty), which saves a matrix per group.
 std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups,
-                                            const std::vector<double>& weights = {});
+                                            const std::vector<double>& weights = {}, bool checks = true);
 
 // Per timestep group: activation quantization parameters fitted on the group's inputs, and the
 // relative error sqrt(E[(x - x')^2] / E[x^2]) on the group's held-out inputs, for the group's

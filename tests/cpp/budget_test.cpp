@@ -3,6 +3,10 @@
 
 #include "engine/budget.h"
 
+#include <random>
+
+#include "quant/ggml_codec.h"
+
 namespace aq {
 namespace {
 
@@ -66,6 +70,90 @@ TEST(Budget, a_fixed_layer_keeps_its_type_and_counts_against_the_budget) {
 TEST(Budget, a_budget_under_the_cheapest_choice_gives_the_cheapest_choice) {
   std::vector<BudgetLayer> ls = {layer("a", 1000, kGauss)};
   EXPECT_EQ(allocate_budget(ls, 1.0), std::vector<int>{0});
+}
+
+// A 64 x 512 float32 weight with Laplace-like values and its RowSource.
+struct Weight {
+  std::vector<float> w;
+  RowSource src;
+  Weight() : w(64 * 512) {
+    std::mt19937 rng(5);
+    std::exponential_distribution<float> e(50.f);
+    std::bernoulli_distribution sign(0.5);
+    for (float& v : w) v = sign(rng) ? e(rng) : -e(rng);
+    src.data = reinterpret_cast<const uint8_t*>(w.data());
+    src.rows = 64;
+    src.cols = 512;
+    src.name = "w";
+  }
+};
+
+BudgetLayer candidates() {
+  BudgetLayer l;
+  l.types = {GgmlType::kQ2_K, GgmlType::kQ3_K, GgmlType::kQ4_K, GgmlType::kQ6_K, GgmlType::kQ8_0};
+  return l;
+}
+
+TEST(BudgetMeasure, errors_fall_with_bits_and_a_hessian_counts_only_up_to_scale) {
+  Weight x;
+  BudgetLayer plain = candidates(), one = candidates(), three = candidates();
+  ASSERT_TRUE(measure_budget_layer(x.src, nullptr, &plain).ok());
+  std::vector<double> h(512 * 512, 0.0);
+  for (size_t j = 0; j < 512; ++j) h[j * 512 + j] = 1.0;
+  ASSERT_TRUE(measure_budget_layer(x.src, nullptr, &one, &h).ok());
+  for (double& v : h) v *= 3.0;
+  ASSERT_TRUE(measure_budget_layer(x.src, nullptr, &three, &h).ok());
+  for (size_t k = 0; k < plain.types.size(); ++k) {
+    EXPECT_NEAR(three.error[k], one.error[k], 1e-12 * one.error[k]) << k;
+    // H = I: the weight error of rows encoded with unit importance, close to the plain encoding's
+    EXPECT_NEAR(one.error[k], plain.error[k], 0.1 * plain.error[k]) << k;
+    if (k) {
+      EXPECT_LT(plain.error[k], plain.error[k - 1]) << k;  // more bits, less error
+      EXPECT_LT(one.error[k], one.error[k - 1]) << k;
+    }
+  }
+}
+
+TEST(BudgetMeasure, the_output_error_counts_the_columns_the_inputs_reach) {
+  // Inputs reach only the first 256 columns: the output error is that of those columns alone, and
+  // their rows are encoded for them (the importance follows diag(H)).
+  Weight x;
+  BudgetLayer cal = candidates();
+  std::vector<double> h(512 * 512, 0.0);
+  for (size_t j = 0; j < 256; ++j) h[j * 512 + j] = 1.0;
+  ASSERT_TRUE(measure_budget_layer(x.src, nullptr, &cal, &h).ok());
+  const std::vector<float> imp = hessian_importance(h, 512);
+  EXPECT_FLOAT_EQ(imp[0], 2.0f);        // diag over its mean (0.5)
+  EXPECT_FLOAT_EQ(imp[300], 1e-4f);     // the floor: 1e-4 of the mean, over the mean
+  for (size_t k = 0; k < cal.types.size(); ++k) {
+    const GgmlType t = cal.types[k];
+    std::vector<uint8_t> bytes(ggml_row_bytes(t, 512));
+    std::vector<float> y(512);
+    GgmlEncodeOptions o;
+    o.starts = 1;
+    o.rounds = 1;
+    o.importance = imp.data();
+    double e = 0, energy = 0;
+    for (uint64_t i = 0; i < 32; ++i) {  // the 32 sampled rows: stride 2
+      const float* r = x.w.data() + (2 * i) * 512;
+      ggml_encode_row(t, r, 512, bytes.data(), o);
+      ggml_decode(t, bytes.data(), 512 / static_cast<uint64_t>(ggml_traits(t).block), y.data());
+      for (size_t j = 0; j < 256; ++j) {
+        e += (static_cast<double>(r[j]) - y[j]) * (static_cast<double>(r[j]) - y[j]);
+        energy += static_cast<double>(r[j]) * r[j];
+      }
+    }
+    EXPECT_NEAR(cal.error[k], e / energy, 1e-9 * e / energy) << k;
+  }
+}
+
+TEST(BudgetMeasure, a_hessian_of_the_wrong_size_is_an_error) {
+  Weight x;
+  BudgetLayer cal = candidates();
+  std::vector<double> h(100, 1.0);
+  const Status st = measure_budget_layer(x.src, nullptr, &cal, &h);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("'w'"), std::string::npos) << st.message();
 }
 
 }  // namespace

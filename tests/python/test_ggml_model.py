@@ -263,3 +263,64 @@ def test_a_nan_weight_with_a_ggml_scheme_is_an_error_naming_it_or_kept_by_policy
     r = ArrowQuantV2().quantize_diffusion_model(src, tmp_path / "kept",
                                                 DiffusionQuantConfig(scheme="q4_k", nonfinite="keep"))
     assert not r["layers"][0]["quantized"]
+
+
+def test_with_calibration_the_model_budget_weighs_each_layers_output_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    from arrow_quant_v2.calibration import CalibrationRecorder
+    from arrow_quant_v2.safetensors_writer import write_safetensors
+
+    class Four(torch.nn.Module):  # four layers alike in their weights, unlike in their inputs
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = (torch.nn.Linear(512, 256, bias=False) for _ in range(4))
+
+        def forward(self, xs):
+            return [m(x) for m, x in zip((self.a, self.b, self.c, self.d), xs)]
+
+    torch.manual_seed(0)
+    model = Four()
+    with torch.no_grad():  # b's weights are heavy-tailed: by weight error alone it needs the most bits
+        model.b.weight.copy_(torch.distributions.StudentT(3.0).sample(model.b.weight.shape) * 0.02)
+    root = tmp_path / "model"
+    root.mkdir()
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    write_safetensors(root / "model.safetensors", [(k, "F32", tuple(v.shape)) for k, v in state.items()],
+                      lambda k: state[k])
+    g = torch.Generator().manual_seed(1)
+    uneven = torch.exp(2.0 * torch.randn(512, generator=g))  # b: a few input features dominate
+    basis = torch.randn(8, 512, generator=g)                  # c: inputs in an 8-dimensional subspace
+    steps = list(range(0, 1000, 100))
+    with CalibrationRecorder(model, step_range=(0, 1000), total_calls=len(steps), holdout_every=4) as rec, \
+            torch.no_grad():
+        for t in steps:
+            with rec.step(t):
+                model([torch.randn(128, 512, generator=g), torch.randn(128, 512, generator=g) * uneven,
+                       torch.randn(128, 8, generator=g) @ basis, torch.randn(128, 512, generator=g)])
+        rec.save(root / "calibration.parquet")
+
+    q = ArrowQuantV2()
+    cfg = DiffusionQuantConfig(scheme="q4_k", target_bits_per_weight=4.0, enable_fallback=False, num_time_groups=2)
+    cal = q.quantize_diffusion_model(root, tmp_path / "cal", cfg)
+    assert cal["budget"]["calibrated_layers"] == 4
+    layers = [l for l in cal["layers"] if l["quantized"]]
+    assert all("sampled relative output error" in l["reason"] for l in layers), [l["reason"] for l in layers]
+    bits = sum(8 * l["stored_bytes"] for l in layers) / sum(state[l["tensor"]].size for l in layers)
+    assert bits <= 4.0 + 1e-9
+    # by weight error alone b takes the most bits; under its inputs (a few features dominate, and
+    # the encoder weighs them) its output error is small, and its bits go elsewhere
+    free = q.quantize_diffusion_model(root, tmp_path / "free", cfg.replace(enable_time_aware=False))
+    assert free["budget"]["calibrated_layers"] == 0
+    assert all("sampled relative weight error" in l["reason"] for l in free["layers"] if l["quantized"])
+    rank = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0"]
+    cal_t = {l["tensor"]: l["scheme"] for l in layers}
+    free_t = {l["tensor"]: l["scheme"] for l in free["layers"] if l["quantized"]}
+    assert rank.index(cal_t["b.weight"]) < rank.index(free_t["b.weight"]), (cal_t, free_t)
+    # the weight-error allocation, quantized with the same calibration, has more output error on
+    # the held-out inputs than the output-error allocation
+    fixed = q.quantize_diffusion_model(root, tmp_path / "fixed", cfg.replace(
+        target_bits_per_weight=None, bit_overrides={f"^{k}$": int(v[1]) for k, v in free_t.items()}))
+    assert {l["tensor"]: l["scheme"] for l in fixed["layers"] if l["quantized"]} == free_t
+    out_err = lambda r: sum(g["relative_error"] ** 2 for l in r["layers"] if l["quantized"]  # noqa: E731
+                            for g in l["output_error"])
+    assert out_err(cal) < out_err(fixed), (out_err(cal), out_err(fixed))
