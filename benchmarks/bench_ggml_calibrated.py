@@ -11,11 +11,13 @@ bench_diffusion.py does, and compares, per ggml type, on the same layers with th
   llama+imatrix    the same given an importance matrix computed from the same calibration file,
                    as llama-imatrix does: mean x^2 per input column over every recorded (fit)
                    input of the layer, all timesteps pooled
-  ours             ArrowQuant, data-free (scheme=TYPE, enable_time_aware=False)
+  ours             ArrowQuant, data-free (scheme=TYPE, enable_time_aware=False), with its default
+                   ggml_weighting="llama" (each type's own llama.cpp error weights); also with
+                   ggml_weighting="plain" (plain squared error), weight error's optimum
   ours+cal         ArrowQuant with the calibration: GPTQ on the type's grid, each block's scales
                    from the importance-weighted search, Hessian summed over 10 timestep groups
 
-Both sides quantize the same layers with the same type per layer (the layers our plan quantizes;
+In the per-type tables both sides quantize the same layers with the same type per layer (the layers our plan quantizes;
 sensitive layers and rows that are not a multiple of 256 take the types our plan gives them, e.g.
 Q8_0 for the adaLN projections, and llama.cpp gets those same types), so the bytes per layer are
 equal. Figures: the denoiser's output relative error per timestep group (mask-ratio group for the
@@ -23,9 +25,11 @@ LM) along the full-precision model's own sampling trajectory, as in bench_diffus
 generation quality (digits: same-seed PSNR, class accuracy and FD of 200 DDIM-50 samples; text:
 per-step KL, argmax agreement, same-seed token agreement).
 
-Model budgets (`--budgets`): llama.cpp's own recipes of about that size, applied to these
-models by its tensor-name rules (`llama_recipe`), against our model budget at the recipe's
-measured bits per weight (target_bits_per_weight, with the calibration).
+Model budgets (`--budgets`): llama.cpp's own recipes (Q2_K, Q3_K_M, Q4_K_M, Q8_0 mixes), applied
+to every quantized layer of these models by its tensor-name rules (`llama_recipe`; the adaLN and
+embedder projections take the base type, as llama.cpp has no rule for them), with the imatrix,
+against our model budget at the recipe's measured bits per weight (target_bits_per_weight, with
+the calibration).
 
     python benchmarks/bench_ggml_calibrated.py [--models digits text] [--types q4_k q3_k q2_k]
         [--budgets q2_k q4_k_m q8_0] [--wide-dir benchmarks/trained/wide256]
@@ -172,13 +176,12 @@ def layer_index(name: str) -> int:
     return -1
 
 
-def llama_recipe(recipe: str, name: str, n_layers: int, planned: str) -> str:
-    """The type llama.cpp's recipe gives this tensor; `planned` is what our plan gives it at the
-    recipe's base type (sensitive layers at Q8_0, short rows at IQ4_NL / Q8_0), kept for tensors
-    the recipe has no rule for and for rows the K types cannot take."""
+def llama_recipe(recipe: str, name: str, n_layers: int, planned: str, row_fallback: bool) -> str:
+    """The type llama.cpp's recipe gives this tensor. It has no notion of our sensitive layers
+    (adaLN, embedders): they take its rules like any other tensor. `planned` is our plan's type for
+    a row length the K types cannot take (`row_fallback`), kept."""
     r, i = role(name), layer_index(name)
-    base = {"q2_k": "q2_k", "q3_k_m": "q3_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k", "q8_0": "q8_0"}[recipe]
-    if planned != base:  # sensitive, or a row length the base type cannot take
+    if row_fallback:
         return planned
     if recipe == "q8_0":
         return "q8_0"
@@ -282,11 +285,14 @@ def run(task, what: str, types: List[str], budgets: List[str], work: str, qualit
         ev = {"llama": evaluate(task, llama_state(src_state, plan, llama, None), qual),
               "llama+imatrix": evaluate(task, llama_state(src_state, plan, llama, imat), qual),
               "ours": evaluate(task, qm_df.state_dict(), qual)}
+        _, qm_pl = quantize(model_dir, os.path.join(work, f"{t}-plain"), scheme=t, enable_time_aware=False,
+                            ggml_weighting="plain")
+        ev["ours, plain error"] = evaluate(task, qm_pl.state_dict(), False)
         r_cal, qm_cal = quantize(model_dir, os.path.join(work, f"{t}-cal"), scheme=t, num_time_groups=BD.GROUPS)
         if layer_types(r_cal) != plan:
             raise RuntimeError(f"{t}: the calibrated plan's types differ from the data-free plan's")
         ev["ours+cal"] = evaluate(task, qm_cal.state_dict(), qual)
-        for label in ("llama", "llama+imatrix", "ours", "ours+cal"):
+        for label in ("llama", "llama+imatrix", "ours, plain error", "ours", "ours+cal"):
             row(t, label, bpw, ev[label])
         a, b = ev["ours+cal"], ev["llama+imatrix"]
         c, d = ev["ours"], ev["llama"]
@@ -305,7 +311,8 @@ def run(task, what: str, types: List[str], budgets: List[str], work: str, qualit
         for recipe in budgets:
             base = {"q2_k": "q2_k", "q3_k_m": "q3_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k", "q8_0": "q8_0"}[recipe]
             r0, _ = quantize(model_dir, os.path.join(work, f"plan-{recipe}"), scheme=base, enable_time_aware=False)
-            plan = {n: llama_recipe(recipe, n, n_layers, t) for n, t in layer_types(r0).items()}
+            plan = {l["tensor"]: llama_recipe(recipe, l["tensor"], n_layers, l["scheme"], "needs rows" in l["reason"])
+                    for l in r0["layers"] if l.get("quantized")}
             bpw = bits_per_weight(plan, shapes)
             ev_l = evaluate(task, llama_state(src_state, plan, llama, imat), False)
             r_b, qm_b = quantize(model_dir, os.path.join(work, f"budget-{recipe}"), scheme=base,
@@ -332,9 +339,9 @@ def run(task, what: str, types: List[str], budgets: List[str], work: str, qualit
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["digits", "text"], choices=["digits", "text"])
-    p.add_argument("--types", nargs="*", default=["q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_xs"])
+    p.add_argument("--types", nargs="*", default=["q6_k", "q4_k", "q3_k", "q2_k", "iq4_xs"])
     p.add_argument("--quality-types", nargs="*", default=["q4_k", "q3_k", "q2_k"])
-    p.add_argument("--budgets", nargs="*", default=["q2_k", "q3_k_m", "q4_k_m", "q8_0"],
+    p.add_argument("--budgets", nargs="*", default=["q2_k", "q4_k_m", "q8_0"],
                    choices=["q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q8_0"])
     p.add_argument("--wide-dir", default=os.path.join(HERE, "trained", f"wide{WIDTH}"))
     a = p.parse_args()

@@ -251,10 +251,12 @@ _FIELDS: Dict[str, Tuple[Any, Callable[[Any], Any], str]] = {
     "gptq_damp": (0.01, _check_damp, "GPTQ dampening: fraction of the Hessian's mean diagonal added to it"),
     "activation_bits": (None, _check_activation_bits, "W8A8 / W4A8: 8 or 4 stores activation parameters per timestep group (needs calibration); None = weight-only"),
     "gptq_act_order": (True, _check_bool("gptq_act_order"), "GPTQ: quantize input columns in order of decreasing activation energy"),
-    "ggml_weighting": ("plain", _check_choice("ggml_weighting", ("plain", "magnitude")),
-                       "ggml schemes: the error the encoder minimises, 'plain' squared error or 'magnitude' "
-                       "(each weight's error times sqrt(mean x^2 of its sub-block) + |x|: llama.cpp's data-free "
-                       "weighting, closer large weights at some cost in plain error)"),
+    "ggml_weighting": ("llama", _check_choice("ggml_weighting", ("plain", "magnitude", "llama")),
+                       "ggml schemes: the error the encoder minimises, 'plain' squared error, 'magnitude' "
+                       "(each weight's error times sqrt(mean x^2 of its sub-block) + |x|, llama.cpp's Q4_K/Q5_K "
+                       "weighting, for every type) or 'llama' (each type's own llama.cpp weights: Q2_K |x|, "
+                       "Q3_K/Q6_K/IQ4 x^2, Q4_K/Q5_K as 'magnitude', Q8_0 none; with calibration "
+                       "importance * sqrt(2 mean x^2 + x^2) as llama.cpp with an imatrix)"),
     "time_group_weighting": ("uniform", _check_choice("time_group_weighting", ("uniform", "relative")),
                              "GPTQ Hessian over timestep groups: 'uniform' (each group's mean H_g alike) or "
                              "'relative' (each group weighted by 1 / its output energy tr(W H_g W^T), so every "

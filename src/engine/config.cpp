@@ -126,11 +126,13 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
     return InvalidConfig(StrCat("scheme must be 'affine', 'entropy' or a ggml type (q8_0, q6_k, q5_k, q4_k, q3_k, "
                                 "q2_k, iq4_xs, iq4_nl), got '", kind, "'"));
   }
-  std::string weighting = "plain";
+  std::string weighting = "llama";
   AQ_RETURN_IF_ERROR(get(j, "ggml_weighting", &weighting, "a string"));
-  if (weighting != "plain" && weighting != "magnitude")
-    return InvalidConfig(StrCat("ggml_weighting must be 'plain' or 'magnitude', got '", weighting, "'"));
-  c.ggml_magnitude = weighting == "magnitude";
+  if (weighting != "plain" && weighting != "magnitude" && weighting != "llama")
+    return InvalidConfig(StrCat("ggml_weighting must be 'plain', 'magnitude' or 'llama', got '", weighting, "'"));
+  c.ggml_weighting = weighting == "magnitude" ? GgmlWeighting::kMagnitude
+                     : weighting == "llama"   ? GgmlWeighting::kLlama
+                                              : GgmlWeighting::kPlain;
   if (auto it = j.find("rotate"); it != j.end() && !it->is_null()) {
     if (!it->is_boolean()) return InvalidConfig(StrCat("rotate must be true, false or null, got ", it->dump()));
     c.rotate = it->get<bool>() ? 1 : 0;
@@ -236,7 +238,9 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
       {"calibration_path", c.calibration_path.empty() ? json(nullptr) : json(c.calibration_path)},
       {"gptq_damp", c.gptq_damp}, {"gptq_act_order", c.gptq_act_order},
       {"time_group_weighting", c.time_group_weighting},
-      {"ggml_weighting", c.ggml_magnitude ? "magnitude" : "plain"},
+      {"ggml_weighting", c.ggml_weighting == GgmlWeighting::kMagnitude ? "magnitude"
+                         : c.ggml_weighting == GgmlWeighting::kLlama   ? "llama"
+                                                                       : "plain"},
       {"activation_bits", c.activation_bits ? json(c.activation_bits) : json(nullptr)}};
   for (const auto& [p, b] : c.bit_overrides) c.as_json["bit_overrides"].push_back(json::array({p.text, b}));
   return c;
@@ -270,7 +274,7 @@ QuantScheme EngineConfig::scheme(int bits, uint64_t rows, uint64_t cols) const {
     // A row length no ggml type takes never gets here (plan_tensor keeps such tensors); cols 0
     // (validation of the configuration) asks for the type at bit_width.
     QuantScheme g = ggml_scheme(cols == 0 ? ggml_type : ggml_type_for(bits, cols).value_or(GgmlType::kQ8_0));
-    g.ggml_magnitude = ggml_magnitude;
+    g.ggml_weighting = ggml_weighting;
     return g;
   }
   QuantScheme s;

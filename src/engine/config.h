@@ -30,7 +30,9 @@ struct EngineConfig {
   ScaleMethod scale_method = ScaleMethod::kSearch;
   SchemeKind scheme_kind = SchemeKind::kAffine;  // "affine" | "entropy" | a ggml type
   GgmlType ggml_type = GgmlType::kQ4_K;          // kGgml: the type at bit_width
-  bool ggml_magnitude = false;                   // ggml_weighting: "plain" (false) | "magnitude"
+  // "plain" | "magnitude" | "llama" (the default: of the three it gave the least denoiser output
+  // error data-free on the trained DiT of bench_ggml_calibrated.py, BENCHMARKS.md)
+  GgmlWeighting ggml_weighting = GgmlWeighting::kLlama;
   int rotate = -1;                   // randomized Hadamard rotation: 1 on; 0 or -1 (unset) off
   double target_bits_per_weight = 0; // entropy: the budget at bit_width (0 = bit_width + 0.5)
   double min_accuracy = 0.85;

@@ -350,7 +350,7 @@ void TensorJob::ggml_block(uint64_t b) {
   const uint64_t row_bytes = ggml_row_bytes(t, cols);
   GgmlEncodeOptions opt;
   opt.importance = importance_ ? importance_->data() : nullptr;
-  opt.magnitude = out_.scheme.ggml_magnitude;
+  opt.weighting = out_.scheme.ggml_weighting;
   uint8_t* out = out_.codes.data() + r0 * row_bytes;
   if (gptq_) ggml_gptq_rows(t, *gptq_, w.data(), nr, cols, opt, out);
   else

@@ -26,6 +26,7 @@ float ggml_block_value(GgmlType t, const GgmlBlock& b, int p);
 // The value weight p of block b would decode to with code index k instead of b.k[p].
 float ggml_code_value(GgmlType t, const GgmlBlock& b, int p, int k);
 
+
 struct GgmlEncodeOptions {
   // Per input column importance (length = the row length, all > 0), or null: plain squared
   // error. With it the search minimises sum_i importance[i] * (x_i - q_i)^2.
@@ -35,9 +36,7 @@ struct GgmlEncodeOptions {
   int starts = 2;
   // Coordinate-descent rounds after each start.
   int rounds = 2;
-  // Multiply each weight's error weight by sqrt(mean x^2 of its sub-block) + |x| (llama.cpp's
-  // data-free weighting: large weights kept closer at some cost in plain squared error).
-  bool magnitude = false;
+  GgmlWeighting weighting = GgmlWeighting::kPlain;  // ggml_types.h
 };
 
 // Encodes one row of `cols` weights (a multiple of the type's block) into

@@ -868,7 +868,7 @@ void encode_block_t(const float* x, const float* imp, const GgmlEncodeOptions& o
   float w[N];
   if (imp) std::memcpy(w, imp, sizeof(w));
   else std::fill(w, w + N, 1.0f);
-  if (opt.magnitude) {
+  if (opt.weighting == GgmlWeighting::kMagnitude) {
     constexpr int S = K<T>::S;
     for (int j = 0; j < NS; ++j) {
       float sum = 0;
@@ -876,6 +876,10 @@ void encode_block_t(const float* x, const float* imp, const GgmlEncodeOptions& o
       const float rms = std::sqrt(sum / static_cast<float>(S));
       for (int i = 0; i < S; ++i) w[j * S + i] *= rms + std::fabs(x[j * S + i]) + 1e-30f;
     }
+  } else if (opt.weighting == GgmlWeighting::kLlama && T != GgmlType::kQ8_0) {
+    float lw[N];
+    llama_weights<T>(x, imp, lw);  // with an importance its product with it, as llama.cpp's
+    for (int i = 0; i < N; ++i) w[i] = lw[i] + 1e-30f;
   }
 
   State<T> llama, ours;

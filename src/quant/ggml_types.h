@@ -160,4 +160,14 @@ void ggml_unpack_block(GgmlType t, const uint8_t* in, GgmlBlock* b);
 // The float value of level index k of the type (Q8_0: k - 128, Q6_K: k - 32, IQ4: the table, ...).
 float ggml_level(GgmlType t, int k);
 
+// The per-weight error weight the encoder minimises (times the importance, when given):
+//   kPlain      1: plain squared error;
+//   kMagnitude  sqrt(mean x^2 of the sub-block) + |x| for every type (llama.cpp's Q4_K / Q5_K
+//               weighting);
+//   kLlama      each type's own llama.cpp weights: Q4_K / Q5_K as kMagnitude, Q2_K |x|, Q3_K,
+//               Q6_K and the IQ4 types x^2, Q8_0 1 (llama.cpp rounds it plainly); with an
+//               importance q: q sqrt(2 mean x^2 of the block + x^2), as llama.cpp does with an
+//               imatrix.
+enum class GgmlWeighting : uint8_t { kPlain, kMagnitude, kLlama };
+
 }  // namespace aq

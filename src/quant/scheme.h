@@ -44,9 +44,9 @@ struct QuantScheme {
   bool rotate = false;     // randomized Hadamard rotation of the rows first (quant/hadamard.h)
   double target_bpw = 0;   // entropy: stored bits per weight to aim for; 0 = bits + 0.5
   GgmlType ggml = GgmlType::kQ4_K;  // kGgml: which block type (bits = its nominal width)
-  // kGgml: weigh each weight's squared error by sqrt(mean x^2 of its sub-block) + |x| (llama.cpp's
-  // data-free weighting) instead of 1. How the codes were chosen, not how they decode: not stored.
-  bool ggml_magnitude = false;
+  // kGgml: the error weight the encoder minimises (ggml_codec.h). How the codes were chosen, not
+  // how they decode: not stored.
+  GgmlWeighting ggml_weighting = GgmlWeighting::kPlain;
 
   double entropy_budget() const { return target_bpw > 0 ? target_bpw : bits + 0.5; }
   bool operator==(const QuantScheme&) const = default;

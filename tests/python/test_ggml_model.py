@@ -237,13 +237,16 @@ def test_a_model_budget_outside_what_ggml_types_can_meet_is_a_configuration_erro
                                                 DiffusionQuantConfig(scheme="q4_k", target_bits_per_weight=2.0))
 
 
-def test_magnitude_weighting_keeps_large_weights_closer_at_some_cost_in_plain_error():
+@pytest.mark.parametrize("weighting", ["magnitude", "llama"])
+def test_magnitude_weightings_keep_large_weights_closer_at_some_cost_in_plain_error(weighting):
     rng = np.random.default_rng(9)
     a = (rng.standard_t(3, (32, 1024)) * 0.02).astype(np.float32)
     q = ArrowQuantV2()
-    plain = q.quantize({"w": a}, config=DiffusionQuantConfig(scheme="q3_k", enable_fallback=False))["w"]
+    assert DiffusionQuantConfig().ggml_weighting == "llama"  # the default
+    plain = q.quantize({"w": a}, config=DiffusionQuantConfig(scheme="q3_k", enable_fallback=False,
+                                                             ggml_weighting="plain"))["w"]
     mag = q.quantize({"w": a}, config=DiffusionQuantConfig(scheme="q3_k", enable_fallback=False,
-                                                           ggml_weighting="magnitude"))["w"]
+                                                           ggml_weighting=weighting))["w"]
     big = np.abs(a) > np.quantile(np.abs(a), 0.99)
     err = lambda x: np.abs(x.dequantize() - a)  # noqa: E731
     assert err(mag)[big].mean() < err(plain)[big].mean()
