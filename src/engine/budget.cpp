@@ -21,19 +21,29 @@ std::vector<float> hessian_importance(const std::vector<double>& h, size_t n) {
 
 namespace {
 
-// sum_i d_i H d_i^T over the n rows of d (n x cols), H symmetric cols x cols.
+constexpr uint64_t kLanes = 8;
+
+// sum_j a_j b_j in kLanes fixed lanes (a loop the compiler vectorizes without reassociating,
+// so every build gives the same sum), then the tail.
+__attribute__((target_clones("avx512f", "avx2", "default"))) double dot(const double* a, const double* b, uint64_t n) {
+  double lane[kLanes] = {};
+  uint64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (uint64_t l = 0; l < kLanes; ++l) lane[l] += a[j + l] * b[j + l];
+  double s = 0;
+  for (uint64_t l = 0; l < kLanes; ++l) s += lane[l];
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// sum_i d_i H d_i^T over the n rows of d (n x cols), H symmetric cols x cols: n cols^2
+// multiply-adds (a 4096-column layer's 32 sampled rows: 0.5 G per candidate type). Each row of H
+// is read once and used for every row of d while it is in cache.
 double quadratic_form(const std::vector<double>& h, const double* d, uint64_t n, uint64_t cols) {
   double total = 0;
-  std::vector<double> hd(cols);
-  for (uint64_t i = 0; i < n; ++i) {
-    const double* r = d + i * cols;
-    for (uint64_t a = 0; a < cols; ++a) {
-      const double* ha = h.data() + a * cols;
-      double s = 0;
-      for (uint64_t b = 0; b < cols; ++b) s += ha[b] * r[b];
-      hd[a] = s;
-    }
-    for (uint64_t a = 0; a < cols; ++a) total += r[a] * hd[a];
+  for (uint64_t a = 0; a < cols; ++a) {
+    const double* ha = h.data() + a * cols;
+    for (uint64_t i = 0; i < n; ++i) total += d[i * cols + a] * dot(ha, d + i * cols, cols);
   }
   return total;
 }

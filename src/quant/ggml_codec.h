@@ -26,7 +26,6 @@ float ggml_block_value(GgmlType t, const GgmlBlock& b, int p);
 // The value weight p of block b would decode to with code index k instead of b.k[p].
 float ggml_code_value(GgmlType t, const GgmlBlock& b, int p, int k);
 
-
 struct GgmlEncodeOptions {
   // Per input column importance (length = the row length, all > 0), or null: plain squared
   // error. With it the search minimises sum_i importance[i] * (x_i - q_i)^2.
