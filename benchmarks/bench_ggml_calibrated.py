@@ -140,9 +140,7 @@ def llama_state(src_state: Dict[str, np.ndarray], types: Dict[str, str], llama: 
     for name, t in types.items():
         W = src_state[name]
         W2 = W.reshape(W.shape[0], -1).astype(np.float32)
-        v = None if imat is None else imat.get(name[: -len(".weight")] if name.endswith(".weight") else name)
-        if imat is not None and v is None:
-            v = imat.get(name)
+        v = None if imat is None else imat.get(name)  # calibration layers are named by their weight
         out[name] = llama.roundtrip(t, W2, v).reshape(W.shape)
     return out
 
@@ -195,21 +193,17 @@ def llama_recipe(recipe: str, name: str, n_layers: int, planned: str, row_fallba
         if r == "ffn_down":
             return "q5_k" if i < n_layers // 16 else ("q4_k" if use_more_bits(i, n_layers) else "q3_k")
         return "q3_k"
-    if recipe == "q4_k_m":
-        if r == "attn_qkv":
-            return "q5_k"
-        if r == "ffn_down" and use_more_bits(i, n_layers):
-            return "q6_k"
-        return "q4_k"
-    if recipe == "q5_k_m":
-        if r == "attn_qkv":
-            return "q6_k"
-        if r == "ffn_down" and use_more_bits(i, n_layers):
-            return "q6_k"
-        return "q5_k"
-    raise ValueError(recipe)
+    # Q4_K_M / Q5_K_M: a fused qkv one type up, ffn_down of the use_more_bits layers at Q6_K
+    base = RECIPE_BASE[recipe]
+    if r == "attn_qkv":
+        return {"q4_k": "q5_k", "q5_k": "q6_k"}[base]
+    if r == "ffn_down" and use_more_bits(i, n_layers):
+        return "q6_k"
+    return base
 
 
+RECIPE_BASE = {"q2_k": "q2_k", "q3_k_m": "q3_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k", "q8_0": "q8_0"}
+# bits per weight of each type (ggml's block bytes x 8 / block length)
 BPW = {"q8_0": 8.5, "q6_k": 6.5625, "q5_k": 5.5, "q4_k": 4.5, "q3_k": 3.4375, "q2_k": 2.625,
        "iq4_xs": 4.25, "iq4_nl": 4.5}
 
@@ -309,7 +303,7 @@ def run(task, what: str, types: List[str], budgets: List[str], work: str, qualit
                   "| recipe | llama types | bits/weight | llama+imatrix mean | worst | ours budget types | bits/weight | "
                   "ours+cal mean | worst | ratio mean | ratio worst |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for recipe in budgets:
-            base = {"q2_k": "q2_k", "q3_k_m": "q3_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k", "q8_0": "q8_0"}[recipe]
+            base = RECIPE_BASE[recipe]
             r0, _ = quantize(model_dir, os.path.join(work, f"plan-{recipe}"), scheme=base, enable_time_aware=False)
             plan = {l["tensor"]: llama_recipe(recipe, l["tensor"], n_layers, l["scheme"], "needs rows" in l["reason"])
                     for l in r0["layers"] if l.get("quantized")}

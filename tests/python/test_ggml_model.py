@@ -145,15 +145,13 @@ def test_in_memory_quantize_takes_ggml_schemes():
 def test_ggml_schemes_with_calibration_run_gptq_on_the_grid_with_timestep_group_importance(tmp_path):
     torch = pytest.importorskip("torch")
     from arrow_quant_v2.calibration import CalibrationRecorder
-    from arrow_quant_v2.safetensors_writer import write_safetensors
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
     root = tmp_path / "model"
     root.mkdir()
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    write_safetensors(root / "model.safetensors", [(k, "F32", tuple(v.shape)) for k, v in state.items()],
-                      lambda k: state[k])
+    write_model_file(root / "model.safetensors", state)
     g = torch.Generator().manual_seed(1)
     scale = torch.exp(2.0 * torch.randn(256, generator=g))  # unevenly scaled input features
     steps = list(range(0, 1000, 50))
@@ -271,7 +269,6 @@ def test_a_nan_weight_with_a_ggml_scheme_is_an_error_naming_it_or_kept_by_policy
 def test_with_calibration_the_model_budget_weighs_each_layers_output_error(tmp_path):
     torch = pytest.importorskip("torch")
     from arrow_quant_v2.calibration import CalibrationRecorder
-    from arrow_quant_v2.safetensors_writer import write_safetensors
 
     class Four(torch.nn.Module):  # four layers alike in their weights, unlike in their inputs
         def __init__(self):
@@ -288,8 +285,7 @@ def test_with_calibration_the_model_budget_weighs_each_layers_output_error(tmp_p
     root = tmp_path / "model"
     root.mkdir()
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    write_safetensors(root / "model.safetensors", [(k, "F32", tuple(v.shape)) for k, v in state.items()],
-                      lambda k: state[k])
+    write_model_file(root / "model.safetensors", state)
     g = torch.Generator().manual_seed(1)
     uneven = torch.exp(2.0 * torch.randn(512, generator=g))  # b: a few input features dominate
     basis = torch.randn(8, 512, generator=g)                  # c: inputs in an 8-dimensional subspace
