@@ -28,6 +28,7 @@ import numbers
 import os
 import tempfile
 import warnings
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -49,16 +50,25 @@ except ImportError as _e:  # pragma: no cover - exercised only without torch
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-CALIBRATION_VERSION = "1"
+CALIBRATION_VERSION = "2"
+# Versions this reader reads: 1 (full float64 Hessians, one per (layer, bin, split)) and 2.
+READABLE_VERSIONS = ("1", "2")
 STEP_KINDS = ("timestep", "mask_ratio")
 SPLITS = ("fit", "holdout")
 DEFAULT_STEP_RANGES = {"timestep": (0.0, 1000.0), "mask_ratio": (0.0, 1.0)}
-# A Hessian is stored as one Parquet list of in_features^2 float64 values; a list's offsets are int32.
-HESSIAN_FEATURES_LIMIT = 46340  # floor(sqrt(2^31 - 1))
+# A Hessian is stored as one Parquet list of in_features (in_features + 1) / 2 float32 values (its
+# upper triangle); a list's offsets are int32.
+HESSIAN_FEATURES_LIMIT = 65535  # in_features (in_features + 1) / 2 < 2^31
+# Inputs of at most this many elements are compared by value to find layers that read equal inputs
+# (the adaLN projections of every block read the same conditioning vector, computed per block).
+_SHARE_BY_VALUE_ELEMENTS = 1 << 16
 # Bound on the elements of one chunk of X processed at once (64 MiB as float32); Hessian products
 # use at most HESSIAN_CHUNK_ROWS rows per matmul.
 _CHUNK_ELEMENTS = 1 << 24
-HESSIAN_CHUNK_ROWS = 8192
+HESSIAN_CHUNK_ROWS = 4096
+# Above this magnitude a float32 sum of HESSIAN_CHUNK_ROWS squares could overflow (4096 * 2.8e17^2
+# is float32's largest value): such chunks take float64 products.
+_FLOAT32_PRODUCT_LIMIT = 2.8e17
 # The keyword names, in order, that attach_timestep reads the step value from.
 TIMESTEP_KWARGS = ("timestep", "t", "timesteps")
 # The signed log-scale histogram of the input values: HIST_BINS_PER_OCTAVE bins per octave from
@@ -86,8 +96,13 @@ SCHEMA_FIELDS: List[Tuple[str, pa.DataType, bool]] = [
     ("absmax", pa.list_(pa.float32()), False),
     ("min", pa.list_(pa.float32()), False),
     ("max", pa.list_(pa.float32()), False),
-    ("hessian", pa.list_(pa.float64()), True),
+    ("hessian", pa.list_(pa.float32()), True),
     ("hessian_reason", pa.string(), True),
+    # version 2: the Hessian held in this row sums the bins of its aligned span of hessian_span bins
+    # (hessian_rows rows); hessian_from names the layer whose Hessian this layer shares
+    ("hessian_span", pa.int32(), False),
+    ("hessian_rows", pa.int64(), True),
+    ("hessian_from", pa.string(), True),
     # additions to version 1: optional for readers (files written before them lack them)
     ("hist_pos", pa.list_(pa.int64()), False),
     ("hist_neg", pa.list_(pa.int64()), False),
@@ -205,13 +220,20 @@ class _Stats:
     absmax: Optional[torch.Tensor] = None
     min: Optional[torch.Tensor] = None
     max: Optional[torch.Tensor] = None
-    hessian: Optional[torch.Tensor] = None
     # int64 counts, 2 * HIST_BINS + 1: hist_pos, then hist_neg, then hist_zero
     hist: Optional[torch.Tensor] = None
     # reservoir sample of X's rows (float32, up to input_samples rows) and the rows offered to it
     inputs: Optional[torch.Tensor] = None
     offered: int = 0
     generator: Optional[np.random.Generator] = None
+
+
+@dataclass
+class _Hessian:
+    """X^T X of one layer over the bins of one Hessian span and one split: float32 products of at
+    most HESSIAN_CHUNK_ROWS rows, summed in float64."""
+    matrix: torch.Tensor
+    rows: int = 0
 
 
 @dataclass
@@ -223,6 +245,11 @@ class _Call:
     split: str = "fit"
     sample: int = -1          # recorded-sample number (0-based) when record is True
     owners: List[Any] = field(default_factory=list)
+    # the inputs of the layers that keep their own statistics, in this call, to find the layers
+    # that read the same one: id(tensor) -> (weakref, layer), and layer -> (weakref, a copy when
+    # small)
+    seen: Dict[int, Tuple[Any, str]] = field(default_factory=dict)
+    inputs_of: Dict[str, Tuple[Any, Optional[torch.Tensor]]] = field(default_factory=dict)
 
 
 def _layer_info(module: nn.Module) -> Optional[Tuple[str, int, int]]:
@@ -411,8 +438,22 @@ class CalibrationRecorder:
         Rows of X kept per (layer, bin, split), drawn uniformly at random from every row the layer
         saw there (reservoir sampling, seeded from the layer name, bin and split, so a rerun keeps
         the same rows). The engine uses them to fit activation parameters after channel
-        equalization and to measure W8A8 / W4A8 output error. Only for layers with a Hessian;
-        0 records none.
+        equalization and to measure W8A8 / W4A8 output error, and, where no held-out Hessian is
+        kept, the held-out output error per timestep group. Only for layers with a Hessian; 0
+        records none.
+    hessian_bins:
+        How many Hessians per layer and split, over uniform spans of ``num_bins // hessian_bins``
+        adjacent step bins (it must divide ``num_bins``). ``None``: one per step bin. ``1``: one
+        Hessian over the whole trajectory, for models whose Hessians would not fit otherwise
+        (the other statistics stay per step bin).
+    holdout_hessians:
+        Whether the ``holdout`` split keeps Hessians too. ``False`` halves their memory and disk; the
+        engine then measures held-out output error on the held-out input samples.
+    share_inputs:
+        Layers that read the same input in every recorded call (q/k/v of an attention, gate/up of
+        an MLP, the adaLN projections of every block that read one conditioning vector) keep one set
+        of statistics; the others' rows copy it and name it in ``hessian_from``. Found per call by
+        tensor identity, or by value for inputs of at most 65536 elements (nn.Linear only).
     component:
         The pipeline component the model is (``"unet"``, ``"transformer"``), ``""`` for a single model.
     step_kind:
@@ -428,8 +469,10 @@ class CalibrationRecorder:
 
     def __init__(self, model: "nn.Module", step_range: Optional[Tuple[float, float]] = None, num_bins: int = 10,
                  max_samples: int = 128, total_calls: Optional[int] = None, holdout_every: int = 4,
-                 max_hessian_features: int = 4096, component: str = "", step_kind: str = "timestep",
-                 device: Optional[Union[str, "torch.device"]] = None, input_samples: int = 64) -> None:
+                 max_hessian_features: int = 8192, component: str = "", step_kind: str = "timestep",
+                 device: Optional[Union[str, "torch.device"]] = None, input_samples: int = 64,
+                 hessian_bins: Optional[int] = None, holdout_hessians: bool = True,
+                 share_inputs: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if step_kind not in STEP_KINDS:
@@ -457,6 +500,14 @@ class CalibrationRecorder:
             raise ConfigurationError(f"input_samples must be an integer between 0 and 65536; got {input_samples!r}")
         if not isinstance(component, str):
             raise ConfigurationError(f"component must be a string ('' for a single model); got {component!r}")
+        if hessian_bins is None:
+            hessian_bins = num_bins
+        if not _is_int(hessian_bins) or not 1 <= hessian_bins <= num_bins or num_bins % hessian_bins:
+            raise ConfigurationError(f"hessian_bins must be None or an integer from 1 to num_bins={num_bins} that "
+                                     f"divides it; got {hessian_bins!r}")
+        for what, v in (("holdout_hessians", holdout_hessians), ("share_inputs", share_inputs)):
+            if not isinstance(v, bool):
+                raise ConfigurationError(f"{what} must be True or False; got {v!r}")
         if device is not None:
             try:
                 device = torch.device(device)
@@ -476,6 +527,10 @@ class CalibrationRecorder:
         self.component = component
         self.step_kind = step_kind
         self.device = device
+        self.hessian_bins = int(hessian_bins)
+        self.hessian_span = self.num_bins // self.hessian_bins  # step bins per Hessian
+        self.holdout_hessians = holdout_hessians
+        self.share_inputs = share_inputs
 
         self._selected = (None if self.total_calls is None
                           else frozenset(sample_indices(self.total_calls, self.max_samples)))
@@ -483,11 +538,24 @@ class CalibrationRecorder:
         self._recorded = 0       # calls recorded
         self._active: Optional[_Call] = None
         self._stats: Dict[Tuple[str, int, str], _Stats] = {}
+        # (layer, Hessian span index, split) -> X^T X
+        self._hessians: Dict[Tuple[str, int, str], _Hessian] = {}
+        # layer -> the layer whose input it reads (itself when it reads its own), decided at the
+        # layer's first recorded call and checked at every later one
+        self._owner: Dict[str, str] = {}
+        # layers whose statistics are accumulated (None: all); the others are only followed to
+        # find shared inputs (a recording split over several passes, see record_pipeline)
+        self._accumulate_only: Optional[frozenset] = None
+        # layer -> its place in the order the layers first ran in recorded calls
+        self._run_order: Dict[str, int] = {}
+        # set when the statistics were written pass by pass by record_pipeline(max_memory=...)
+        self._streamed_to: Optional[str] = None
         self._handles: List[Any] = []
         self._closed = False
         self._warned: set = set()
 
         self._layers: List[_Layer] = []
+        self._by_name: Dict[str, _Layer] = {}
         for module_name, module in model.named_modules():
             info = _layer_info(module)
             if info is None:
@@ -502,6 +570,7 @@ class CalibrationRecorder:
                 reason = f"in_features {f} > max_hessian_features {self.max_hessian_features}"
             layer = _Layer(name, module, kind, f, reason, len(self._layers))
             self._layers.append(layer)
+            self._by_name[name] = layer
             self._handles.append(module.register_forward_pre_hook(self._make_layer_hook(layer)))
         if not self._layers:
             raise ConfigurationError(f"model {type(model).__name__} has no nn.Linear / nn.Conv1d / nn.Conv2d / "
@@ -530,13 +599,33 @@ class CalibrationRecorder:
         return {layer.name: layer.hessian_reason for layer in self._layers if layer.hessian_reason}
 
     def hessian_bytes(self) -> int:
-        """Bytes the Hessians take now (each is in_features^2 float64 per (layer, bin, split))."""
-        return sum(st.hessian.numel() * 8 for st in self._stats.values() if st.hessian is not None)
+        """Bytes the Hessians take now (in_features^2 float64 per (layer, Hessian span, split))."""
+        return sum(h.matrix.numel() * 8 for h in self._hessians.values())
+
+    def layer_hessian_bytes(self, name: str) -> int:
+        """Upper bound of the bytes layer ``name``'s Hessians take: every span and split kept (0 for a
+        layer without a Hessian, or one that shares another's)."""
+        layer = self._by_name[name]
+        if layer.hessian_reason is not None or self._owner.get(name, name) != name:
+            return 0
+        splits = 2 if self.holdout_every and self.holdout_hessians else 1
+        return layer.in_features ** 2 * 8 * self.hessian_bins * splits
 
     def max_hessian_bytes(self) -> int:
-        """Upper bound of :meth:`hessian_bytes`: every layer with a Hessian in every bin and split."""
-        per_bin = sum(layer.in_features ** 2 * 8 for layer in self._layers if layer.hessian_reason is None)
-        return per_bin * self.num_bins * (2 if self.holdout_every else 1)
+        """Upper bound of :meth:`hessian_bytes`: every layer with a Hessian in every span and split."""
+        return sum(self.layer_hessian_bytes(layer.name) for layer in self._layers)
+
+    @property
+    def shared_inputs(self) -> Dict[str, str]:
+        """{layer: the layer whose statistics it shares} for the layers found reading another's input."""
+        return {k: v for k, v in self._owner.items() if k != v}
+
+    def hessian(self, layer: str, bin: int, split: str = "fit") -> Optional[torch.Tensor]:
+        """The float64 X^T X accumulated so far for ``layer`` over the Hessian span holding ``bin``
+        (the span's every bin; that of the layer it shares its input with), or None."""
+        owner = self._owner.get(layer, layer)
+        h = self._hessians.get((owner, bin // self.hessian_span, split))
+        return None if h is None else h.matrix
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -651,13 +740,64 @@ class CalibrationRecorder:
             x = args[0]
             if not (x.is_floating_point()):
                 return
+            self._run_order.setdefault(layer.name, len(self._run_order))
             with torch.no_grad(), torch.inference_mode(False):
-                self._accumulate(layer, x.detach(), call)
+                if self._input_owner(layer, x, call) != layer.name:
+                    return  # reads another layer's input: its rows copy that layer's
+                if self._accumulate_only is None or layer.name in self._accumulate_only:
+                    self._accumulate(layer, x.detach(), call)
         return hook
+
+    def _input_owner(self, layer: _Layer, x: torch.Tensor, call: _Call) -> str:
+        """The layer whose statistics stand for ``layer``'s: at the layer's first recorded call, the
+        first layer of that call that read the same input (the same tensor, or equal values for an
+        input of at most 65536 elements), else the layer itself. Every later call checks that the
+        layer still reads its owner's input; one that does not is an error (the statistics would
+        be wrong)."""
+        if not self.share_inputs or layer.kind != "linear":
+            return layer.name
+        small = x.numel() <= _SHARE_BY_VALUE_ELEMENTS
+
+        def same(entry: Tuple[Any, Optional[torch.Tensor]]) -> bool:
+            ref, value = entry
+            if ref() is x:
+                return True
+            return (value is not None and small and value.shape == x.shape and value.dtype == x.dtype
+                    and value.device == x.device and torch.equal(value, x))
+
+        expected = self._owner.get(layer.name)
+        if expected is not None and expected != layer.name:
+            entry = call.inputs_of.get(expected)
+            if entry is not None and same(entry):
+                return expected
+            raise ConfigurationError(
+                f"CalibrationRecorder: layer {layer.name!r} read the same input as {expected!r} in earlier calls but "
+                f"not in call {call.index}, and the two share one set of statistics; record with share_inputs=False")
+        if expected is None:
+            found = None
+            entry = call.seen.get(id(x))
+            if entry is not None and entry[0]() is x:
+                found = entry[1]
+            elif small:
+                for name, e in call.inputs_of.items():
+                    if e[1] is not None and same(e):
+                        found = name
+                        break
+            if found is not None and self._by_name[found].in_features == layer.in_features \
+                    and self._by_name[found].hessian_reason == layer.hessian_reason:
+                self._owner[layer.name] = found
+                return found
+            self._owner[layer.name] = layer.name
+        # an owner: its input, for the layers that may read it later in this call
+        call.seen[id(x)] = (weakref.ref(x), layer.name)
+        call.inputs_of[layer.name] = (weakref.ref(x), x.detach().clone() if small else None)
+        return layer.name
 
     def _accumulate(self, layer: _Layer, x: torch.Tensor, call: _Call) -> None:
         key = (layer.name, call.bin, call.split)
         st = self._stats.get(key)
+        keep_hessian = layer.hessian_reason is None and (call.split == "fit" or self.holdout_hessians)
+        hkey = (layer.name, call.bin // self.hessian_span, call.split)
         dev = None
         for chunk in _x_chunks(layer, x):
             if chunk.shape[0] == 0:
@@ -676,14 +816,21 @@ class CalibrationRecorder:
                 torch.maximum(st.absmax, amax, out=st.absmax)
                 torch.minimum(st.min, cmin, out=st.min)
                 torch.maximum(st.max, cmax, out=st.max)
-            if st.with_hessian:
-                if st.hessian is None:
-                    st.hessian = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=dev)
+            if keep_hessian:
+                h = self._hessians.get(hkey)
+                if h is None:
+                    h = self._hessians[hkey] = _Hessian(torch.zeros(layer.in_features, layer.in_features,
+                                                                    dtype=torch.float64, device=dev))
+                # float32 products of a bounded number of rows, summed in float64; float64 inputs,
+                # and values whose float32 sums of squares could overflow, keep float64 products
+                exact = chunk.dtype == torch.float64 or float(amax.max()) > _FLOAT32_PRODUCT_LIMIT
                 for i in range(0, chunk.shape[0], HESSIAN_CHUNK_ROWS):
-                    xd = chunk[i:i + HESSIAN_CHUNK_ROWS].to(torch.float64)
-                    st.hessian.addmm_(xd.t(), xd)
-                if self.input_samples:
-                    _offer_rows(st, xf, self.input_samples, key)
+                    xc = (chunk[i:i + HESSIAN_CHUNK_ROWS].to(torch.float64) if exact
+                          else xf[i:i + HESSIAN_CHUNK_ROWS])
+                    h.matrix.add_(xc.t() @ xc)
+                h.rows += int(chunk.shape[0])
+            if st.with_hessian and self.input_samples:
+                _offer_rows(st, xf, self.input_samples, key)
             st.rows += int(chunk.shape[0])
             if st.last_call != call.index:
                 st.last_call = call.index
@@ -710,72 +857,89 @@ class CalibrationRecorder:
             "arrowquant.hist_max_exp": str(HIST_MAX_EXP),
         }
 
-    def _rows(self) -> Iterator[Dict[str, Any]]:
-        order = {layer.name: layer for layer in self._layers}
-        keys = sorted(self._stats, key=lambda k: (order[k[0]].order, k[1], SPLITS.index(k[2])))
-        for name, b, split in keys:
-            st = self._stats[(name, b, split)]
-            if st.samples == 0 or st.absmax is None:
-                continue
-            lo, hi = bin_edges(b, self.step_range, self.num_bins)
-            hist = (np.zeros(2 * HIST_BINS + 1, np.int64) if st.hist is None
-                    else st.hist.detach().cpu().numpy().astype(np.int64, copy=False))
-            absmax = st.absmax.detach().cpu().numpy().astype(np.float32, copy=False)
-            hessian = None if st.hessian is None else st.hessian.detach().cpu().numpy().reshape(-1)
-            for what, values in (("absmax", absmax), ("hessian", hessian)):
-                if values is not None and not np.isfinite(values).all():
-                    bad = int(np.flatnonzero(~np.isfinite(values))[0])
-                    raise QuantizationError(
-                        f"calibration data of layer {name!r} ({self.step_kind} bin {b}, split {split!r}) is not "
-                        f"finite: {what} value {values[bad]!r} at {'column' if what == 'absmax' else 'index'} {bad}; "
-                        f"the layer saw NaN or infinite inputs")
-            yield {
-                "component": self.component, "layer": name, "bin": b, "step_lo": lo, "step_hi": hi,
-                "split": split, "samples": st.samples, "rows": st.rows, "step_sum": st.step_sum,
-                "in_features": st.in_features,
-                "absmax": absmax,
-                "min": st.min.detach().cpu().numpy().astype(np.float32, copy=False),
-                "max": st.max.detach().cpu().numpy().astype(np.float32, copy=False),
-                "hessian": hessian,
-                "hessian_reason": order[name].hessian_reason,
-                "hist_pos": hist[:HIST_BINS],
-                "hist_neg": hist[HIST_BINS:2 * HIST_BINS],
-                "hist_zero": int(hist[2 * HIST_BINS]),
-                "inputs": None if st.inputs is None else st.inputs.detach().cpu().numpy().reshape(-1),
-            }
+    def _rows(self, names: Optional[Sequence[str]] = None) -> Iterator[Dict[str, Any]]:
+        """The file's rows of the layers ``names`` (default: every layer, in model order): per layer
+        its (bin, split) rows, bins ascending, ``fit`` before ``holdout``. A layer that shares
+        another's input gets copies of that layer's rows, without the Hessian (``hessian_from``)."""
+        if names is None:
+            names = [layer.name for layer in self._layers]
+        by_layer: Dict[str, List[Tuple[int, str]]] = {}
+        for name, b, split in self._stats:
+            by_layer.setdefault(name, []).append((b, split))
+        for name in names:
+            owner = self._owner.get(name, name)
+            keys = sorted(by_layer.get(owner, ()), key=lambda k: (k[0], SPLITS.index(k[1])))
+            # the row holding a span's Hessian: the span's first bin with data
+            holder: Dict[Tuple[int, str], int] = {}
+            for b, split in keys:
+                holder.setdefault((b // self.hessian_span, split), b)
+            for b, split in keys:
+                st = self._stats[(owner, b, split)]
+                if st.samples == 0 or st.absmax is None:
+                    continue
+                yield self._row(name, owner, b, split, st, holder[(b // self.hessian_span, split)] == b)
+
+    def _row(self, name: str, owner: str, b: int, split: str, st: _Stats, holds: bool) -> Dict[str, Any]:
+        layer = self._by_name[name]
+        lo, hi = bin_edges(b, self.step_range, self.num_bins)
+        hist = (np.zeros(2 * HIST_BINS + 1, np.int64) if st.hist is None
+                else st.hist.detach().cpu().numpy().astype(np.int64, copy=False))
+        absmax = st.absmax.detach().cpu().numpy().astype(np.float32, copy=False)
+        h = self._hessians.get((owner, b // self.hessian_span, split))
+        reason = layer.hessian_reason
+        if reason is None and h is None:
+            reason = ("holdout_hessians=False: no held-out Hessian (held-out output error is measured on the "
+                      "held-out input samples)")
+        if not np.isfinite(absmax).all():
+            bad = int(np.flatnonzero(~np.isfinite(absmax))[0])
+            raise QuantizationError(
+                f"calibration data of layer {owner!r} ({self.step_kind} bin {b}, split {split!r}) is not finite: "
+                f"absmax value {absmax[bad]!r} at column {bad}; the layer saw NaN or infinite inputs")
+        hessian = None
+        if h is not None and holds:
+            full = h.matrix.detach().cpu().numpy()
+            big = np.abs(full) > np.finfo(np.float32).max
+            if not np.isfinite(full).all() or big.any():
+                bad = np.argwhere(~np.isfinite(full) | big)[0]
+                raise QuantizationError(
+                    f"calibration data of layer {owner!r} ({self.step_kind} bin {b}, split {split!r}): hessian value "
+                    f"{full[bad[0], bad[1]]!r} at ({bad[0]}, {bad[1]}) is not finite or beyond float32's range (the "
+                    f"file stores float32); the layer's inputs reach {float(absmax.max())!r}")
+            if name == owner:
+                hessian = _pack_upper(full)
+        return {
+            "component": self.component, "layer": name, "bin": b, "step_lo": lo, "step_hi": hi,
+            "split": split, "samples": st.samples, "rows": st.rows, "step_sum": st.step_sum,
+            "in_features": st.in_features,
+            "absmax": absmax,
+            "min": st.min.detach().cpu().numpy().astype(np.float32, copy=False),
+            "max": st.max.detach().cpu().numpy().astype(np.float32, copy=False),
+            "hessian": hessian,
+            "hessian_reason": reason,
+            "hessian_span": self.hessian_span,
+            "hessian_rows": h.rows if (h is not None and holds) else None,
+            "hessian_from": owner if (name != owner and h is not None) else None,
+            "hist_pos": hist[:HIST_BINS],
+            "hist_neg": hist[HIST_BINS:2 * HIST_BINS],
+            "hist_zero": int(hist[2 * HIST_BINS]),
+            "inputs": None if st.inputs is None else st.inputs.detach().cpu().numpy().reshape(-1),
+        }
 
     def save(self, path: PathLike) -> str:
         """Writes ``calibration.parquet`` (docs/calibration.md): one row per (layer, bin, split) with at
         least one sample, one row group per row. The file appears atomically (written to a temporary
         file in the same directory, then renamed); returns its path. Works after :meth:`close`."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise ModelNotFoundError(f"cannot save calibration data to {path!r}: directory {directory!r} "
-                                     f"does not exist")
+        if self._streamed_to is not None:
+            raise ConfigurationError(f"this recorder's statistics were written to {self._streamed_to!r} pass by pass "
+                                     f"(record_pipeline with max_memory) and are no longer held")
         if self._recorded == 0:
-            warnings.warn(f"CalibrationRecorder.save({path!r}): no call was recorded (run the model inside "
-                          f"rec.step(t) or after rec.attach_timestep()); the file has no rows", UserWarning,
+            warnings.warn(f"CalibrationRecorder.save({os.fspath(path)!r}): no call was recorded (run the model "
+                          f"inside rec.step(t) or after rec.attach_timestep()); the file has no rows", UserWarning,
                           stacklevel=2)
-        schema = calibration_schema(self.metadata())
-        fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".parquet.tmp", dir=directory)
-        os.close(fd)
-        try:
-            with pq.ParquetWriter(tmp, schema, compression={n: ("NONE" if n == "hessian" else "ZSTD")
-                                                            for n, _, _ in SCHEMA_FIELDS},
-                                  use_dictionary=["component", "layer", "split", "hessian_reason"],
-                                  write_statistics=["component", "layer", "bin", "split"]) as writer:
-                for row in self._rows():
-                    writer.write_table(_row_table(row, schema))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+        with _CalibrationWriter(path, self.metadata()) as writer:
+            for row in self._rows():
+                writer.write(row)
+        return writer.path
 
     def close(self) -> None:
         """Removes every hook; the statistics stay (``save`` still works)."""
@@ -864,16 +1028,127 @@ def _row_table(row: Dict[str, Any], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def _pack_upper(h: np.ndarray) -> np.ndarray:
+    """The upper triangle of a symmetric n x n matrix, row by row (H[0, 0..n-1], H[1, 1..n-1], ...),
+    as float32."""
+    n = h.shape[0]
+    out = np.empty(n * (n + 1) // 2, dtype=np.float32)
+    at = 0
+    for i in range(n):
+        out[at:at + n - i] = h[i, i:]
+        at += n - i
+    return out
+
+
+def _unpack_upper(packed: np.ndarray, n: int) -> np.ndarray:
+    """The symmetric float64 n x n matrix of a packed upper triangle."""
+    h = np.empty((n, n), dtype=np.float64)
+    at = 0
+    for i in range(n):
+        h[i, i:] = packed[at:at + n - i]
+        h[i:, i] = packed[at:at + n - i]
+        at += n - i
+    return h
+
+
+class _CalibrationWriter:
+    """Writes calibration.parquet row by row into a temporary file beside ``path`` and renames it onto
+    ``path`` when closed without an error (a reader never sees a partial file)."""
+
+    def __init__(self, path: PathLike, metadata: Mapping[str, str]) -> None:
+        self.path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise ModelNotFoundError(f"cannot save calibration data to {self.path!r}: directory {directory!r} "
+                                     f"does not exist")
+        self.schema = calibration_schema(metadata)
+        fd, self.tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".parquet.tmp", dir=directory)
+        os.close(fd)
+        try:
+            self.writer = pq.ParquetWriter(self.tmp, self.schema,
+                                           compression={n: ("NONE" if n == "hessian" else "ZSTD")
+                                                        for n, _, _ in SCHEMA_FIELDS},
+                                           use_dictionary=["component", "layer", "split", "hessian_reason",
+                                                           "hessian_from"],
+                                           write_statistics=["component", "layer", "bin", "split"])
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            raise
+        self.rows = 0
+
+    def write(self, row: Dict[str, Any]) -> None:
+        self.writer.write_table(_row_table(row, self.schema))
+        self.rows += 1
+
+    def __enter__(self) -> "_CalibrationWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            self.writer.close()
+            if exc_type is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self.tmp, 0o666 & ~umask)
+                os.replace(self.tmp, self.path)
+        finally:
+            with contextlib.suppress(OSError):
+                if os.path.exists(self.tmp):
+                    os.unlink(self.tmp)
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers pipelines
 # ---------------------------------------------------------------------------------------------
 
+def _find_denoiser(pipe: Any) -> Tuple["nn.Module", str]:
+    for attr in ("transformer", "unet"):
+        m = getattr(pipe, attr, None)
+        if isinstance(m, nn.Module):
+            return m, attr
+    raise ConfigurationError(f"record_pipeline: {type(pipe).__name__} has no 'transformer' or 'unet' module")
+
+
+def _clone_tree(obj: Any) -> Any:
+    """A copy of a call's arguments with every tensor detached and cloned (containers rebuilt)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, tuple):
+        return tuple(_clone_tree(v) for v in obj)
+    if isinstance(obj, list):
+        return [_clone_tree(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    return obj
+
+
+class _StopReplay(Exception):
+    """Raised by a hook to end a replayed forward once the layers of its pass have run."""
+
+
+def _partition(names: Sequence[str], sizes: Mapping[str, int], budget: int) -> List[List[str]]:
+    """Consecutive groups of ``names`` whose sizes sum to at most ``budget`` (a layer larger than the
+    budget alone)."""
+    groups: List[List[str]] = []
+    used = 0
+    for n in names:
+        if not groups or (used + sizes[n] > budget and groups[-1]):
+            groups.append([])
+            used = 0
+        groups[-1].append(n)
+        used += sizes[n]
+    return groups
+
+
 def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int, max_samples: int = 128,
-                    num_bins: int = 10, holdout_every: int = 4, max_hessian_features: int = 4096,
+                    num_bins: int = 10, holdout_every: int = 4, max_hessian_features: int = 8192,
                     input_samples: int = 64,
                     calls_per_step: int = 1, step_range: Optional[Tuple[float, float]] = None,
                     timestep_scale: Optional[float] = None, output_path: Optional[PathLike] = None,
-                    device: Optional[Union[str, "torch.device"]] = None, **pipe_kwargs: Any) -> CalibrationRecorder:
+                    device: Optional[Union[str, "torch.device"]] = None, hessian_bins: Optional[int] = None,
+                    holdout_hessians: bool = True, share_inputs: bool = True, max_memory: Optional[int] = None,
+                    progress_callback: Optional[Any] = None, **pipe_kwargs: Any) -> CalibrationRecorder:
     """Runs a diffusers pipeline and records its denoiser (``pipe.transformer`` or ``pipe.unet``).
 
     ``prompts_or_kwargs`` is a prompt, a list of prompts (each run as ``pipe(prompt=p, ...)``), a
@@ -882,21 +1157,31 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
     ``num_inference_steps * calls_per_step * number of runs`` (``calls_per_step``: denoiser calls per
     step -- 1 for most pipelines, whose classifier-free guidance doubles the batch instead).
     ``timestep_scale`` multiplies the timestep the denoiser receives (default: 1000 for Flux
-    transformers, which are passed ``t / 1000``; else 1). The recorder is returned closed (hooks
-    removed), ready for ``save``; with ``output_path`` it is also saved there.
+    transformers, which are passed ``t / 1000``; else 1). ``hessian_bins``, ``holdout_hessians``,
+    ``share_inputs``: as for :class:`CalibrationRecorder`.
+
+    ``max_memory`` (bytes) bounds the Hessians held at once, for models whose statistics do not fit
+    in memory together. The pipeline runs once, recording the first layers whose Hessians fit and
+    keeping a copy of the denoiser's arguments of every recorded call; the other layers are
+    recorded in later passes, each replaying those calls through the denoiser -- the pipeline is
+    not run again -- up to the last layer of the pass (the rest of the forward is skipped), for as
+    many layers as fit. Each pass's rows are written to ``output_path`` (required) as it ends, so
+    neither memory nor the passes depend on the model's depth; the returned recorder holds no
+    statistics. ``progress_callback(message, fraction)`` is called after every call of every pass.
+
+    The recorder is returned closed (hooks removed), ready for ``save``; with ``output_path`` it is
+    also saved there.
     """
-    denoiser, component = None, ""
-    for attr in ("transformer", "unet"):
-        m = getattr(pipe, attr, None)
-        if isinstance(m, nn.Module):
-            denoiser, component = m, attr
-            break
-    if denoiser is None:
-        raise ConfigurationError(f"record_pipeline: {type(pipe).__name__} has no 'transformer' or 'unet' module")
+    denoiser, component = _find_denoiser(pipe)
     if not _is_int(num_inference_steps) or num_inference_steps < 1:
         raise ConfigurationError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
     if not _is_int(calls_per_step) or calls_per_step < 1:
         raise ConfigurationError(f"calls_per_step must be an integer >= 1; got {calls_per_step!r}")
+    if max_memory is not None and (not _is_int(max_memory) or max_memory < 1):
+        raise ConfigurationError(f"max_memory must be None or a number of bytes >= 1; got {max_memory!r}")
+    if max_memory is not None and output_path is None:
+        raise ConfigurationError("record_pipeline: max_memory writes the statistics pass by pass and needs "
+                                 "output_path")
     if step_range is None:
         config = getattr(getattr(pipe, "scheduler", None), "config", None)
         if isinstance(config, Mapping):
@@ -921,13 +1206,39 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
             raise ConfigurationError(f"record_pipeline: each run must be a prompt or a dict of pipeline arguments; "
                                      f"got {r!r}")
 
-    rec = CalibrationRecorder(denoiser, step_range=step_range, num_bins=num_bins, max_samples=max_samples,
-                              total_calls=num_inference_steps * calls_per_step * len(runs),
-                              holdout_every=holdout_every, max_hessian_features=max_hessian_features,
-                              input_samples=input_samples,
-                              component=component, step_kind="timestep", device=device)
+    options = dict(step_range=step_range, num_bins=num_bins, max_samples=max_samples,
+                   total_calls=num_inference_steps * calls_per_step * len(runs),
+                   holdout_every=holdout_every, max_hessian_features=max_hessian_features,
+                   input_samples=input_samples, component=component, step_kind="timestep", device=device,
+                   hessian_bins=hessian_bins, holdout_hessians=holdout_hessians, share_inputs=share_inputs)
+    rec = CalibrationRecorder(denoiser, **options)
+    captured: List[Tuple[_Call, Any, Any]] = []
+    total_calls = options["total_calls"]
+
+    def report(message: str, fraction: float) -> None:
+        if progress_callback is not None:
+            progress_callback(message, min(1.0, max(0.0, fraction)))
+
     try:
         rec.attach_timestep(denoiser, scale=timestep_scale)
+        if max_memory is not None:
+            sizes = {layer.name: rec.layer_hessian_bytes(layer.name) for layer in rec._layers}
+            first = _partition([layer.name for layer in rec._layers], sizes, max_memory)[0]
+            rec._accumulate_only = frozenset(first)
+
+            def capture(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                call = rec._active
+                if call is not None and call.record:
+                    captured.append((call, _clone_tree(args), _clone_tree(kwargs)))
+
+            # after attach_timestep's hook (prepended), which starts the call
+            rec._handles.append(denoiser.register_forward_pre_hook(capture, with_kwargs=True))
+
+        def count(mod: nn.Module, args: tuple, output: Any) -> None:
+            report(f"recording: denoiser call {rec.calls}/{total_calls}", rec.calls / total_calls
+                   / (1.0 if max_memory is None else 2.0))
+
+        rec._handles.append(denoiser.register_forward_hook(count))
         with torch.no_grad():
             for r in runs:
                 kwargs = dict(pipe_kwargs)
@@ -940,9 +1251,72 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
         warnings.warn(f"record_pipeline: the denoiser was called {rec.calls} times, not the expected "
                       f"{rec.total_calls} (num_inference_steps * calls_per_step * runs); pass calls_per_step so "
                       f"the samples spread over the whole loop", UserWarning, stacklevel=2)
-    if output_path is not None:
-        rec.save(output_path)
+    if max_memory is None:
+        if output_path is not None:
+            rec.save(output_path)
+        return rec
+    _record_remaining_passes(rec, denoiser, captured, options, max_memory, output_path, report)
     return rec
+
+
+def _record_remaining_passes(rec: CalibrationRecorder, denoiser: "nn.Module", captured: List[Tuple[_Call, Any, Any]],
+                             options: Dict[str, Any], max_memory: int, output_path: PathLike, report: Any) -> None:
+    """The passes of record_pipeline(max_memory=...) after the pipeline's own: the first pass's rows
+    are written, then each later pass replays the captured calls for its layers and writes theirs."""
+    aliases: Dict[str, List[str]] = {}
+    for name, owner in rec._owner.items():
+        if name != owner:
+            aliases.setdefault(owner, []).append(name)
+    model_order = {layer.name: layer.order for layer in rec._layers}
+
+    def with_aliases(names: Sequence[str]) -> List[str]:
+        out = set(names)
+        for n in names:
+            out.update(aliases.get(n, ()))
+        return sorted(out, key=model_order.__getitem__)
+
+    done = set(rec._accumulate_only or ())
+    # the layers left: those that keep their own statistics and ran, in the order they ran
+    left = [n for n in sorted(rec._run_order, key=rec._run_order.__getitem__)
+            if n not in done and rec._owner.get(n, n) == n]
+    sizes = {n: rec.layer_hessian_bytes(n) for n in left}
+    passes = _partition(left, sizes, max_memory) if left else []
+    run_order = sorted(rec._run_order, key=rec._run_order.__getitem__)
+    with _CalibrationWriter(output_path, rec.metadata()) as writer:
+        for row in rec._rows(with_aliases([n for n in done if n in rec._run_order])):
+            writer.write(row)
+        rec._stats.clear()
+        rec._hessians.clear()
+        for p, names in enumerate(passes):
+            replay = CalibrationRecorder(denoiser, **options)
+            try:
+                replay._owner = dict(rec._owner)
+                replay._accumulate_only = frozenset(names)
+                last = max(rec._run_order[n] for n in names)
+                if last + 1 < len(run_order):
+                    stop_module = replay._by_name[run_order[last + 1]].module
+
+                    def stop(mod: nn.Module, args: tuple) -> None:
+                        raise _StopReplay()
+
+                    replay._handles.append(stop_module.register_forward_pre_hook(stop))
+                with torch.no_grad():
+                    for i, (call, args, kwargs) in enumerate(captured):
+                        replay._active = _Call(call.index, True, call.step, call.bin, call.split, call.sample)
+                        try:
+                            denoiser(*args, **kwargs)
+                        except _StopReplay:
+                            pass
+                        finally:
+                            replay._active = None
+                        report(f"recording: pass {p + 2}/{len(passes) + 1} ({len(names)} layers), call "
+                               f"{i + 1}/{len(captured)}",
+                               0.5 + 0.5 * (p + (i + 1) / max(1, len(captured))) / len(passes))
+            finally:
+                replay.close()
+            for row in replay._rows(with_aliases(names)):
+                writer.write(row)
+    rec._streamed_to = writer.path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -982,10 +1356,15 @@ class CalibrationData(dict):
         return list(seen)
 
 
-def load_calibration(path: PathLike) -> CalibrationData:
-    """Reads a calibration.parquet written by :meth:`CalibrationRecorder.save` (version 1). The
+def load_calibration(path: PathLike, hessians: bool = True) -> CalibrationData:
+    """Reads a calibration.parquet written by :meth:`CalibrationRecorder.save` (version 2, or 1). The
     histogram columns are optional: entries of a file without them have ``hist_pos``, ``hist_neg``,
-    ``hist_zero`` ``None``."""
+    ``hist_zero`` ``None``.
+
+    ``hessian`` is the float64 ``(in_features, in_features)`` matrix of the row that holds it (in
+    version 2 the first row of its span of ``hessian_span`` bins; a layer with ``hessian_from``
+    gets the very matrix of that layer's row); ``hessians=False`` skips reading them (every
+    ``hessian`` is None), for big files."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelNotFoundError(f"calibration file {path!r} does not exist")
@@ -996,11 +1375,13 @@ def load_calibration(path: PathLike) -> CalibrationData:
     raw = pf.schema_arrow.metadata or {}
     meta = {k.decode(): v.decode() for k, v in raw.items()}
     version = meta.get("arrowquant.calibration_version")
-    if version != CALIBRATION_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ModelFormatError(f"{path!r}: arrowquant.calibration_version is {version!r}; this reader reads "
-                               f"version {CALIBRATION_VERSION!r}")
+                               f"versions {', '.join(READABLE_VERSIONS)}")
     names = pf.schema_arrow.names
-    missing = [n for n, _, _ in SCHEMA_FIELDS if n not in names and n not in OPTIONAL_COLUMNS]
+    v2_only = ("hessian_span", "hessian_rows", "hessian_from")
+    missing = [n for n, _, _ in SCHEMA_FIELDS
+               if n not in names and n not in OPTIONAL_COLUMNS and (version == "2" or n not in v2_only)]
     if missing:
         raise ModelFormatError(f"{path!r}: missing columns {missing}")
     has_hist = any(n in names for n in HIST_COLUMNS)
@@ -1016,11 +1397,14 @@ def load_calibration(path: PathLike) -> CalibrationData:
     out = CalibrationData()
     out.metadata = meta
     has_inputs = "inputs" in names
-    scalars = [n for n, t, _ in SCHEMA_FIELDS if not pa.types.is_list(t) and (has_hist or n not in HIST_COLUMNS)]
-    list_columns = (("absmax", "min", "max", "hessian") + (("hist_pos", "hist_neg") if has_hist else ())
-                    + (("inputs",) if has_inputs else ()))
+    scalars = [n for n, t, _ in SCHEMA_FIELDS if not pa.types.is_list(t) and (has_hist or n not in HIST_COLUMNS)
+               and (version == "2" or n not in v2_only)]
+    list_columns = (("absmax", "min", "max") + (("hessian",) if hessians else ())
+                    + (("hist_pos", "hist_neg") if has_hist else ()) + (("inputs",) if has_inputs else ()))
+    columns_read = [n for n in names if n != "hessian" or hessians]
+    shared: List[Tuple[Tuple[str, int, str], str]] = []
     for g in range(pf.num_row_groups):
-        table = pf.read_row_group(g)
+        table = pf.read_row_group(g, columns=columns_read)
         columns = {n: table.column(n).to_pylist() for n in scalars}
         lists = {n: table.column(n).combine_chunks() for n in list_columns}
         for i in range(table.num_rows):
@@ -1036,14 +1420,25 @@ def load_calibration(path: PathLike) -> CalibrationData:
                     else np.zeros(0, np.float32)
                 if row[col].shape != (f,):
                     raise ModelFormatError(f"{where}: {col} has {row[col].size} values, in_features is {f}")
-            h = lists["hessian"][i]
-            if h.is_valid:
-                hv = np.asarray(h.values.to_numpy(zero_copy_only=False), dtype=np.float64)
-                if hv.size != f * f:
-                    raise ModelFormatError(f"{where}: hessian has {hv.size} values, expected in_features^2 = {f * f}")
-                row["hessian"] = hv.reshape(f, f)
-            else:
-                row["hessian"] = None
+            if version == "1":
+                row.update(hessian_span=1, hessian_rows=row["rows"] if row["hessian_reason"] is None else None,
+                           hessian_from=None)
+            h = lists["hessian"][i] if hessians else None
+            row["hessian"] = None
+            if h is not None and h.is_valid:
+                hv = h.values.to_numpy(zero_copy_only=False)
+                if version == "1":
+                    if hv.size != f * f:
+                        raise ModelFormatError(f"{where}: hessian has {hv.size} values, expected in_features^2 = "
+                                               f"{f * f}")
+                    row["hessian"] = np.asarray(hv, dtype=np.float64).reshape(f, f)
+                else:
+                    if hv.size != f * (f + 1) // 2:
+                        raise ModelFormatError(f"{where}: hessian has {hv.size} values, expected the upper triangle "
+                                               f"of in_features = {f}: {f * (f + 1) // 2}")
+                    row["hessian"] = _unpack_upper(np.asarray(hv), f)
+            if row.get("hessian_from"):
+                shared.append((key, row["hessian_from"]))
             for col in ("hist_pos", "hist_neg"):
                 hist = lists[col][i] if has_hist else None
                 if hist is None or not hist.is_valid:
@@ -1066,4 +1461,10 @@ def load_calibration(path: PathLike) -> CalibrationData:
                 row["inputs"] = xv.reshape(-1, f)
             row["mean_step"] = row["step_sum"] / row["samples"] if row["samples"] else float("nan")
             out[key] = row
+    for key, source in shared:
+        src = out.get((source, key[1], key[2]))
+        if src is None or src["in_features"] != out[key]["in_features"]:
+            raise ModelFormatError(f"{path!r}: layer {key[0]!r} bin {key[1]} split {key[2]!r}: hessian_from names "
+                                   f"{source!r}, which has no row with {out[key]['in_features']} input features there")
+        out[key]["hessian"] = src["hessian"]
     return out

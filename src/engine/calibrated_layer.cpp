@@ -187,13 +187,18 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
       for (Eigen::Index j = 0; j < C; ++j) ws(r, j) = w[static_cast<size_t>(r) * step * cols + static_cast<size_t>(j)];
     std::vector<double> energy(ngroups, 0.0);
     std::vector<int64_t> fit_rows(ngroups, 0);
-    for (const auto& b : lc.fit)
+    bool ok = true;
+    for (const auto& b : lc.fit) {
+      if (!b.holds_hessian() || b.rows == 0) continue;
+      ok = ok && b.hessian_span == 1;  // pooled Hessians have no per-group energy
+      if (!ok) break;
       for (size_t g = 0; g < ngroups; ++g)
-        if (in_group(groups[g], b.bin) && b.rows > 0 && b.hessian.size() == cols * cols) {
-          energy[g] += ((ws * Eigen::Map<const MatD>(b.hessian.data(), C, C)).array() * ws.array()).sum();
+        if (in_group(groups[g], b.bin)) {
+          AQ_ASSIGN_OR_RETURN(const std::vector<double> hb, lc.hessian_of(b));
+          energy[g] += ((ws * Eigen::Map<const MatD>(hb.data(), C, C)).array() * ws.array()).sum();
           fit_rows[g] += b.rows;
         }
-    bool ok = true;
+    }
     weights.assign(ngroups, 0.0);
     for (size_t g = 0; g < ngroups; ++g) {
       if (fit_rows[g] == 0) continue;
@@ -207,7 +212,7 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
                                           "group; uniform weights used"));
     }
   }
-  auto h = layer_hessians(lc, groups, weights);
+  AQ_ASSIGN_OR_RETURN(auto h, layer_hessians(lc, groups, weights));
   if (!h) {
     std::string why = "no Hessian was recorded";
     for (const auto& b : lc.fit)
@@ -324,7 +329,7 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
       } else {
         std::vector<float> q_eff(q);
         scale_columns(q_eff.data(), sub, cols, inv);
-        c.errors[g] = output_error(w_sub.data(), q_eff.data(), sub, cols, H.check[g].data()).rel_error;
+        c.errors[g] = group_output_error(H, g, w_sub.data(), q_eff.data(), sub, cols).rel_error;
       }
       sum += c.errors[g];
       ++used;
@@ -354,8 +359,10 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
     out.equalization = {{"applied", chosen.alpha >= 0}, {"alpha", chosen.alpha < 0 ? json(nullptr) : json(chosen.alpha)},
                         {"objective", act ? StrCat("mean over timestep groups of the W", o.gptq_scheme.bits, "A",
                                                    o.activation_bits, " output relative error on held-out input samples")
-                                          : std::string("mean over timestep groups of the output relative error "
-                                                        "(held-out Hessians)")},
+                                          : std::string(H.pooled ? "mean over timestep groups of the output relative "
+                                                                   "error (held-out input samples)"
+                                                                 : "mean over timestep groups of the output relative "
+                                                                   "error (held-out Hessians)")},
                         {"rows_searched", sub}, {"candidates", std::move(list)}};
   }
   if (chosen.alpha >= 0) {
@@ -453,9 +460,10 @@ OutputCheck check_layer_output(const float* w, const float* q, size_t rows, size
   }
   for (size_t g = 0; g < groups.size(); ++g) {
     if (H.rows[g] == 0 && !H.check_held_out[g]) continue;
-    const OutputError e = output_error(w, q, rows, cols, H.check[g].data(), row_step);
+    const OutputError e = group_output_error(H, g, w, q, rows, cols, row_step);
     json entry = {{"group", g}, {"step_lo", groups[g].step_lo}, {"step_hi", groups[g].step_hi},
-                  {"relative_error", e.rel_error}, {"cosine", e.cosine}, {"held_out", static_cast<bool>(H.check_held_out[g])}};
+                  {"relative_error", e.rel_error}, {"cosine", e.cosine}, {"held_out", static_cast<bool>(H.check_held_out[g])},
+                  {"checked_on", H.check[g].empty() ? StrCat(H.check_x_rows[g], " input samples") : std::string("Hessian")}};
     if (layer.activations && g < samples.size() && samples[g].check_rows > 0 && g < layer.activations->groups.size())
       entry["relative_error_with_activations"] =
           output_error_with_activations(samples[g].check, samples[g].check_rows, cols, w_sub.data(), q_stored.data(), sub,

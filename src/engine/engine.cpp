@@ -204,8 +204,7 @@ QuantScheme QuantizeRun::scheme_for(const Slot& s, int bits) const {
 
 bool QuantizeRun::attach_calibration(Slot& s) {
   const TensorInfo& t = s.info();
-  const LayerCalibration* lc = calib_->find(s.component, t.name);
-  if (!lc && !s.component.empty()) lc = calib_->find("", t.name);
+  const LayerCalibration* lc = calib_->lookup(s.component, t.name);
   if (!lc) return false;
   const uint64_t rows = t.shape[0], cols = t.numel / std::max<uint64_t>(1, rows);
   const std::string qualified = s.component.empty() ? t.name : s.component + "/" + t.name;
@@ -221,9 +220,7 @@ bool QuantizeRun::attach_calibration(Slot& s) {
   // a UNet are, or grouped) cannot get GPTQ; it is quantized at 8 bits instead of low-bit
   // data-free codes.
   if (!text_like() && s.plan.bits < 8 && t.shape.size() >= 3 && cols > static_cast<uint64_t>(t.shape[1])) {
-    bool no_hessian = false;
-    for (const auto& b : lc->fit) no_hessian |= b.rows > 0 && b.hessian.empty();
-    if (no_hessian) {
+    if (!lc->has_hessians()) {
       s.plan.bits = 8;
       s.plan.reason = StrCat("convolution without a calibration Hessian (", cols,
                              " input features) at 8 bits: modality strategy for ", modality_, " denoisers");
@@ -577,9 +574,12 @@ Status QuantizeRun::plan_budget(const std::string& component, const std::vector<
       // else its weight error.
       std::optional<LayerHessians> h;
       if (calib_ && cfg_.enable_time_aware) {
-        const LayerCalibration* lc = calib_->find(component, t.name);
-        if (!lc && !component.empty()) lc = calib_->find("", t.name);
-        if (lc && static_cast<uint64_t>(lc->in_features) == cols) h = layer_hessians(*lc, groups_, {}, false);
+        const LayerCalibration* lc = calib_->lookup(component, t.name);
+        if (lc && static_cast<uint64_t>(lc->in_features) == cols) {
+          auto r = layer_hessians(*lc, groups_, {}, false);
+          if (!r.ok()) return r.status().WithPrefix(StrCat(component.empty() ? t.name : component + "/" + t.name, ": "));
+          h = std::move(*r);
+        }
       }
       if (h) ++calibrated, L.output_error = true;
       const Status st = measure_budget_layer(src, &pool_, &L, h ? &h->gptq : nullptr);

@@ -348,6 +348,30 @@ OutputError output_error(const float* w, const float* q, size_t rows, size_t col
   return out;
 }
 
+OutputError output_error_samples(const float* w, const float* q, size_t rows, size_t cols, const float* x,
+                                 size_t x_rows, size_t row_step) {
+  OutputError out;
+  if (rows == 0 || cols == 0 || x_rows == 0) return out;
+  row_step = std::max<size_t>(1, row_step);
+  const Eigen::Index C = static_cast<Eigen::Index>(cols), R = static_cast<Eigen::Index>(x_rows);
+  const Eigen::Index n = static_cast<Eigen::Index>((rows + row_step - 1) / row_step);
+  MatD W(n, C), Q(n, C);
+  for (Eigen::Index i = 0; i < n; ++i)
+    for (Eigen::Index j = 0; j < C; ++j) {
+      const size_t at = static_cast<size_t>(i) * row_step * cols + static_cast<size_t>(j);
+      W(i, j) = w[at];
+      Q(i, j) = q[at];
+    }
+  const MatD X = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(x, R, C)
+                     .cast<double>();
+  const MatD Y = W * X.transpose(), YQ = Q * X.transpose();
+  const double ww = Y.squaredNorm(), qq = YQ.squaredNorm(), dd = (Y - YQ).squaredNorm();
+  const double wq = (Y.array() * YQ.array()).sum();
+  out.rel_error = ww > 0 ? std::sqrt(dd / ww) : (dd > 0 ? INFINITY : 0.0);
+  out.cosine = (ww > 0 && qq > 0) ? wq / std::sqrt(ww * qq) : (ww == qq ? 1.0 : 0.0);
+  return out;
+}
+
 }  // namespace aq
 
 #endif  // AQ_GPTQ_AVX2_KERNEL

@@ -80,5 +80,9 @@ struct OutputError {
 };
 OutputError output_error(const float* w, const float* q, size_t rows, size_t cols, const double* h,
                          size_t row_step = 1);
+// The same over input samples x (x_rows x cols, row-major): ||(W - Q) x^T|| / ||W x^T|| and the
+// cosine of W x^T and Q x^T.
+OutputError output_error_samples(const float* w, const float* q, size_t rows, size_t cols, const float* x,
+                                 size_t x_rows, size_t row_step = 1);
 
 }  // namespace aq

@@ -10,15 +10,63 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <tuple>
 
+#include <arrow/array/concatenate.h>
+
+#include "quant/gptq.h"
 #include "store/arrow_columns.h"
 #include "store/arrow_status.h"
 
 namespace aq {
 
+Result<std::vector<double>> LayerCalibration::hessian_of(const CalibrationBin& b) const {
+  if (!b.hessian.empty()) return b.hessian;
+  if (b.hessian_file_row < 0 || !reader) return Internal("calibration bin holds no Hessian");
+  return reader->load(b.hessian_file_row, static_cast<size_t>(in_features));
+}
+
+namespace {
+// [first, last) bins of the aligned span of `span` bins holding `bin`.
+std::pair<int, int> span_of(int bin, int span) {
+  const int lo = bin / std::max(1, span) * std::max(1, span);
+  return {lo, lo + std::max(1, span)};
+}
+// Whether every bin of `bins` with rows is covered by a Hessian held in the span's row.
+bool covered(const std::vector<CalibrationBin>& bins) {
+  for (const auto& b : bins) {
+    if (b.rows == 0) continue;
+    const auto [lo, hi] = span_of(b.bin, b.hessian_span);
+    bool ok = false;
+    for (const auto& h : bins) ok |= h.holds_hessian() && h.bin >= lo && h.bin < hi;
+    if (!ok) return false;
+  }
+  return true;
+}
+}  // namespace
+
+// Rows a bin's Hessian sums (a per-bin Hessian built in memory may leave hessian_rows 0).
+int64_t hessian_rows_of(const CalibrationBin& b) {
+  return b.hessian_rows > 0 ? b.hessian_rows : (b.hessian_span == 1 ? b.rows : 0);
+}
+
+bool LayerCalibration::has_hessians() const { return covered(fit); }
+
 const LayerCalibration* CalibrationData::find(const std::string& component, const std::string& tensor) const {
   auto it = layers.find({component, tensor});
   return it == layers.end() ? nullptr : &it->second;
+}
+
+const LayerCalibration* CalibrationData::lookup(const std::string& component, const std::string& tensor) const {
+  if (const LayerCalibration* lc = find(component, tensor)) return lc;
+  if (!component.empty()) return find("", tensor);
+  const LayerCalibration* only = nullptr;
+  for (const auto& [key, lc] : layers) {
+    if (key.second != tensor) continue;
+    if (only) return nullptr;  // recorded for several components: ambiguous
+    only = &lc;
+  }
+  return only;
 }
 
 std::vector<int> CalibrationData::bins_present() const {
@@ -41,6 +89,73 @@ Result<std::vector<T>> list_at(const arrow::ListArray& list, int64_t i, const st
   return std::vector<T>(raw, raw + len);
 }
 
+// Hessians read row by row from the file's hessian column: version 1 holds the full float64
+// matrix, version 2 the upper triangle as float32, row by row.
+class FileHessianReader final : public HessianReader {
+ public:
+  FileHessianReader(std::string path, std::unique_ptr<parquet::arrow::FileReader> reader, int column, bool packed)
+      : path_(std::move(path)), reader_(std::move(reader)), column_(column), packed_(packed) {
+    const int groups = reader_->num_row_groups();
+    int64_t at = 0;
+    for (int g = 0; g < groups; ++g) {
+      starts_.push_back(at);
+      at += reader_->parquet_reader()->metadata()->RowGroup(g)->num_rows();
+    }
+    rows_ = at;
+  }
+  int64_t rows() const { return rows_; }
+
+  Result<std::vector<double>> load(int64_t row, size_t n) const override {
+    const std::string where = StrCat(path_, ": hessian of row ", row);
+    if (row < 0 || row >= rows_) return FormatError(StrCat(where, ": no such row"));
+    const auto it = std::upper_bound(starts_.begin(), starts_.end(), row);
+    const int g = static_cast<int>(it - starts_.begin()) - 1;
+    std::shared_ptr<arrow::Table> table;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      AQ_ARROW_RETURN(reader_->ReadRowGroup(g, {column_}, &table), where);
+    }
+    std::shared_ptr<arrow::ChunkedArray> col = table->column(0);
+    std::shared_ptr<arrow::Array> chunk;
+    AQ_ARROW_ASSIGN(chunk, arrow::Concatenate(col->chunks()), where);
+    auto list = std::dynamic_pointer_cast<arrow::ListArray>(chunk);
+    if (!list) return FormatError(StrCat(where, ": the hessian column is not a list"));
+    const int64_t i = row - starts_[static_cast<size_t>(g)];
+    if (list->IsNull(i)) return FormatError(StrCat(where, ": null, but the row says it holds one"));
+    const int64_t off = list->value_offset(i), len = list->value_length(i);
+    std::vector<double> h(n * n);
+    if (!packed_) {
+      auto values = std::dynamic_pointer_cast<arrow::DoubleArray>(list->values());
+      if (!values) return FormatError(StrCat(where, ": version 1 Hessians are float64 lists"));
+      if (static_cast<size_t>(len) != n * n)
+        return FormatError(StrCat(where, ": holds ", len, " values, expected in_features^2 = ", n * n));
+      std::copy_n(values->raw_values() + off, n * n, h.data());
+    } else {
+      auto values = std::dynamic_pointer_cast<arrow::FloatArray>(list->values());
+      if (!values) return FormatError(StrCat(where, ": version 2 Hessians are float32 lists"));
+      if (static_cast<size_t>(len) != n * (n + 1) / 2)
+        return FormatError(StrCat(where, ": holds ", len, " values, expected the upper triangle of ", n, " x ", n, ": ",
+                                  n * (n + 1) / 2));
+      const float* p = values->raw_values() + off;
+      for (size_t r = 0; r < n; ++r)
+        for (size_t c = r; c < n; ++c, ++p) h[r * n + c] = h[c * n + r] = static_cast<double>(*p);
+    }
+    for (size_t k = 0; k < h.size(); ++k)
+      if (!std::isfinite(h[k]))
+        return FormatError(StrCat(where, ": non-finite value ", h[k], " at (", k / n, ", ", k % n, ")"));
+    return h;
+  }
+
+ private:
+  std::string path_;
+  std::unique_ptr<parquet::arrow::FileReader> reader_;
+  int column_;
+  bool packed_;
+  std::vector<int64_t> starts_;
+  int64_t rows_ = 0;
+  mutable std::mutex mu_;
+};
+
 }  // namespace
 
 Result<CalibrationData> read_calibration(const std::string& path) {
@@ -58,13 +173,26 @@ Result<CalibrationData> read_calibration(const std::string& path) {
   }
   std::unique_ptr<parquet::arrow::FileReader> reader;
   AQ_ARROW_ASSIGN(reader, parquet::arrow::OpenFile(file, arrow::default_memory_pool()), path);
-  std::shared_ptr<arrow::Table> t;
-  AQ_ARROW_ASSIGN(t, reader->ReadTable(), path);
-  auto meta = t->schema()->metadata();
+  std::shared_ptr<arrow::Schema> file_schema;
+  AQ_ARROW_RETURN(reader->GetSchema(&file_schema), path);
+  auto meta = file_schema->metadata();
   const std::string version = meta ? meta->Get("arrowquant.calibration_version").ValueOr("") : "";
   if (version.empty())
     return FormatError(StrCat(path, ": not an ArrowQuant calibration file (no arrowquant.calibration_version metadata)"));
-  if (version != "1") return FormatError(StrCat(path, ": calibration version ", version, "; this build reads version 1"));
+  if (version != "1" && version != "2")
+    return FormatError(StrCat(path, ": calibration version ", version, "; this build reads versions 1 and 2"));
+  const bool v2 = version == "2";
+  // Every column but the Hessians, which are read layer by layer when the engine needs them.
+  const int hessian_col = file_schema->GetFieldIndex("hessian");
+  if (hessian_col < 0) return FormatError(StrCat(path, ": no hessian column"));
+  std::vector<int> columns;
+  for (int i = 0; i < file_schema->num_fields(); ++i)
+    if (i != hessian_col) columns.push_back(i);
+  std::shared_ptr<arrow::Table> t;
+  AQ_ARROW_RETURN(reader->ReadTable(columns, &t), path);
+  auto hessians = std::make_shared<FileHessianReader>(path, std::move(reader), hessian_col, v2);
+  if (hessians->rows() != t->num_rows())
+    return FormatError(StrCat(path, ": row groups hold ", hessians->rows(), " rows, the table ", t->num_rows()));
   d.step_kind = meta->Get("arrowquant.step_kind").ValueOr("timestep");
   try {
     const auto range = nlohmann::json::parse(meta->Get("arrowquant.step_range").ValueOr("[0, 1]"));
@@ -89,8 +217,19 @@ Result<CalibrationData> read_calibration(const std::string& path) {
   AQ_ASSIGN_OR_RETURN(auto absmax, column_as<arrow::ListArray>(*t, "absmax", path));
   AQ_ASSIGN_OR_RETURN(auto mins, column_as<arrow::ListArray>(*t, "min", path));
   AQ_ASSIGN_OR_RETURN(auto maxs, column_as<arrow::ListArray>(*t, "max", path));
-  AQ_ASSIGN_OR_RETURN(auto hessian, column_as<arrow::ListArray>(*t, "hessian", path));
   AQ_ASSIGN_OR_RETURN(auto reason, column_as<arrow::StringArray>(*t, "hessian_reason", path));
+  std::shared_ptr<arrow::Int32Array> hessian_span;
+  std::shared_ptr<arrow::Int64Array> hessian_rows;
+  std::shared_ptr<arrow::StringArray> hessian_from;
+  if (v2) {
+    AQ_ASSIGN_OR_RETURN(hessian_span, column_as<arrow::Int32Array>(*t, "hessian_span", path));
+    AQ_ASSIGN_OR_RETURN(hessian_rows, column_as<arrow::Int64Array>(*t, "hessian_rows", path));
+    AQ_ASSIGN_OR_RETURN(hessian_from, column_as<arrow::StringArray>(*t, "hessian_from", path));
+  }
+  // (component, layer, bin, split) -> file row, to resolve hessian_from
+  std::map<std::tuple<std::string, std::string, int, std::string>, int64_t> row_of;
+  for (int64_t i = 0; i < t->num_rows(); ++i)
+    row_of[{comp->GetString(i), layer->GetString(i), bin->Value(i), split->GetString(i)}] = i;
   // Histograms: optional columns of version 1.
   std::shared_ptr<arrow::ListArray> hist_pos, hist_neg;
   std::shared_ptr<arrow::Int64Array> hist_zero;
@@ -127,8 +266,31 @@ Result<CalibrationData> read_calibration(const std::string& path) {
     AQ_ASSIGN_OR_RETURN(b.absmax, (list_at<arrow::FloatArray, float>(*absmax, i, where)));
     AQ_ASSIGN_OR_RETURN(b.min, (list_at<arrow::FloatArray, float>(*mins, i, where)));
     AQ_ASSIGN_OR_RETURN(b.max, (list_at<arrow::FloatArray, float>(*maxs, i, where)));
-    AQ_ASSIGN_OR_RETURN(b.hessian, (list_at<arrow::DoubleArray, double>(*hessian, i, where)));
     if (!reason->IsNull(i)) b.hessian_reason = reason->GetString(i);
+    if (!v2) {
+      if (b.hessian_reason.empty()) b.hessian_file_row = i, b.hessian_rows = b.rows;
+    } else {
+      b.hessian_span = hessian_span->Value(i);
+      if (b.hessian_span < 1 || d.num_bins % b.hessian_span != 0)
+        return FormatError(StrCat(where, ": hessian_span ", b.hessian_span, " does not divide num_bins ", d.num_bins));
+      if (!hessian_from->IsNull(i)) b.hessian_from = hessian_from->GetString(i);
+      if (!hessian_rows->IsNull(i)) {
+        b.hessian_rows = hessian_rows->Value(i);
+        if (b.hessian_rows < 0) return FormatError(StrCat(where, ": negative hessian_rows"));
+        if (b.hessian_from.empty()) {
+          b.hessian_file_row = i;
+        } else {
+          auto it = row_of.find({comp->GetString(i), b.hessian_from, b.bin, split->GetString(i)});
+          if (it == row_of.end())
+            return FormatError(StrCat(where, ": hessian_from names ", b.hessian_from, ", which has no row for this bin and split"));
+          if (in_features->Value(it->second) != in_features->Value(i) || hessian_rows->IsNull(it->second) ||
+              !hessian_from->IsNull(it->second))
+            return FormatError(StrCat(where, ": hessian_from names ", b.hessian_from,
+                                      ", whose row holds no Hessian of the same size"));
+          b.hessian_file_row = it->second;
+        }
+      }
+    }
     if (hist_pos && !hist_pos->IsNull(i)) {
       AQ_ASSIGN_OR_RETURN(auto pos, (list_at<arrow::Int64Array, int64_t>(*hist_pos, i, where)));
       AQ_ASSIGN_OR_RETURN(auto neg, (list_at<arrow::Int64Array, int64_t>(*hist_neg, i, where)));
@@ -157,15 +319,12 @@ Result<CalibrationData> read_calibration(const std::string& path) {
     if (b.absmax.size() != nf || b.min.size() != nf || b.max.size() != nf)
       return FormatError(StrCat(where, ": absmax/min/max hold ", b.absmax.size(), "/", b.min.size(), "/", b.max.size(),
                                 " values, in_features is ", n));
-    if (!b.hessian.empty() && b.hessian.size() != nf * nf)
-      return FormatError(StrCat(where, ": hessian holds ", b.hessian.size(), " values, expected ", nf * nf));
-    for (double v : b.hessian)
-      if (!std::isfinite(v)) return FormatError(StrCat(where, ": hessian has a non-finite value ", v));
     if (b.rows < 0 || b.samples < 0) return FormatError(StrCat(where, ": negative row or sample count"));
     LayerCalibration& lc = d.layers[{comp->GetString(i), name}];
     if (lc.in_features != 0 && lc.in_features != n)
       return FormatError(StrCat(where, ": in_features ", n, " differs from ", lc.in_features, " in another row"));
     lc.in_features = n;
+    lc.reader = hessians;
     const std::string sp = split->GetString(i);
     if (sp == "fit") {
       lc.fit.push_back(std::move(b));
@@ -233,48 +392,107 @@ std::vector<TimeGroup> group_time_bins(const CalibrationData& data, int num_grou
   return groups;
 }
 
-std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups,
-                                            const std::vector<double>& weights, bool checks) {
+Result<std::optional<LayerHessians>> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups,
+                                                    const std::vector<double>& weights, bool checks) {
   LayerHessians out;
   out.cols = static_cast<size_t>(layer.in_features);
-  const size_t nn = out.cols * out.cols;
+  const size_t cols = out.cols, nn = cols * cols;
+  if (!covered(layer.fit)) return std::optional<LayerHessians>{};
+  auto in_group = [](const TimeGroup& g, int b) { return std::find(g.bins.begin(), g.bins.end(), b) != g.bins.end(); };
+  for (const auto& b : layer.fit) out.pooled |= b.holds_hessian() && b.hessian_span > 1;
+  for (const auto& b : layer.holdout) out.pooled |= b.holds_hessian() && b.hessian_span > 1;
+  for (const TimeGroup& g : groups) {
+    int64_t rows = 0;
+    for (const auto& b : layer.fit)
+      if (in_group(g, b.bin)) rows += b.rows;
+    out.rows.push_back(rows);
+  }
+  // Adds the Hessians held by `bins` in group g (all groups: g < 0) to `sum`; returns the rows.
+  auto add = [&](const std::vector<CalibrationBin>& bins, int g, std::vector<double>& sum) -> Result<int64_t> {
+    int64_t rows = 0;
+    for (const auto& b : bins) {
+      if (!b.holds_hessian() || b.rows == 0 || (g >= 0 && !in_group(groups[static_cast<size_t>(g)], b.bin))) continue;
+      AQ_ASSIGN_OR_RETURN(std::vector<double> h, layer.hessian_of(b));
+      if (sum.empty()) sum.assign(nn, 0.0);
+      for (size_t i = 0; i < nn; ++i) sum[i] += h[i];
+      rows += hessian_rows_of(b);
+    }
+    return rows;
+  };
   out.gptq.assign(nn, 0.0);
-  double weight_sum = 0;
-  for (size_t gi = 0; gi < groups.size(); ++gi) {
-    const TimeGroup& g = groups[gi];
-    std::vector<double> fit(nn, 0.0), hold(checks ? nn : 0, 0.0);
-    int64_t fit_rows = 0, hold_rows = 0;
-    auto in_group = [&](int b) { return std::find(g.bins.begin(), g.bins.end(), b) != g.bins.end(); };
+  if (out.pooled) {
+    // every span alike: the mean of H_s / rows_s
+    size_t spans = 0;
     for (const auto& b : layer.fit) {
-      if (!in_group(b.bin) || b.rows == 0) continue;
-      if (b.hessian.empty()) return std::nullopt;
-      for (size_t i = 0; i < nn; ++i) fit[i] += b.hessian[i];
-      fit_rows += b.rows;
+      if (!b.holds_hessian() || hessian_rows_of(b) == 0) continue;
+      AQ_ASSIGN_OR_RETURN(std::vector<double> h, layer.hessian_of(b));
+      const double inv = 1.0 / static_cast<double>(hessian_rows_of(b));
+      for (size_t i = 0; i < nn; ++i) out.gptq[i] += h[i] * inv;
+      ++spans;
     }
-    for (const auto& b : layer.holdout) {
-      if (!checks || !in_group(b.bin) || b.rows == 0) continue;
-      if (b.hessian.empty()) return std::nullopt;
-      for (size_t i = 0; i < nn; ++i) hold[i] += b.hessian[i];
-      hold_rows += b.rows;
-    }
-    out.rows.push_back(fit_rows);
-    if (fit_rows > 0) {
+    if (spans == 0) return std::optional<LayerHessians>{};
+    for (double& v : out.gptq) v /= static_cast<double>(spans);
+  } else {
+    double weight_sum = 0;
+    for (size_t gi = 0; gi < groups.size(); ++gi) {
+      if (out.rows[gi] == 0) continue;
+      std::vector<double> fit;
+      AQ_ASSIGN_OR_RETURN(const int64_t fit_rows, add(layer.fit, static_cast<int>(gi), fit));
+      if (fit_rows == 0) continue;
       const double w = weights.empty() ? 1.0 : weights[gi];
       weight_sum += w;
       const double inv = 1.0 / static_cast<double>(fit_rows);
       for (size_t i = 0; i < nn; ++i) out.gptq[i] += w * (fit[i] * inv);
     }
-    if (!checks) continue;
-    const bool held = hold_rows > 0;
-    const double inv = 1.0 / static_cast<double>(std::max<int64_t>(1, held ? hold_rows : fit_rows));
-    std::vector<double>& c = held ? hold : fit;
-    for (double& v : c) v *= inv;
-    out.check.push_back(std::move(c));
+    if (!(weight_sum > 0)) return std::optional<LayerHessians>{};
+    for (double& v : out.gptq) v /= weight_sum;
+  }
+  if (!checks) return std::optional<LayerHessians>(std::move(out));
+
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    const TimeGroup& g = groups[gi];
+    auto samples = [&](const std::vector<CalibrationBin>& bins, std::vector<float>& x) {
+      size_t rows = 0;
+      for (const auto& b : bins)
+        if (in_group(g, b.bin) && b.input_rows > 0) {
+          x.insert(x.end(), b.inputs.begin(), b.inputs.end());
+          rows += static_cast<size_t>(b.input_rows);
+        }
+      return rows;
+    };
+    std::vector<double> h;
+    std::vector<float> x;
+    size_t x_rows = 0;
+    bool held = false;
+    // held-out Hessians of this group's bins (one per bin)
+    bool hold_h = !out.pooled;
+    int64_t hold_rows = 0;
+    for (const auto& b : layer.holdout)
+      if (in_group(g, b.bin) && b.rows > 0) hold_h &= b.holds_hessian() && b.hessian_span == 1, hold_rows += b.rows;
+    if (hold_h && hold_rows > 0) {
+      AQ_ASSIGN_OR_RETURN(const int64_t r, add(layer.holdout, static_cast<int>(gi), h));
+      for (double& v : h) v /= static_cast<double>(std::max<int64_t>(1, r));
+      held = true;
+    } else if ((x_rows = samples(layer.holdout, x)) > 0) {
+      held = true;
+    } else if (!out.pooled && out.rows[gi] > 0) {
+      AQ_ASSIGN_OR_RETURN(const int64_t r, add(layer.fit, static_cast<int>(gi), h));
+      for (double& v : h) v /= static_cast<double>(std::max<int64_t>(1, r));
+    } else if ((x_rows = samples(layer.fit, x)) == 0) {
+      h = out.gptq;
+    }
+    out.check.push_back(std::move(h));
+    out.check_x.push_back(std::move(x));
+    out.check_x_rows.push_back(x_rows);
     out.check_held_out.push_back(held);
   }
-  if (!(weight_sum > 0)) return std::nullopt;
-  for (double& v : out.gptq) v /= weight_sum;
-  return out;
+  return std::optional<LayerHessians>(std::move(out));
+}
+
+OutputError group_output_error(const LayerHessians& h, size_t g, const float* w, const float* q, size_t rows,
+                               size_t cols, size_t row_step) {
+  if (!h.check[g].empty()) return output_error(w, q, rows, cols, h.check[g].data(), row_step);
+  return output_error_samples(w, q, rows, cols, h.check_x[g].data(), h.check_x_rows[g], row_step);
 }
 
 }  // namespace aq

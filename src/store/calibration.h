@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -12,6 +14,7 @@
 
 #include "common/status.h"
 #include "quant/activation.h"
+#include "quant/gptq.h"
 
 namespace aq {
 
@@ -23,16 +26,39 @@ struct CalibrationBin {
   int64_t rows = 0;     // input vectors
   double step_sum = 0;
   std::vector<float> absmax, min, max;  // per input feature
-  std::vector<double> hessian;          // in_features^2, row-major sum of x x^T; empty when not recorded
-  std::string hessian_reason;           // why not
+  // The Hessian (sum of x x^T) this row holds, over the aligned span of hessian_span bins that
+  // contains `bin` (hessian_rows rows): in memory (in_features^2, row-major), or in the file at
+  // row hessian_file_row (its own row, or through hessian_from the row of the layer it shares);
+  // neither when the row holds none (its span's Hessian is in another row, or none was recorded).
+  std::vector<double> hessian;
+  int64_t hessian_file_row = -1;
+  int hessian_span = 1;
+  int64_t hessian_rows = 0;
+  std::string hessian_from;             // the layer whose Hessian this one shares ("" when its own)
+  std::string hessian_reason;           // why the row's bins have no Hessian ("" when they have one)
+  bool holds_hessian() const { return !hessian.empty() || hessian_file_row >= 0; }
   std::optional<ActivationHistogram> histogram;  // of every input value; absent in older files
   std::vector<float> inputs;            // a random sample of input rows, row-major (input_rows x in_features)
   int64_t input_rows = 0;
 };
 
+// Reads Hessians from a calibration file on demand (they can take gigabytes; the rest of the file
+// is read at once). Thread-safe.
+class HessianReader {
+ public:
+  virtual ~HessianReader() = default;
+  // The full symmetric in_features^2 matrix (row-major) held in file row `row`.
+  virtual Result<std::vector<double>> load(int64_t row, size_t in_features) const = 0;
+};
+
 struct LayerCalibration {
   int in_features = 0;
   std::vector<CalibrationBin> fit, holdout;  // sorted by bin
+  std::shared_ptr<const HessianReader> reader;  // for the bins' hessian_file_row
+  // The Hessian a bin holds (loaded from the file when not in memory).
+  Result<std::vector<double>> hessian_of(const CalibrationBin& b) const;
+  // Whether every fit bin with rows is covered by a Hessian (held by its span's row).
+  bool has_hessians() const;
 };
 
 // The step bins merged into timestep groups (adjacent bins only).
@@ -51,6 +77,10 @@ struct CalibrationData {
   std::map<std::pair<std::string, std::string>, LayerCalibration> layers;
 
   const LayerCalibration* find(const std::string& component, const std::string& tensor) const;
+  // The statistics of a model's tensor: recorded for its component, else for a single model (""),
+  // else -- for a tensor of a single model -- for the one component that recorded that name (a
+  // file recorded from pipe.transformer, used on the transformer's own directory).
+  const LayerCalibration* lookup(const std::string& component, const std::string& tensor) const;
   // Bins that hold fit data in any layer, ascending.
   std::vector<int> bins_present() const;
 };
@@ -65,19 +95,34 @@ Result<CalibrationData> read_calibration(const std::string& path);
 std::vector<TimeGroup> group_time_bins(const CalibrationData& data, int num_groups);
 
 // A layer's Hessians for GPTQ and validation over the given groups.
+//
+// With one Hessian per step bin (hessian_span 1), GPTQ's is sum_g w_g H_g / rows_g and each
+// group is checked on its held-out Hessian. With Hessians over spans of several bins (recorded
+// with hessian_bins < num_bins, for models whose per-bin Hessians would not fit), GPTQ's is the
+// mean over the spans of H_s / rows_s, and each group is checked on its recorded input samples.
+// Per group, the check is, in order of preference: the held-out Hessian, the held-out input
+// samples, the fit Hessian, the fit input samples, GPTQ's Hessian.
 struct LayerHessians {
   size_t cols = 0;
-  std::vector<double> gptq;                 // sum_g w_g H_g / rows_g over the groups with fit rows
-  std::vector<std::vector<double>> check;   // per group: held-out H_g / rows_g (fit data when none held out)
-  std::vector<bool> check_held_out;         // per group: whether check[g] is held-out data
+  bool pooled = false;                      // Hessians over spans of several bins
+  std::vector<double> gptq;                 // GPTQ's Hessian (above)
+  std::vector<std::vector<double>> check;   // per group: a normalised Hessian, or empty when check_x is used
+  std::vector<std::vector<float>> check_x;  // per group: input samples, rows x cols (when check[g] is empty)
+  std::vector<size_t> check_x_rows;
+  std::vector<bool> check_held_out;         // per group: whether the check is on held-out data
   std::vector<int64_t> rows;                // per group: fit rows
 };
-// nullopt when the layer has no Hessian in some group (recorded without one: too wide).
+// nullopt when some fit bin with rows has no Hessian (recorded without one: too wide, grouped).
 // `weights`: w_g per group (those of groups without fit rows are ignored, the rest renormalised
-// to sum to 1); empty: uniform. `checks` false: only `gptq` and `rows` are filled (`check` is
-// left empty), which saves a matrix per group.
-std::optional<LayerHessians> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups,
-                                            const std::vector<double>& weights = {}, bool checks = true);
+// to sum to 1); empty: uniform; not used with pooled Hessians. `checks` false: only `gptq` and
+// `rows` are filled. An error when a Hessian cannot be read from the file.
+Result<std::optional<LayerHessians>> layer_hessians(const LayerCalibration& layer, const std::vector<TimeGroup>& groups,
+                                                    const std::vector<double>& weights = {}, bool checks = true);
+
+// Output error of q against w (rows x cols, every row_step-th row) on group g's check: its
+// Hessian, or its input samples.
+OutputError group_output_error(const LayerHessians& h, size_t g, const float* w, const float* q, size_t rows,
+                               size_t cols, size_t row_step = 1);
 
 // Per timestep group: activation quantization parameters fitted on the group's inputs, and the
 // relative error sqrt(E[(x - x')^2] / E[x^2]) on the group's held-out inputs, for the group's

@@ -65,8 +65,9 @@ TEST(TimeGroups, HessiansAreWeightedUniformlyOverGroups) {
   d.layers.begin()->second.fit[1] = make_bin(1, 3.0f, 100, 3.0);
   d.layers.begin()->second.holdout.push_back(make_bin(1, 3.0f, 5, 7.0));
   const auto groups = group_time_bins(d, 2);
-  const auto h = layer_hessians(d.layers.begin()->second, groups);
-  ASSERT_TRUE(h.has_value());
+  const auto r = layer_hessians(d.layers.begin()->second, groups);
+  ASSERT_TRUE(r.ok() && r->has_value());
+  const auto& h = *r;
   EXPECT_DOUBLE_EQ(h->gptq[0], (1.0 + 3.0) / 2.0);
   EXPECT_DOUBLE_EQ(h->gptq[1], 0.0);
   ASSERT_EQ(h->check.size(), 2u);
@@ -76,13 +77,71 @@ TEST(TimeGroups, HessiansAreWeightedUniformlyOverGroups) {
   EXPECT_DOUBLE_EQ(h->check[1][3], 7.0);
   // one group: pooled over rows
   const auto pooled = layer_hessians(d.layers.begin()->second, group_time_bins(d, 1));
-  EXPECT_DOUBLE_EQ(pooled->gptq[0], (1.0 * 10 + 3.0 * 100) / 110.0);
+  ASSERT_TRUE(pooled.ok() && pooled->has_value());
+  EXPECT_DOUBLE_EQ((*pooled)->gptq[0], (1.0 * 10 + 3.0 * 100) / 110.0);
+  EXPECT_FALSE((*pooled)->pooled);
 }
 
 TEST(TimeGroups, MissingHessianMeansNoGptq) {
   CalibrationData d = make_data({1, 2});
   d.layers.begin()->second.fit[0].hessian.clear();
-  EXPECT_FALSE(layer_hessians(d.layers.begin()->second, group_time_bins(d, 2)).has_value());
+  const auto r = layer_hessians(d.layers.begin()->second, group_time_bins(d, 2));
+  ASSERT_TRUE(r.ok());
+  EXPECT_FALSE(r->has_value());
+}
+
+// Hessians over spans of two bins (recorded with hessian_bins = num_bins / 2): the span's first bin
+// with data holds it; GPTQ's is the mean over spans of H_s / rows_s; groups are checked on their
+// input samples, held-out ones first.
+TEST(TimeGroups, PooledHessiansAndSampleChecks) {
+  CalibrationData d = make_data({1, 1, 3, 3});
+  LayerCalibration& lc = d.layers.begin()->second;
+  for (auto& b : lc.fit) {
+    b.hessian_span = 2;
+    b.inputs = {static_cast<float>(b.bin + 1), 0.0f};
+    b.input_rows = 1;
+  }
+  lc.fit[0].hessian = {20.0, 0.0, 0.0, 20.0};  // bins 0-1: 20 rows, H / rows = 1
+  lc.fit[0].hessian_rows = 20;
+  lc.fit[1].hessian.clear();
+  lc.fit[2].hessian = {120.0, 0.0, 0.0, 60.0};  // bins 2-3: 20 rows, H / rows = diag(6, 3)
+  lc.fit[2].hessian_rows = 20;
+  lc.fit[3].hessian.clear();
+  CalibrationBin hold = make_bin(3, 3.0f, 5, 7.0);
+  hold.hessian.clear();
+  hold.inputs = {0.0f, 2.0f, 0.0f, 4.0f};
+  hold.input_rows = 2;
+  lc.holdout.push_back(hold);
+  const std::vector<TimeGroup> groups = group_time_bins(d, 2);  // {0, 1}, {2, 3}
+  ASSERT_EQ(groups.size(), 2u);
+  const auto r = layer_hessians(lc, groups);
+  ASSERT_TRUE(r.ok() && r->has_value());
+  const LayerHessians& h = **r;
+  EXPECT_TRUE(h.pooled);
+  EXPECT_DOUBLE_EQ(h.gptq[0], (1.0 + 6.0) / 2.0);
+  EXPECT_DOUBLE_EQ(h.gptq[3], (1.0 + 3.0) / 2.0);
+  EXPECT_EQ(h.rows, (std::vector<int64_t>{20, 20}));
+  // group 0: no held-out data, its fit samples (bins 0 and 1); group 1: the held-out samples
+  EXPECT_FALSE(h.check_held_out[0]);
+  EXPECT_TRUE(h.check[0].empty());
+  EXPECT_EQ(h.check_x_rows[0], 2u);
+  EXPECT_EQ(h.check_x[0], (std::vector<float>{1, 0, 2, 0}));
+  EXPECT_TRUE(h.check_held_out[1]);
+  EXPECT_EQ(h.check_x_rows[1], 2u);
+  EXPECT_EQ(h.check_x[1], (std::vector<float>{0, 2, 0, 4}));
+  // the error on samples is the error under their Hessian X^T X
+  const std::vector<float> w = {1.0f, 2.0f, -1.0f, 0.5f}, q = {1.1f, 1.9f, -1.0f, 0.4f};
+  const OutputError e = group_output_error(h, 1, w.data(), q.data(), 2, 2);
+  const std::vector<double> xtx = {0.0, 0.0, 0.0, 4.0 + 16.0};
+  const OutputError ref = output_error(w.data(), q.data(), 2, 2, xtx.data());
+  EXPECT_NEAR(e.rel_error, ref.rel_error, 1e-12);
+  EXPECT_NEAR(e.cosine, ref.cosine, 1e-12);
+  // a span without its Hessian: those bins are not covered, no GPTQ
+  lc.fit[2].hessian.clear();
+  EXPECT_FALSE(lc.has_hessians());
+  const auto none = layer_hessians(lc, groups);
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->has_value());
 }
 
 }  // namespace
