@@ -319,6 +319,7 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
     size_t used = 0;
     c.errors.assign(ngroups, 0.0);
     const std::vector<uint32_t> importance = act ? column_importance(q.data(), sub, cols) : std::vector<uint32_t>{};
+    std::optional<double> on_gptq;  // the error under GPTQ's Hessian, shared by the groups checked on it
     for (size_t g = 0; g < ngroups; ++g) {
       if (H.rows[g] == 0 && !H.check_held_out[g]) continue;
       if (act) {
@@ -329,7 +330,12 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
       } else {
         std::vector<float> q_eff(q);
         scale_columns(q_eff.data(), sub, cols, inv);
-        c.errors[g] = group_output_error(H, g, w_sub.data(), q_eff.data(), sub, cols).rel_error;
+        if (H.uses_gptq(g) && on_gptq) {
+          c.errors[g] = *on_gptq;
+        } else {
+          c.errors[g] = group_output_error(H, g, w_sub.data(), q_eff.data(), sub, cols).rel_error;
+          if (H.uses_gptq(g)) on_gptq = c.errors[g];
+        }
       }
       sum += c.errors[g];
       ++used;
@@ -458,12 +464,16 @@ OutputCheck check_layer_output(const float* w, const float* q, size_t rows, size
     for (size_t c = 0; c < s.size(); ++c) s[c] = 1.0f / layer.input_scale[c];
     scale_columns(q_stored.data(), sub, cols, s);
   }
+  std::optional<OutputError> on_gptq;  // shared by the groups checked on GPTQ's Hessian
   for (size_t g = 0; g < groups.size(); ++g) {
     if (H.rows[g] == 0 && !H.check_held_out[g]) continue;
-    const OutputError e = group_output_error(H, g, w, q, rows, cols, row_step);
+    if (H.uses_gptq(g) && !on_gptq) on_gptq = group_output_error(H, g, w, q, rows, cols, row_step);
+    const OutputError e = H.uses_gptq(g) ? *on_gptq : group_output_error(H, g, w, q, rows, cols, row_step);
     json entry = {{"group", g}, {"step_lo", groups[g].step_lo}, {"step_hi", groups[g].step_hi},
                   {"relative_error", e.rel_error}, {"cosine", e.cosine}, {"held_out", static_cast<bool>(H.check_held_out[g])},
-                  {"checked_on", H.check[g].empty() ? StrCat(H.check_x_rows[g], " input samples") : std::string("Hessian")}};
+                  {"checked_on", !H.check[g].empty() ? std::string("Hessian")
+                                 : H.check_x_rows[g] ? StrCat(H.check_x_rows[g], " input samples")
+                                                     : std::string("GPTQ's Hessian (no samples)")}};
     if (layer.activations && g < samples.size() && samples[g].check_rows > 0 && g < layer.activations->groups.size())
       entry["relative_error_with_activations"] =
           output_error_with_activations(samples[g].check, samples[g].check_rows, cols, w_sub.data(), q_stored.data(), sub,

@@ -478,8 +478,8 @@ Result<std::optional<LayerHessians>> layer_hessians(const LayerCalibration& laye
     } else if (!out.pooled && out.rows[gi] > 0) {
       AQ_ASSIGN_OR_RETURN(const int64_t r, add(layer.fit, static_cast<int>(gi), h));
       for (double& v : h) v /= static_cast<double>(std::max<int64_t>(1, r));
-    } else if ((x_rows = samples(layer.fit, x)) == 0) {
-      h = out.gptq;
+    } else {
+      x_rows = samples(layer.fit, x);  // none: the check is GPTQ's Hessian (check[g] and check_x[g] empty)
     }
     out.check.push_back(std::move(h));
     out.check_x.push_back(std::move(x));
@@ -492,7 +492,9 @@ Result<std::optional<LayerHessians>> layer_hessians(const LayerCalibration& laye
 OutputError group_output_error(const LayerHessians& h, size_t g, const float* w, const float* q, size_t rows,
                                size_t cols, size_t row_step) {
   if (!h.check[g].empty()) return output_error(w, q, rows, cols, h.check[g].data(), row_step);
-  return output_error_samples(w, q, rows, cols, h.check_x[g].data(), h.check_x_rows[g], row_step);
+  if (h.check_x_rows[g] > 0)
+    return output_error_samples(w, q, rows, cols, h.check_x[g].data(), h.check_x_rows[g], row_step);
+  return output_error(w, q, rows, cols, h.gptq.data(), row_step);
 }
 
 }  // namespace aq

@@ -106,11 +106,14 @@ struct LayerHessians {
   size_t cols = 0;
   bool pooled = false;                      // Hessians over spans of several bins
   std::vector<double> gptq;                 // GPTQ's Hessian (above)
-  std::vector<std::vector<double>> check;   // per group: a normalised Hessian, or empty when check_x is used
-  std::vector<std::vector<float>> check_x;  // per group: input samples, rows x cols (when check[g] is empty)
+  // Per group: a normalised Hessian; or, when empty, input samples (check_x, rows x cols); or, when
+  // both are empty, GPTQ's Hessian (uses_gptq).
+  std::vector<std::vector<double>> check;
+  std::vector<std::vector<float>> check_x;
   std::vector<size_t> check_x_rows;
   std::vector<bool> check_held_out;         // per group: whether the check is on held-out data
   std::vector<int64_t> rows;                // per group: fit rows
+  bool uses_gptq(size_t g) const { return check[g].empty() && check_x_rows[g] == 0; }
 };
 // nullopt when some fit bin with rows has no Hessian (recorded without one: too wide, grouped).
 // `weights`: w_g per group (those of groups without fit rows are ignored, the rest renormalised

@@ -136,6 +136,15 @@ TEST(TimeGroups, PooledHessiansAndSampleChecks) {
   const OutputError ref = output_error(w.data(), q.data(), 2, 2, xtx.data());
   EXPECT_NEAR(e.rel_error, ref.rel_error, 1e-12);
   EXPECT_NEAR(e.cosine, ref.cosine, 1e-12);
+  // without fit samples, a group with no held-out data is checked on GPTQ's Hessian
+  for (auto& b : lc.fit) b.inputs.clear(), b.input_rows = 0;
+  const auto r2 = layer_hessians(lc, groups);
+  ASSERT_TRUE(r2.ok() && r2->has_value());
+  EXPECT_TRUE((*r2)->uses_gptq(0));
+  EXPECT_FALSE((*r2)->uses_gptq(1));
+  const OutputError on_gptq = group_output_error(**r2, 0, w.data(), q.data(), 2, 2);
+  const OutputError ref_gptq = output_error(w.data(), q.data(), 2, 2, (*r2)->gptq.data());
+  EXPECT_DOUBLE_EQ(on_gptq.rel_error, ref_gptq.rel_error);
   // a span without its Hessian: those bins are not covered, no GPTQ
   lc.fit[2].hessian.clear();
   EXPECT_FALSE(lc.has_hessians());

@@ -260,3 +260,16 @@ def test_engine_reads_pooled_files_and_version_1(tmp_path):
     for k in e1:  # float64 vs float32-stored Hessians
         np.testing.assert_allclose(e1[k], e2[k], rtol=1e-3, err_msg=k)
         assert all(g["checked_on"] == "Hessian" for l in r2["layers"] if l["tensor"] == k for g in l["output_error"])
+
+
+def test_fit_input_samples_apart_from_held_out_ones():
+    model = _model()
+    with CalibrationRecorder(model, num_bins=1, holdout_every=2, input_samples=5, fit_input_samples=0) as rec, \
+            torch.no_grad():
+        for t in (10.0, 20.0):
+            with rec.step(t):
+                model(torch.randn(2, 6, 16), torch.full((2,), t))
+    assert rec._stats[("out.weight", 0, "fit")].inputs is None
+    assert rec._stats[("out.weight", 0, "holdout")].inputs.shape == (5, 16)
+    with pytest.raises(ConfigurationError, match="fit_input_samples"):
+        CalibrationRecorder(model, fit_input_samples=-1)
