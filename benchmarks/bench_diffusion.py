@@ -73,7 +73,8 @@ class Digits:
         """Replays the full-precision sampler on other seeds and labels, one recorded call per step."""
         seeds = (101, 102)
         with CalibrationRecorder(self.fp, step_range=self.step_range, num_bins=GROUPS, max_samples=max_samples,
-                                 total_calls=len(seeds) * self.steps, holdout_every=4) as rec, torch.no_grad():
+                                 total_calls=len(seeds) * self.steps, holdout_every=4, **RECORDER_OPTIONS) as rec, \
+                torch.no_grad():
             for s in seeds:
                 labels = (torch.arange(self.samples) + s) % 10
                 _, traj = M.ddim_sample(self.fp, labels, self.steps, seed=s, return_trajectory=True)
@@ -124,7 +125,7 @@ class Text:
         seeds = (101, 102)
         with CalibrationRecorder(self.fp, step_range=self.step_range, step_kind="mask_ratio", num_bins=GROUPS,
                                  max_samples=max_samples, total_calls=len(seeds) * self.steps,
-                                 holdout_every=4) as rec, torch.no_grad():
+                                 holdout_every=4, **RECORDER_OPTIONS) as rec, torch.no_grad():
             for s in seeds:
                 _, traj = M.mdlm_sample(self.fp, num_samples=self.samples, steps=self.steps, seed=s,
                                         return_trajectory=True)
@@ -315,6 +316,10 @@ def run_task(task, bits_list: List[int], work: str, max_samples: int) -> Tuple[L
     return lines, summary
 
 
+# Options of every CalibrationRecorder here (main sets them from the command line).
+RECORDER_OPTIONS: Dict[str, Any] = {}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["digits", "text"], choices=["digits", "text"])
@@ -322,7 +327,12 @@ def main() -> None:
                    help="weight-only bit widths (none: only the W8A8 / W4A8 tables)")
     p.add_argument("--samples", type=int, default=200, help="digits: images per batch; text: sequences")
     p.add_argument("--calibration-samples", type=int, default=128)
+    p.add_argument("--hessian-bins", type=int, default=None,
+                   help="CalibrationRecorder(hessian_bins=...): 1 = one Hessian over the trajectory (large models)")
+    p.add_argument("--no-holdout-hessians", action="store_true",
+                   help="CalibrationRecorder(holdout_hessians=False): held-out checks on input samples")
     a = p.parse_args()
+    RECORDER_OPTIONS.update(hessian_bins=a.hessian_bins, holdout_hessians=not a.no_holdout_hessians)
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "

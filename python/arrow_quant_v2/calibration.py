@@ -22,6 +22,7 @@ torch; importing this module does.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
 import json
@@ -120,6 +121,7 @@ __all__ = [
     "CalibrationRecorder",
     "CalibrationData",
     "record_pipeline",
+    "calibrate_and_quantize",
     "load_calibration",
     "calibration_schema",
     "step_bin",
@@ -563,6 +565,7 @@ class CalibrationRecorder:
         self._run_order: Dict[str, int] = {}
         # set when the statistics were written pass by pass by record_pipeline(max_memory=...)
         self._streamed_to: Optional[str] = None
+        self._free_written = False  # streamed passes: drop each Hessian once its row is written
         # seconds spent in the layer hooks (the statistics: the recorder's own work), every pass
         self.hook_seconds = 0.0
         # record_pipeline: per pass, {"layers", "calls", "seconds", "hook_seconds"}
@@ -918,7 +921,7 @@ class CalibrationRecorder:
                 f"calibration data of layer {owner!r} ({self.step_kind} bin {b}, split {split!r}) is not finite: "
                 f"absmax value {absmax[bad]!r} at column {bad}; the layer saw NaN or infinite inputs")
         hessian = None
-        if h is not None and holds:
+        if h is not None and holds and name == owner:
             full = h.matrix.detach().cpu().numpy()
             big = np.abs(full) > np.finfo(np.float32).max
             if not np.isfinite(full).all() or big.any():
@@ -927,8 +930,9 @@ class CalibrationRecorder:
                     f"calibration data of layer {owner!r} ({self.step_kind} bin {b}, split {split!r}): hessian value "
                     f"{full[bad[0], bad[1]]!r} at ({bad[0]}, {bad[1]}) is not finite or beyond float32's range (the "
                     f"file stores float32); the layer's inputs reach {float(absmax.max())!r}")
-            if name == owner:
-                hessian = _pack_upper(full)
+            hessian = _pack_upper(full)
+            if self._free_written:
+                h.matrix = torch.empty(0, dtype=torch.float64)  # written: its rows count is all later rows need
         return {
             "component": self.component, "layer": name, "bin": b, "step_lo": lo, "step_hi": hi,
             "split": split, "samples": st.samples, "rows": st.rows, "step_sum": st.step_sum,
@@ -1190,7 +1194,7 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
                     device: Optional[Union[str, "torch.device"]] = None, hessian_bins: Optional[int] = None,
                     holdout_hessians: bool = True, share_inputs: bool = True, fit_input_samples: Optional[int] = None,
                     max_memory: Optional[int] = None, progress_callback: Optional[Any] = None,
-                    **pipe_kwargs: Any) -> CalibrationRecorder:
+                    progress: bool = True, **pipe_kwargs: Any) -> CalibrationRecorder:
     """Runs a diffusers pipeline and records its denoiser (``pipe.transformer`` or ``pipe.unet``).
 
     ``prompts_or_kwargs`` is a prompt, a list of prompts (each run as ``pipe(prompt=p, ...)``), a
@@ -1209,7 +1213,9 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
     not run again -- up to the last layer of the pass (the rest of the forward is skipped), for as
     many layers as fit. Each pass's rows are written to ``output_path`` (required) as it ends, so
     neither memory nor the passes depend on the model's depth; the returned recorder holds no
-    statistics. ``progress_callback(message, fraction)`` is called after every call of every pass.
+    statistics. ``progress_callback(message, fraction)`` is called after every call of every pass;
+    ``progress`` shows a progress bar of the replay passes (pass, layers, calls, ETA) beside the
+    pipeline's own bar of the first.
 
     The recorder is returned closed (hooks removed), ready for ``save``; with ``output_path`` it is
     also saved there.
@@ -1303,12 +1309,13 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
         if output_path is not None:
             rec.save(output_path)
         return rec
-    _record_remaining_passes(rec, denoiser, captured, options, max_memory, output_path, report)
+    _record_remaining_passes(rec, denoiser, captured, options, max_memory, output_path, report, progress)
     return rec
 
 
 def _record_remaining_passes(rec: CalibrationRecorder, denoiser: "nn.Module", captured: List[Tuple[_Call, Any, Any]],
-                             options: Dict[str, Any], max_memory: int, output_path: PathLike, report: Any) -> None:
+                             options: Dict[str, Any], max_memory: int, output_path: PathLike, report: Any,
+                             show_progress: bool) -> None:
     """The passes of record_pipeline(max_memory=...) after the pipeline's own: the first pass's rows
     are written, then each later pass replays the captured calls for its layers and writes theirs."""
     aliases: Dict[str, List[str]] = {}
@@ -1330,7 +1337,15 @@ def _record_remaining_passes(rec: CalibrationRecorder, denoiser: "nn.Module", ca
     sizes = {n: rec.layer_hessian_bytes(n) for n in left}
     passes = _partition(left, sizes, max_memory) if left else []
     run_order = sorted(rec._run_order, key=rec._run_order.__getitem__)
-    with _CalibrationWriter(output_path, rec.metadata()) as writer:
+    bar = None
+    if show_progress and passes:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(passes) * len(captured), desc="calibration passes", unit="call")
+    rec._free_written = True
+    with contextlib.ExitStack() as stack, _CalibrationWriter(output_path, rec.metadata()) as writer:
+        if bar is not None:
+            stack.callback(bar.close)
         for row in rec._rows(with_aliases([n for n in done if n in rec._run_order])):
             writer.write(row)
         rec._stats.clear()
@@ -1339,6 +1354,7 @@ def _record_remaining_passes(rec: CalibrationRecorder, denoiser: "nn.Module", ca
         for p, names in enumerate(passes):
             started, hooks_before = time.perf_counter(), rec.hook_seconds
             replay = CalibrationRecorder(denoiser, **options)
+            replay._free_written = True
             try:
                 replay._owner = dict(rec._owner)
                 replay._accumulate_only = frozenset(names)
@@ -1360,6 +1376,9 @@ def _record_remaining_passes(rec: CalibrationRecorder, denoiser: "nn.Module", ca
                         finally:
                             replay._active = None
                         _release_memory()
+                        if bar is not None:
+                            bar.set_description(f"calibration pass {p + 2}/{len(passes) + 1} ({len(names)} layers)")
+                            bar.update(1)
                         report(f"recording: pass {p + 2}/{len(passes) + 1} ({len(names)} layers), call "
                                f"{i + 1}/{len(captured)}",
                                0.5 + 0.5 * (p + (i + 1) / max(1, len(captured))) / len(passes))
@@ -1374,6 +1393,78 @@ def _record_remaining_passes(rec: CalibrationRecorder, denoiser: "nn.Module", ca
                                "seconds": time.perf_counter() - started,
                                "hook_seconds": rec.hook_seconds - hooks_before})
     rec._streamed_to = writer.path
+
+
+def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathLike, config: Any = None, *,
+                           num_inference_steps: int, max_samples: Optional[int] = None,
+                           max_memory: int = 1 << 30, calibration_path: Optional[PathLike] = None,
+                           source_dir: Optional[PathLike] = None, progress: bool = True,
+                           progress_callback: Optional[Any] = None, **record_kwargs: Any) -> Dict[str, Any]:
+    """Records ``pipe``'s denoiser along its own sampling runs and quantizes it with that calibration,
+    in one call and in bounded memory. Returns :meth:`ArrowQuantV2.quantize_diffusion_model`'s
+    result, with ``result["calibration_recording"]`` (seconds, the recorder's own seconds, passes,
+    the file).
+
+    ``pipe`` is a diffusers pipeline (or any object whose ``transformer`` / ``unet`` is the
+    denoiser and whose call runs the sampling loop: wrap a bare torch denoiser that way), run with
+    each of ``prompts_or_kwargs`` as in :func:`record_pipeline`, which records it with the
+    large-model settings: one Hessian per layer over the trajectory (``hessian_bins=1``), held-out
+    checks on sampled inputs (``holdout_hessians=False``), passes holding at most ``max_memory``
+    bytes of Hessians; ``record_kwargs`` override them (``num_bins``, ``holdout_every``,
+    ``input_samples``, ...). The calibration is written to ``calibration_path`` (default
+    ``<output_path>.calibration.parquet``, kept for later runs). The denoiser quantized is the one
+    in memory, saved with ``save_pretrained`` into a temporary directory beside the output (removed
+    afterwards), unless ``source_dir`` names its checkpoint directory to quantize instead (only
+    when the weights in memory are those of that checkpoint). ``config`` is a
+    :class:`DiffusionQuantConfig` (default: its defaults); ``progress`` shows progress bars for the
+    recording, ``progress_callback(message, fraction)`` is told of both stages.
+    """
+    import shutil
+
+    from .api import ArrowQuantV2
+    from .config import DiffusionQuantConfig
+
+    denoiser, _ = _find_denoiser(pipe)
+    output_path = os.fspath(output_path)
+    parent = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(parent):
+        raise ModelNotFoundError(f"calibrate_and_quantize: the output's directory {parent!r} does not exist")
+    if calibration_path is None:
+        calibration_path = output_path.rstrip(os.sep) + ".calibration.parquet"
+    config = DiffusionQuantConfig() if config is None else copy.copy(config)  # the caller's stays as it is
+    runs = [prompts_or_kwargs] if isinstance(prompts_or_kwargs, (str, Mapping)) else list(prompts_or_kwargs)
+    options: Dict[str, Any] = dict(hessian_bins=1, holdout_hessians=False, max_memory=max_memory)
+    options["max_samples"] = max_samples if max_samples is not None else num_inference_steps * max(1, len(runs))
+    options.update(record_kwargs)
+
+    def stage(name: str, lo: float, hi: float) -> Optional[Any]:
+        if progress_callback is None:
+            return None
+        return lambda message, f: progress_callback(f"{name}: {message}", lo + (hi - lo) * f)
+
+    started = time.perf_counter()
+    rec = record_pipeline(pipe, runs, num_inference_steps, output_path=calibration_path, progress=progress,
+                          progress_callback=stage("calibration", 0.0, 0.5), **options)
+    recording = {"seconds": time.perf_counter() - started, "hook_seconds": rec.hook_seconds, "passes": rec.passes,
+                 "path": os.fspath(calibration_path), "layers": len(rec.layers),
+                 "shared_inputs": len(rec.shared_inputs)}
+    tmp = None
+    try:
+        if source_dir is None:
+            if not hasattr(denoiser, "save_pretrained"):
+                raise ConfigurationError(f"calibrate_and_quantize: {type(denoiser).__name__} has no save_pretrained; "
+                                         f"pass source_dir= (its checkpoint directory)")
+            tmp = tempfile.mkdtemp(prefix=".aq-denoiser-", dir=parent)
+            denoiser.save_pretrained(tmp)
+            source_dir = tmp
+        config.calibration_path = os.fspath(calibration_path)
+        quant_cb = stage("quantization", 0.5, 1.0)
+        result = ArrowQuantV2().quantize_diffusion_model(source_dir, output_path, config, progress_callback=quant_cb)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result["calibration_recording"] = recording
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ record_pipeline(max_memory=...) recording in passes that replay the captured den
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -192,7 +193,7 @@ def test_record_pipeline_in_passes_writes_what_one_pass_writes(tmp_path):
     _, one = _record(tmp_path, "one.parquet", hessian_bins=1)
     events = []
     rec, multi = _record(tmp_path, "multi.parquet", hessian_bins=1, max_memory=3 * 16 * 16 * 8,
-                         progress_callback=lambda m, f: events.append((m, f)))
+                         progress_callback=lambda m, f: events.append((m, f)), progress=False)
     a, b = _rows_by_key(one), _rows_by_key(multi)
     assert a.keys() == b.keys()
     for key in a:
@@ -273,3 +274,41 @@ def test_fit_input_samples_apart_from_held_out_ones():
     assert rec._stats[("out.weight", 0, "holdout")].inputs.shape == (5, 16)
     with pytest.raises(ConfigurationError, match="fit_input_samples"):
         CalibrationRecorder(model, fit_input_samples=-1)
+
+
+class SavablePipe(Pipe):
+    """Pipe whose denoiser has save_pretrained, as diffusers models do (one safetensors file)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+
+        def save_pretrained(path):
+            write_model_file(os.path.join(path, "model.safetensors"),
+                             {k: v.detach().numpy() for k, v in model.state_dict().items()})
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump({"architectures": ["DiT"]}, f)
+
+        model.save_pretrained = save_pretrained
+
+
+def test_calibrate_and_quantize_in_one_call(tmp_path):
+    from arrow_quant_v2.calibration import calibrate_and_quantize
+
+    model = _model(d=32)
+    cfg = aq.DiffusionQuantConfig(bit_width=4, group_size=32, min_tensor_size=0, enable_fallback=False,
+                                  sensitive_patterns=[], num_time_groups=2)
+    events = []
+    r = calibrate_and_quantize(SavablePipe(model), [{"seed": 1}, {"seed": 2}], tmp_path / "q", cfg,
+                               num_inference_steps=6, num_bins=4, max_memory=2 * 32 * 32 * 8, progress=False,
+                               progress_callback=lambda m, f: events.append((m, f)))
+    assert cfg.calibration_path is None  # the caller's config is not changed
+    assert r["calibration"]["layers_gptq"] == r["calibration_recording"]["layers"] == 23
+    assert len(r["calibration_recording"]["passes"]) > 2
+    assert (tmp_path / "q.calibration.parquet").exists()
+    assert sorted(os.listdir(tmp_path)) == ["q", "q.calibration.parquet"]  # the saved denoiser is removed
+    assert events[0][0].startswith("calibration: ") and any(m.startswith("quantization: ") for m, _ in events)
+    assert all(f0 <= f1 for (_, f0), (_, f1) in zip(events, events[1:]))
+    loaded = aq.load(r["quantized_path"])
+    w = model.blocks[0].q.weight.detach().numpy()
+    q = loaded["blocks.0.q.weight"].numpy()
+    assert np.linalg.norm(q - w) / np.linalg.norm(w) < 0.2
