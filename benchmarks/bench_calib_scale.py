@@ -118,8 +118,9 @@ def quantize(work: str, bits: int) -> dict:
     t0 = time.time()
     r = aq.ArrowQuantV2().quantize_diffusion_model(src, dst, cfg)
     seconds = time.time() - t0
+    # the blocks' nn.Linear weights (not their class-embedding tables)
     block_linear = [l for l in r["layers"] if l["tensor"].startswith("transformer_blocks.") and l["tensor"].endswith(".weight")
-                    and len(l.get("shape", [0, 0])) == 2]
+                    and len(l.get("shape", [0, 0])) == 2 and "embedding_table" not in l["tensor"]]
     calibrated = [l for l in block_linear if l.get("output_error")]
     per_group: dict = {}
     for l in calibrated:
@@ -131,7 +132,9 @@ def quantize(work: str, bits: int) -> dict:
     for l in block_linear:
         methods[l.get("method")] = methods.get(l.get("method"), 0) + 1
     checked_on = sorted({g.get("checked_on", "") for l in calibrated for g in l["output_error"]})
+    held_out = sum(1 for l in calibrated for g in l["output_error"] if g.get("held_out"))
     return {"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "block_linear_layers": len(block_linear),
+            "group_checks_held_out": held_out, "group_checks": sum(len(l["output_error"]) for l in calibrated),
             "block_linear_calibrated": len(calibrated), "methods": methods, "groups": groups,
             "checked_on": checked_on, "layers_gptq": r["calibration"]["layers_gptq"],
             "compression_ratio": r.get("compression_ratio"), "bits_per_weight": r.get("bits_per_weight"),
@@ -184,6 +187,8 @@ def main() -> None:
         print(f"| calibrated W{args.bits} quantize peak RSS | {q['peak_rss_gib']:.2f} GiB ({q['seconds']:.0f} s) | <= 4 GiB |")
         print(f"| block linear layers calibrated | {q['block_linear_calibrated']} / {q['block_linear_layers']} "
               f"({q['methods']}) | all |")
+        print(f"| timestep-group checks on held-out inputs | {q['group_checks_held_out']} / {q['group_checks']} "
+              f"({', '.join(q['checked_on'])}) | |")
         for g in q["groups"]:
             print(f"| output error, timestep group {g['group']} ({g['steps'][0]:.0f}-{g['steps'][1]:.0f}) | median "
                   f"{g['median_rel_error']:.4f}, max {g['max_rel_error']:.4f} over {g['layers']} layers | |")

@@ -434,8 +434,9 @@ class CalibrationRecorder:
         If known, how many calls the sampling loop makes: the recorded calls are then spread evenly
         over them (:func:`sample_indices`). Without it the first ``max_samples`` calls are recorded.
     holdout_every:
-        Every ``holdout_every``-th recorded call (the 4th, 8th, ...) goes to the ``holdout`` split,
-        the others to ``fit``; 0 puts every call in ``fit``.
+        One in ``holdout_every`` recorded calls of each bin goes to the ``holdout`` split (bin b's
+        k-th recorded call when ``(k + b) % holdout_every == holdout_every - 1``), the others to
+        ``fit``; 0 puts every call in ``fit``.
     max_hessian_features:
         Layers whose X has more columns than this get no Hessian (``hessian`` null,
         ``hessian_reason`` says why); their absmax / min / max are still recorded.
@@ -551,6 +552,7 @@ class CalibrationRecorder:
                           else frozenset(sample_indices(self.total_calls, self.max_samples)))
         self._calls = 0          # calls counted
         self._recorded = 0       # calls recorded
+        self._recorded_in_bin: Dict[int, int] = {}  # calls recorded per bin
         self._active: Optional[_Call] = None
         self._stats: Dict[Tuple[str, int, str], _Stats] = {}
         # (layer, Hessian span index, split) -> X^T X
@@ -682,9 +684,15 @@ class CalibrationRecorder:
                             f"[{lo}, {hi}]; it is counted in the {'first' if step < lo else 'last'} bin")
         sample = self._recorded
         self._recorded += 1
-        holdout = self.holdout_every > 0 and sample % self.holdout_every == self.holdout_every - 1
-        return _Call(index, True, step, step_bin(step, self.step_range, self.num_bins),
-                     "holdout" if holdout else "fit", sample)
+        b = step_bin(step, self.step_range, self.num_bins)
+        # stratified by bin: bin b's k-th recorded call is held out when (k + b) % holdout_every is
+        # holdout_every - 1, so both splits see every bin that gets holdout_every calls, bins with
+        # fewer still share the held-out calls, and runs that visit the bins in the same order do
+        # not hold out the same timesteps in every run (as counting over all calls did)
+        in_bin = self._recorded_in_bin.get(b, 0)
+        self._recorded_in_bin[b] = in_bin + 1
+        holdout = self.holdout_every > 0 and (in_bin + b) % self.holdout_every == self.holdout_every - 1
+        return _Call(index, True, step, b, "holdout" if holdout else "fit", sample)
 
     @contextlib.contextmanager
     def step(self, t: Any) -> Iterator["CalibrationRecorder"]:

@@ -294,6 +294,20 @@ def test_holdout_every_nth_recorded_call():
     assert list(rec._stats) == [("weight", 0, "fit")]
 
 
+def test_holdout_is_stratified_by_bin():
+    """Two runs of 4 steps through bins 3, 2, 1, 0 with holdout_every=2: one of each bin's two
+    calls is held out, so both splits hold every bin (counting over all calls would hold out bins 2
+    and 0 only)."""
+    model = nn.Linear(3, 2)
+    with CalibrationRecorder(model, num_bins=4, holdout_every=2) as rec:
+        for _ in range(2):
+            for t in (900, 600, 300, 10):
+                with rec.step(t):
+                    model(torch.randn(2, 3))
+    assert sorted(rec._stats) == [("weight", b, s) for b in range(4) for s in ("fit", "holdout")]
+    assert all(st.samples == 1 for st in rec._stats.values())
+
+
 def test_sampling_with_total_calls_is_evenly_spaced():
     assert cal.sample_indices(20, 5) == [0, 5, 10, 14, 19]
     assert cal.sample_indices(50, 8) == [0, 7, 14, 21, 28, 35, 42, 49]
@@ -488,7 +502,7 @@ def test_half_precision_inputs_accumulate_in_float64():
 def test_file_schema_and_metadata(tmp_path):
     model = Denoiser()
     with CalibrationRecorder(model, num_bins=5, component="unet", holdout_every=2) as rec:
-        for i, t in enumerate((10, 990, 500)):
+        for i, t in enumerate((10, 990, 500, 995)):  # bin 4's second call is held out
             with rec.step(t):
                 model(t=t, **make_inputs(seed=i))
         path = rec.save(tmp_path / "calibration.parquet")
@@ -500,16 +514,16 @@ def test_file_schema_and_metadata(tmp_path):
     assert meta["arrowquant.step_kind"] == "timestep"
     assert json.loads(meta["arrowquant.step_range"]) == [0, 1000]
     assert meta["arrowquant.num_bins"] == "5"
-    assert meta["arrowquant.samples"] == "3"
+    assert meta["arrowquant.samples"] == "4"
     for k, v in HIST_META.items():
         assert meta[k] == v
     pf = pq.ParquetFile(path)
     table = pf.read()
-    assert pf.num_row_groups == table.num_rows == 6 * 3  # 6 layers x (bin 0 fit, bin 4 holdout, bin 2 fit)
+    assert pf.num_row_groups == table.num_rows == 6 * 4  # 6 layers x (bins 0, 2, 4 fit, bin 4 holdout)
     assert set(table.column("component").to_pylist()) == {"unet"}
-    assert table.column("layer").to_pylist()[:3] == ["proj.weight"] * 3  # model order, then bin, then split
-    assert table.column("bin").to_pylist()[:3] == [0, 2, 4]
-    assert table.column("split").to_pylist()[:3] == ["fit", "fit", "holdout"]
+    assert table.column("layer").to_pylist()[:4] == ["proj.weight"] * 4  # model order, then bin, then split
+    assert table.column("bin").to_pylist()[:4] == [0, 2, 4, 4]
+    assert table.column("split").to_pylist()[:4] == ["fit", "fit", "fit", "holdout"]
     # every layer name is a weight tensor name of the model's state_dict
     assert set(table.column("layer").to_pylist()) <= set(model.state_dict())
     for row in table.to_pylist():
@@ -572,7 +586,7 @@ def test_histogram_matches_numpy_linear_and_conv2d(tmp_path):
     unfolded X); fit and holdout are kept apart."""
     model = HistModel()
     seen = capture_inputs(model)
-    steps = [110.0, 120.0, 130.0, 640.0]  # calls 0, 2: bin 1 fit; 1: bin 1 holdout; 3: bin 6 holdout
+    steps = [110.0, 120.0, 130.0, 640.0]  # calls 0, 2: bin 1 holdout; 1: bin 1 fit; 3: bin 6 fit
     with CalibrationRecorder(model, num_bins=10, holdout_every=2,
                              max_hessian_features=0) as rec:  # 3e30 squared is beyond a stored float32
         for i, t in enumerate(steps):
@@ -586,7 +600,7 @@ def test_histogram_matches_numpy_linear_and_conv2d(tmp_path):
         path = rec.save(tmp_path / "calibration.parquet")
     release(seen)
     data = load_calibration(path)
-    groups = {(1, "fit"): [0, 2], (1, "holdout"): [1], (6, "holdout"): [3]}
+    groups = {(1, "holdout"): [0, 2], (1, "fit"): [1], (6, "fit"): [3]}
     assert set(data) == {(layer, b, sp) for layer in ("lin.weight", "conv.weight") for b, sp in groups}
     for layer, inputs in seen.items():
         for (b, split), calls in groups.items():
@@ -604,7 +618,7 @@ def test_histogram_matches_numpy_linear_and_conv2d(tmp_path):
             else:
                 assert total < e["rows"] * e["in_features"]  # X repeats elements and adds padding
     # the edge values spread over the whole range: first and last bins used, both signs
-    e = data[("lin.weight", 1, "fit")]
+    e = data[("lin.weight", 1, "holdout")]  # calls 0 and 2
     assert e["hist_pos"][0] > 0 and e["hist_pos"][383] > 0 and e["hist_neg"][0] > 0 and e["hist_neg"][383] > 0
 
 
