@@ -255,6 +255,7 @@ class _Call:
     # small)
     seen: Dict[int, Tuple[Any, str]] = field(default_factory=dict)
     inputs_of: Dict[str, Tuple[Any, Optional[torch.Tensor]]] = field(default_factory=dict)
+    runs: Dict[str, int] = field(default_factory=dict)  # layer -> times it ran in this call
 
 
 def _layer_info(module: nn.Module) -> Optional[Tuple[str, int, int]]:
@@ -565,6 +566,7 @@ class CalibrationRecorder:
         self._accumulate_only: Optional[frozenset] = None
         # layer -> its place in the order the layers first ran in recorded calls
         self._run_order: Dict[str, int] = {}
+        self._max_runs: Dict[str, int] = {}  # layer -> most times it ran in one recorded call
         # set when the statistics were written pass by pass by record_pipeline(max_memory=...)
         self._streamed_to: Optional[str] = None
         self._free_written = False  # streamed passes: drop each Hessian once its row is written
@@ -769,6 +771,10 @@ class CalibrationRecorder:
             if not (x.is_floating_point()):
                 return
             self._run_order.setdefault(layer.name, len(self._run_order))
+            runs = call.runs.get(layer.name, 0) + 1
+            call.runs[layer.name] = runs
+            if runs > self._max_runs.get(layer.name, 0):
+                self._max_runs[layer.name] = runs
             start = time.perf_counter()
             try:
                 with torch.no_grad(), torch.inference_mode(False):
@@ -856,10 +862,11 @@ class CalibrationRecorder:
                 # float32 products of a bounded number of rows, summed in float64; float64 inputs,
                 # and values whose float32 sums of squares could overflow, keep float64 products
                 exact = chunk.dtype == torch.float64 or float(amax.max()) > _FLOAT32_PRODUCT_LIMIT
-                for i in range(0, chunk.shape[0], HESSIAN_CHUNK_ROWS):
-                    xc = (chunk[i:i + HESSIAN_CHUNK_ROWS].to(torch.float64) if exact
-                          else xf[i:i + HESSIAN_CHUNK_ROWS])
-                    h.matrix.add_(xc.t() @ xc)
+                with _full_float32_matmul():
+                    for i in range(0, chunk.shape[0], HESSIAN_CHUNK_ROWS):
+                        xc = (chunk[i:i + HESSIAN_CHUNK_ROWS].to(torch.float64) if exact
+                              else xf[i:i + HESSIAN_CHUNK_ROWS])
+                        h.matrix.add_(xc.t() @ xc)
                 h.rows += int(chunk.shape[0])
             capacity = self.fit_input_samples if call.split == "fit" else self.input_samples
             if st.with_hessian and capacity:
@@ -993,6 +1000,24 @@ class CalibrationRecorder:
         return (f"CalibrationRecorder({type(self.model).__name__}, layers={len(self._layers)}, "
                 f"step_kind={self.step_kind!r}, step_range={self.step_range}, num_bins={self.num_bins}, "
                 f"calls={self._calls}, recorded={self._recorded}/{self.max_samples})")
+
+
+@contextlib.contextmanager
+def _full_float32_matmul() -> Iterator[None]:
+    """float32 matmuls at full precision inside (not TF32 or bfloat16 passes, which scripts often
+    allow globally with torch.set_float32_matmul_precision or allow_tf32)."""
+    precision = torch.get_float32_matmul_precision()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    if precision == "highest" and not tf32:
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.set_float32_matmul_precision(precision)
 
 
 def _offer_rows(st: "_Stats", x: torch.Tensor, capacity: int, key: Tuple[str, int, str]) -> None:
@@ -1286,7 +1311,8 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
             def capture(mod: nn.Module, args: tuple, kwargs: dict) -> None:
                 call = rec._active
                 if call is not None and call.record:
-                    captured.append((call, _clone_tree(args), _clone_tree(kwargs)))
+                    stripped = _Call(call.index, True, call.step, call.bin, call.split, call.sample)
+                    captured.append((stripped, _clone_tree(args), _clone_tree(kwargs)))
 
             # after attach_timestep's hook (prepended), which starts the call
             rec._handles.append(denoiser.register_forward_pre_hook(capture, with_kwargs=True))
@@ -1367,11 +1393,17 @@ def _record_remaining_passes(rec: CalibrationRecorder, denoiser: "nn.Module", ca
                 replay._owner = dict(rec._owner)
                 replay._accumulate_only = frozenset(names)
                 last = max(rec._run_order[n] for n in names)
-                if last + 1 < len(run_order):
+                # Stop each forward at the next layer once every layer of the pass ran in this
+                # call; never when some layer runs more than once per call (shared modules).
+                once = all(v <= 1 for v in rec._max_runs.values())
+                if once and last + 1 < len(run_order):
                     stop_module = replay._by_name[run_order[last + 1]].module
+                    needed = frozenset(names)
 
                     def stop(mod: nn.Module, args: tuple) -> None:
-                        raise _StopReplay()
+                        call = replay._active
+                        if call is not None and needed.issubset(call.runs):
+                            raise _StopReplay()
 
                     replay._handles.append(stop_module.register_forward_pre_hook(stop))
                 with torch.no_grad():
@@ -1456,6 +1488,10 @@ def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathL
     recording = {"seconds": time.perf_counter() - started, "hook_seconds": rec.hook_seconds, "passes": rec.passes,
                  "path": os.fspath(calibration_path), "layers": len(rec.layers),
                  "shared_inputs": len(rec.shared_inputs)}
+    rec._stats.clear()  # written; not held while quantizing (max_memory=None keeps them otherwise)
+    rec._hessians.clear()
+    del rec
+    _release_memory(collect=True)
     tmp = None
     try:
         if source_dir is None:

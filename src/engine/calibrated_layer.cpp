@@ -187,10 +187,11 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
       for (Eigen::Index j = 0; j < C; ++j) ws(r, j) = w[static_cast<size_t>(r) * step * cols + static_cast<size_t>(j)];
     std::vector<double> energy(ngroups, 0.0);
     std::vector<int64_t> fit_rows(ngroups, 0);
-    bool ok = true;
+    bool ok = true, pooled = false;
     for (const auto& b : lc.fit) {
       if (!b.holds_hessian() || b.rows == 0) continue;
-      ok = ok && b.hessian_span == 1;  // pooled Hessians have no per-group energy
+      pooled = b.hessian_span > 1;  // pooled Hessians have no per-group energy
+      ok = !pooled;
       if (!ok) break;
       for (size_t g = 0; g < ngroups; ++g)
         if (in_group(groups[g], b.bin)) {
@@ -208,8 +209,11 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
     }
     if (!ok) {
       weights.clear();
-      out.warnings.push_back(StrCat(name, ": relative timestep-group weights need a positive output energy in every "
-                                          "group; uniform weights used"));
+      out.warnings.push_back(pooled ? StrCat(name, ": relative timestep-group weights need a Hessian per step bin; "
+                                                   "the calibration pools them over spans of bins (the mean over spans "
+                                                   "is used)")
+                                    : StrCat(name, ": relative timestep-group weights need a positive output energy "
+                                                   "in every group; uniform weights used"));
     }
   }
   AQ_ASSIGN_OR_RETURN(auto h, layer_hessians(lc, groups, weights));

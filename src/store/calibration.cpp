@@ -113,11 +113,13 @@ class FileHessianReader final : public HessianReader {
     std::shared_ptr<arrow::Table> table;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      AQ_ARROW_RETURN(reader_->ReadRowGroup(g, {column_}, &table), where);
+      AQ_ARROW_ASSIGN(table, reader_->ReadRowGroup(g, std::vector<int>{column_}), where);
     }
     std::shared_ptr<arrow::ChunkedArray> col = table->column(0);
-    std::shared_ptr<arrow::Array> chunk;
-    AQ_ARROW_ASSIGN(chunk, arrow::Concatenate(col->chunks()), where);
+    std::shared_ptr<arrow::Array> chunk = col->num_chunks() == 1 ? col->chunk(0) : nullptr;
+    if (!chunk) {
+      AQ_ARROW_ASSIGN(chunk, arrow::Concatenate(col->chunks()), where);
+    }
     auto list = std::dynamic_pointer_cast<arrow::ListArray>(chunk);
     if (!list) return FormatError(StrCat(where, ": the hessian column is not a list"));
     const int64_t i = row - starts_[static_cast<size_t>(g)];
@@ -189,7 +191,7 @@ Result<CalibrationData> read_calibration(const std::string& path) {
   for (int i = 0; i < file_schema->num_fields(); ++i)
     if (i != hessian_col) columns.push_back(i);
   std::shared_ptr<arrow::Table> t;
-  AQ_ARROW_RETURN(reader->ReadTable(columns, &t), path);
+  AQ_ARROW_ASSIGN(t, reader->ReadTable(columns), path);
   auto hessians = std::make_shared<FileHessianReader>(path, std::move(reader), hessian_col, v2);
   if (hessians->rows() != t->num_rows())
     return FormatError(StrCat(path, ": row groups hold ", hessians->rows(), " rows, the table ", t->num_rows()));

@@ -312,3 +312,34 @@ def test_calibrate_and_quantize_in_one_call(tmp_path):
     w = model.blocks[0].q.weight.detach().numpy()
     q = loaded["blocks.0.q.weight"].numpy()
     assert np.linalg.norm(q - w) / np.linalg.norm(w) < 0.2
+
+
+class SharedModule(nn.Module):
+    """A layer run twice per forward (start and end): replays must not stop before its second run."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        # defined after mid: the first pass (model order) records mid.0, a replay records shared
+        self.mid = nn.ModuleList(nn.Linear(d, d) for _ in range(3))
+        self.shared = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        x = self.shared(x) * (1 + timestep.float()[:, None, None] / T_MAX)
+        for m in self.mid:
+            x = torch.tanh(m(x))
+        return self.out(self.shared(x))
+
+
+def test_record_pipeline_in_passes_with_a_layer_run_twice(tmp_path):
+    torch.manual_seed(0)
+    pipe = Pipe(TinyDiT())
+    pipe.transformer = SharedModule().eval()
+    paths = []
+    for name, kw in (("one", {}), ("multi", {"max_memory": 16 * 16 * 8})):
+        paths.append(tmp_path / f"{name}.parquet")
+        record_pipeline(pipe, [{"seed": 1}], num_inference_steps=4, num_bins=2, hessian_bins=1, output_path=paths[-1],
+                        progress=False, **kw)
+    a, b = _rows_by_key(paths[0]), _rows_by_key(paths[1])
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    assert a[("shared.weight", 0, "fit")]["rows"] == 2 * a[("out.weight", 0, "fit")]["rows"]
