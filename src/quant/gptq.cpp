@@ -321,20 +321,29 @@ QuantizeRowsStats gptq_quantize_rows(const QuantScheme& scheme, const GptqFactor
   return stats;
 }
 
-OutputError output_error(const float* w, const float* q, size_t rows, size_t cols, const double* h,
-                         size_t row_step) {
-  OutputError out;
-  if (rows == 0 || cols == 0) return out;
-  row_step = std::max<size_t>(1, row_step);
+namespace {
+// Every row_step-th row of w and q (rows x cols) as float64 matrices.
+void sampled_rows(const float* w, const float* q, size_t rows, size_t cols, size_t row_step, MatD& W, MatD& Q) {
   const Eigen::Index C = static_cast<Eigen::Index>(cols);
   const Eigen::Index n = static_cast<Eigen::Index>((rows + row_step - 1) / row_step);
-  MatD W(n, C), Q(n, C);
+  W.resize(n, C);
+  Q.resize(n, C);
   for (Eigen::Index i = 0; i < n; ++i)
     for (Eigen::Index j = 0; j < C; ++j) {
       const size_t at = static_cast<size_t>(i) * row_step * cols + static_cast<size_t>(j);
       W(i, j) = w[at];
       Q(i, j) = q[at];
     }
+}
+}  // namespace
+
+OutputError output_error(const float* w, const float* q, size_t rows, size_t cols, const double* h,
+                         size_t row_step) {
+  OutputError out;
+  if (rows == 0 || cols == 0) return out;
+  const Eigen::Index C = static_cast<Eigen::Index>(cols);
+  MatD W, Q;
+  sampled_rows(w, q, rows, cols, std::max<size_t>(1, row_step), W, Q);
   Eigen::Map<const MatD> H(h, C, C);
   const MatD D = W - Q;
   const MatD WH = W * H, DH = D * H;
@@ -352,16 +361,9 @@ OutputError output_error_samples(const float* w, const float* q, size_t rows, si
                                  size_t x_rows, size_t row_step) {
   OutputError out;
   if (rows == 0 || cols == 0 || x_rows == 0) return out;
-  row_step = std::max<size_t>(1, row_step);
   const Eigen::Index C = static_cast<Eigen::Index>(cols), R = static_cast<Eigen::Index>(x_rows);
-  const Eigen::Index n = static_cast<Eigen::Index>((rows + row_step - 1) / row_step);
-  MatD W(n, C), Q(n, C);
-  for (Eigen::Index i = 0; i < n; ++i)
-    for (Eigen::Index j = 0; j < C; ++j) {
-      const size_t at = static_cast<size_t>(i) * row_step * cols + static_cast<size_t>(j);
-      W(i, j) = w[at];
-      Q(i, j) = q[at];
-    }
+  MatD W, Q;
+  sampled_rows(w, q, rows, cols, std::max<size_t>(1, row_step), W, Q);
   const MatD X = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(x, R, C)
                      .cast<double>();
   const MatD Y = W * X.transpose(), YQ = Q * X.transpose();
