@@ -576,9 +576,9 @@ Status QuantizeRun::plan_budget(const std::string& component, const std::vector<
       if (calib_ && cfg_.enable_time_aware) {
         const LayerCalibration* lc = calib_->lookup(component, t.name);
         if (lc && static_cast<uint64_t>(lc->in_features) == cols) {
-          auto r = layer_hessians(*lc, groups_, {}, false);
-          if (!r.ok()) return r.status().WithPrefix(StrCat(component.empty() ? t.name : component + "/" + t.name, ": "));
-          h = std::move(*r);
+          auto hr = layer_hessians(*lc, groups_, {}, false);
+          if (!hr.ok()) return hr.status().WithPrefix(StrCat(component.empty() ? t.name : component + "/" + t.name, ": "));
+          h = std::move(*hr);
         }
       }
       if (h) ++calibrated, L.output_error = true;
