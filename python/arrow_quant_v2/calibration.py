@@ -107,6 +107,9 @@ SCHEMA_FIELDS: List[Tuple[str, pa.DataType, bool]] = [
     ("hessian_span", pa.int32(), False),
     ("hessian_rows", pa.int64(), True),
     ("hessian_from", pa.string(), True),
+    # the Hessian is block-diagonal: the upper triangles of its diagonal blocks of hessian_block
+    # columns (the last one smaller), block after block; null: the full matrix
+    ("hessian_block", pa.int32(), True),
     # additions to version 1: optional for readers (files written before them lack them)
     ("hist_pos", pa.list_(pa.int64()), False),
     ("hist_neg", pa.list_(pa.int64()), False),
@@ -115,7 +118,10 @@ SCHEMA_FIELDS: List[Tuple[str, pa.DataType, bool]] = [
     ("inputs", pa.list_(pa.float32()), True),
 ]
 HIST_COLUMNS = ("hist_pos", "hist_neg", "hist_zero")
-OPTIONAL_COLUMNS = HIST_COLUMNS + ("inputs",)
+OPTIONAL_COLUMNS = HIST_COLUMNS + ("inputs", "hessian_block")
+# hessian_block is a multiple of this, so that no quantization group (affine groups of up to 256
+# columns, ggml's blocks of 32 and 256) straddles two blocks
+HESSIAN_BLOCK_MULTIPLE = 256
 
 __all__ = [
     "CalibrationRecorder",
@@ -212,6 +218,16 @@ class _Layer:
     in_features: int          # columns of X = weight.reshape(out, -1).shape[1]
     hessian_reason: Optional[str]  # None: a Hessian is recorded
     order: int
+    hessian_block: int = 0    # > 0: the Hessian is block-diagonal, in blocks of this many columns
+
+    def blocks(self) -> List[Tuple[int, int]]:
+        """[begin, end) of the Hessian's diagonal blocks (one block: the full matrix)."""
+        f, b = self.in_features, self.hessian_block or self.in_features
+        return [(i, min(f, i + b)) for i in range(0, f, b)] if f else [(0, 0)]
+
+    def hessian_values(self) -> int:
+        """Entries of the Hessian's diagonal blocks (in_features^2 for a full one)."""
+        return sum((e - b) ** 2 for b, e in self.blocks())
 
 
 @dataclass
@@ -236,9 +252,13 @@ class _Stats:
 @dataclass
 class _Hessian:
     """X^T X of one layer over the bins of one Hessian span and one split: float32 products of at
-    most HESSIAN_CHUNK_ROWS rows, summed in float64."""
-    matrix: torch.Tensor
+    most HESSIAN_CHUNK_ROWS rows, summed in float64. Its diagonal blocks (the layer's blocks(); one
+    block: the full matrix)."""
+    blocks: List[torch.Tensor]
     rows: int = 0
+
+    def numel(self) -> int:
+        return sum(b.numel() for b in self.blocks)
 
 
 @dataclass
@@ -439,8 +459,15 @@ class CalibrationRecorder:
         k-th recorded call when ``(k + b) % holdout_every == holdout_every - 1``), the others to
         ``fit``; 0 puts every call in ``fit``.
     max_hessian_features:
-        Layers whose X has more columns than this get no Hessian (``hessian`` null,
-        ``hessian_reason`` says why); their absmax / min / max are still recorded.
+        Layers whose X has more columns than this get no full Hessian: a block-diagonal one (see
+        ``hessian_block``), or none (``hessian`` null, ``hessian_reason`` says why); their
+        absmax / min / max are still recorded.
+    hessian_block:
+        Columns per diagonal block of the block-diagonal Hessian kept for layers wider than
+        ``max_hessian_features`` (the last block takes the rest): ``in_features * hessian_block``
+        values instead of ``in_features^2``. A multiple of 256, at most ``max_hessian_features``;
+        0 (or more than ``max_hessian_features``) records no Hessian for those layers. GPTQ then
+        moves each column's rounding error within its block only.
     input_samples:
         Rows of X kept per (layer, bin, split), drawn uniformly at random from every row the layer
         saw there (reservoir sampling, seeded from the layer name, bin and split, so a rerun keeps
@@ -483,7 +510,8 @@ class CalibrationRecorder:
                  max_hessian_features: int = 8192, component: str = "", step_kind: str = "timestep",
                  device: Optional[Union[str, "torch.device"]] = None, input_samples: int = 64,
                  hessian_bins: Optional[int] = None, holdout_hessians: bool = True,
-                 share_inputs: bool = True, fit_input_samples: Optional[int] = None) -> None:
+                 share_inputs: bool = True, fit_input_samples: Optional[int] = None,
+                 hessian_block: int = 4096) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if step_kind not in STEP_KINDS:
@@ -507,6 +535,10 @@ class CalibrationRecorder:
         if not _is_int(max_hessian_features) or not 0 <= max_hessian_features <= HESSIAN_FEATURES_LIMIT:
             raise ConfigurationError(f"max_hessian_features must be an integer between 0 and {HESSIAN_FEATURES_LIMIT}; "
                                      f"got {max_hessian_features!r}")
+        if (not _is_int(hessian_block) or not 0 <= hessian_block <= HESSIAN_FEATURES_LIMIT
+                or hessian_block % HESSIAN_BLOCK_MULTIPLE):
+            raise ConfigurationError(f"hessian_block must be 0 or a multiple of {HESSIAN_BLOCK_MULTIPLE} up to "
+                                     f"{HESSIAN_FEATURES_LIMIT}; got {hessian_block!r}")
         if not _is_int(input_samples) or not 0 <= input_samples <= 65536:
             raise ConfigurationError(f"input_samples must be an integer between 0 and 65536; got {input_samples!r}")
         if fit_input_samples is None:
@@ -539,6 +571,7 @@ class CalibrationRecorder:
         self.total_calls = None if total_calls is None else int(total_calls)
         self.holdout_every = int(holdout_every)
         self.max_hessian_features = int(max_hessian_features)
+        self.hessian_block = int(hessian_block)
         self.input_samples = int(input_samples)
         self.fit_input_samples = int(fit_input_samples)
         self.component = component
@@ -587,12 +620,16 @@ class CalibrationRecorder:
             kind, f, groups = info
             name = f"{module_name}.weight" if module_name else "weight"
             reason = None
+            block = 0
             if groups > 1:
                 reason = (f"grouped convolution (groups={groups}): per-group Hessians are not recorded "
                           f"(absmax/min/max stack the groups as rows)")
             elif f > self.max_hessian_features:
-                reason = f"in_features {f} > max_hessian_features {self.max_hessian_features}"
-            layer = _Layer(name, module, kind, f, reason, len(self._layers))
+                if 0 < self.hessian_block <= self.max_hessian_features:
+                    block = self.hessian_block
+                else:
+                    reason = f"in_features {f} > max_hessian_features {self.max_hessian_features}"
+            layer = _Layer(name, module, kind, f, reason, len(self._layers), block)
             self._layers.append(layer)
             self._by_name[name] = layer
             self._handles.append(module.register_forward_pre_hook(self._make_layer_hook(layer)))
@@ -622,9 +659,15 @@ class CalibrationRecorder:
         """{layer: why it gets no Hessian} for the layers without one."""
         return {layer.name: layer.hessian_reason for layer in self._layers if layer.hessian_reason}
 
+    @property
+    def hessian_blocks(self) -> Dict[str, int]:
+        """{layer: columns per diagonal block} for the layers that keep a block-diagonal Hessian."""
+        return {layer.name: layer.hessian_block for layer in self._layers if layer.hessian_block}
+
     def hessian_bytes(self) -> int:
-        """Bytes the Hessians take now (in_features^2 float64 per (layer, Hessian span, split))."""
-        return sum(h.matrix.numel() * 8 for h in self._hessians.values())
+        """Bytes the Hessians take now (float64: in_features^2, or the diagonal blocks' entries, per
+        (layer, Hessian span, split))."""
+        return sum(h.numel() * 8 for h in self._hessians.values())
 
     def layer_hessian_bytes(self, name: str) -> int:
         """Upper bound of the bytes layer ``name``'s Hessians take: every span and split kept (0 for a
@@ -633,7 +676,7 @@ class CalibrationRecorder:
         if layer.hessian_reason is not None or self._owner.get(name, name) != name:
             return 0
         splits = 2 if self.holdout_every and self.holdout_hessians else 1
-        return layer.in_features ** 2 * 8 * self.hessian_bins * splits
+        return layer.hessian_values() * 8 * self.hessian_bins * splits
 
     def max_hessian_bytes(self) -> int:
         """Upper bound of :meth:`hessian_bytes`: every layer with a Hessian in every span and split."""
@@ -644,12 +687,15 @@ class CalibrationRecorder:
         """{layer: the layer whose statistics it shares} for the layers found reading another's input."""
         return {k: v for k, v in self._owner.items() if k != v}
 
-    def hessian(self, layer: str, bin: int, split: str = "fit") -> Optional[torch.Tensor]:
+    def hessian(self, layer: str, bin: int, split: str = "fit") -> Optional[Union[torch.Tensor, List[torch.Tensor]]]:
         """The float64 X^T X accumulated so far for ``layer`` over the Hessian span holding ``bin``
-        (the span's every bin; that of the layer it shares its input with), or None."""
+        (the span's every bin; that of the layer it shares its input with), or None. For a layer
+        with a block-diagonal Hessian (:attr:`hessian_blocks`), the list of its diagonal blocks."""
         owner = self._owner.get(layer, layer)
         h = self._hessians.get((owner, bin // self.hessian_span, split))
-        return None if h is None else h.matrix
+        if h is None:
+            return None
+        return h.blocks if self._by_name[owner].hessian_block else h.blocks[0]
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -712,12 +758,14 @@ class CalibrationRecorder:
         finally:
             self._active = None
 
-    def attach_timestep(self, module: Optional["nn.Module"] = None, arg: Optional[Union[str, int]] = None,
+    def attach_timestep(self, module: Optional["nn.Module"] = None, arg: Optional[Union[str, int, Any]] = None,
                         scale: float = 1.0) -> "CalibrationRecorder":
         """Makes every forward of ``module`` (default: the recorded model) one call, reading its step
-        value from the call's arguments: ``arg`` if given (a keyword name or a positional index),
-        else the keyword ``timestep``, ``t`` or ``timesteps``, else the 2nd positional argument. The
-        value is multiplied by ``scale`` (e.g. 1000 for a model that is passed ``t / 1000``).
+        value from the call's arguments: ``arg`` if given (a keyword name, a positional index, or a
+        function ``arg(args, kwargs)`` returning the value -- e.g. a diffusion LM's mask ratio,
+        ``lambda a, kw: (kw["input_ids"] == MASK_ID).float().mean()``), else the keyword
+        ``timestep``, ``t`` or ``timesteps``, else the 2nd positional argument. The value is
+        multiplied by ``scale`` (e.g. 1000 for a model that is passed ``t / 1000``).
 
         This is how diffusers pipelines are recorded: ``rec.attach_timestep(pipe.unet); pipe(...)``.
         A classifier-free-guidance batch (doubled) is one call whose rows are all recorded.
@@ -727,9 +775,9 @@ class CalibrationRecorder:
         module = self.model if module is None else module
         if not isinstance(module, nn.Module):
             raise ConfigurationError(f"attach_timestep: module must be a torch.nn.Module; got {type(module).__name__}")
-        if arg is not None and not isinstance(arg, str) and not _is_int(arg):
-            raise ConfigurationError(f"attach_timestep: arg must be None, a keyword name or a positional index; "
-                                     f"got {arg!r}")
+        if arg is not None and not isinstance(arg, str) and not _is_int(arg) and not callable(arg):
+            raise ConfigurationError(f"attach_timestep: arg must be None, a keyword name, a positional index or a "
+                                     f"function (args, kwargs) -> value; got {arg!r}")
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale == 0:
             raise ConfigurationError(f"attach_timestep: scale must be a finite non-zero number; got {scale!r}")
         owner = object()
@@ -738,8 +786,12 @@ class CalibrationRecorder:
         def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._active is not None:
                 return  # inside rec.step(...) or an outer attached call: part of that call
-            value = _find_step_arg(args, kwargs, arg, where)
-            call = self._begin_call(_step_value(value, f"{where} timestep argument") * float(scale))
+            if callable(arg) and not isinstance(arg, str):
+                with torch.no_grad():
+                    value = arg(args, kwargs)
+            else:
+                value = _find_step_arg(args, kwargs, arg, where)
+            call = self._begin_call(_step_value(value, f"{where} {self.step_kind} argument") * float(scale))
             call.owners.append(owner)
             self._active = call
 
@@ -822,7 +874,8 @@ class CalibrationRecorder:
                         found = name
                         break
             if found is not None and self._by_name[found].in_features == layer.in_features \
-                    and self._by_name[found].hessian_reason == layer.hessian_reason:
+                    and self._by_name[found].hessian_reason == layer.hessian_reason \
+                    and self._by_name[found].hessian_block == layer.hessian_block:
                 self._owner[layer.name] = found
                 return found
             self._owner[layer.name] = layer.name
@@ -856,9 +909,10 @@ class CalibrationRecorder:
                 torch.maximum(st.max, cmax, out=st.max)
             if keep_hessian:
                 h = self._hessians.get(hkey)
+                spans = layer.blocks()
                 if h is None:
-                    h = self._hessians[hkey] = _Hessian(torch.zeros(layer.in_features, layer.in_features,
-                                                                    dtype=torch.float64, device=dev))
+                    h = self._hessians[hkey] = _Hessian([torch.zeros(e - b, e - b, dtype=torch.float64, device=dev)
+                                                         for b, e in spans])
                 # float32 products of a bounded number of rows, summed in float64; float64 inputs,
                 # and values whose float32 sums of squares could overflow, keep float64 products
                 exact = chunk.dtype == torch.float64 or float(amax.max()) > _FLOAT32_PRODUCT_LIMIT
@@ -866,7 +920,12 @@ class CalibrationRecorder:
                     for i in range(0, chunk.shape[0], HESSIAN_CHUNK_ROWS):
                         xc = (chunk[i:i + HESSIAN_CHUNK_ROWS].to(torch.float64) if exact
                               else xf[i:i + HESSIAN_CHUNK_ROWS])
-                        h.matrix.add_(xc.t() @ xc)
+                        if len(spans) == 1:
+                            h.blocks[0].add_(xc.t() @ xc)
+                        else:
+                            for m, (b, e) in zip(h.blocks, spans):
+                                xb = xc[:, b:e]
+                                m.add_(xb.t() @ xb)
                 h.rows += int(chunk.shape[0])
             capacity = self.fit_input_samples if call.split == "fit" else self.input_samples
             if st.with_hessian and capacity:
@@ -937,17 +996,21 @@ class CalibrationRecorder:
                 f"absmax value {absmax[bad]!r} at column {bad}; the layer saw NaN or infinite inputs")
         hessian = None
         if h is not None and holds and name == owner:
-            full = h.matrix.detach().cpu().numpy()
-            big = np.abs(full) > np.finfo(np.float32).max
-            if not np.isfinite(full).all() or big.any():
-                bad = np.argwhere(~np.isfinite(full) | big)[0]
-                raise QuantizationError(
-                    f"calibration data of layer {owner!r} ({self.step_kind} bin {b}, split {split!r}): hessian value "
-                    f"{full[bad[0], bad[1]]!r} at ({bad[0]}, {bad[1]}) is not finite or beyond float32's range (the "
-                    f"file stores float32); the layer's inputs reach {float(absmax.max())!r}")
-            hessian = _pack_upper(full)
+            packed = []
+            for (first, _), m in zip(layer.blocks(), h.blocks):
+                full = m.detach().cpu().numpy()
+                big = np.abs(full) > np.finfo(np.float32).max
+                if not np.isfinite(full).all() or big.any():
+                    bad = np.argwhere(~np.isfinite(full) | big)[0]
+                    raise QuantizationError(
+                        f"calibration data of layer {owner!r} ({self.step_kind} bin {b}, split {split!r}): hessian "
+                        f"value {full[bad[0], bad[1]]!r} at ({first + bad[0]}, {first + bad[1]}) is not finite or "
+                        f"beyond float32's range (the file stores float32); the layer's inputs reach "
+                        f"{float(absmax.max())!r}")
+                packed.append(_pack_upper(full))
+            hessian = packed[0] if len(packed) == 1 else np.concatenate(packed)
             if self._free_written:
-                h.matrix = torch.empty(0, dtype=torch.float64)  # written: its rows count is all later rows need
+                h.blocks = []  # written: its rows count is all later rows need
         return {
             "component": self.component, "layer": name, "bin": b, "step_lo": lo, "step_hi": hi,
             "split": split, "samples": st.samples, "rows": st.rows, "step_sum": st.step_sum,
@@ -960,6 +1023,7 @@ class CalibrationRecorder:
             "hessian_span": self.hessian_span,
             "hessian_rows": h.rows if (h is not None and holds) else None,
             "hessian_from": owner if (name != owner and h is not None) else None,
+            "hessian_block": layer.hessian_block or None,
             "hist_pos": hist[:HIST_BINS],
             "hist_neg": hist[HIST_BINS:2 * HIST_BINS],
             "hist_zero": int(hist[2 * HIST_BINS]),
@@ -1162,11 +1226,11 @@ class _CalibrationWriter:
 # ---------------------------------------------------------------------------------------------
 
 def _find_denoiser(pipe: Any) -> Tuple["nn.Module", str]:
-    for attr in ("transformer", "unet"):
+    for attr in ("transformer", "unet", "model"):
         m = getattr(pipe, attr, None)
         if isinstance(m, nn.Module):
             return m, attr
-    raise ConfigurationError(f"record_pipeline: {type(pipe).__name__} has no 'transformer' or 'unet' module")
+    raise ConfigurationError(f"record_pipeline: {type(pipe).__name__} has no 'transformer', 'unet' or 'model' module")
 
 
 def _clone_tree(obj: Any) -> Any:
@@ -1221,14 +1285,15 @@ def _partition(names: Sequence[str], sizes: Mapping[str, int], budget: int) -> L
 
 def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int, max_samples: int = 128,
                     num_bins: int = 10, holdout_every: int = 4, max_hessian_features: int = 8192,
-                    input_samples: int = 64,
+                    input_samples: int = 64, hessian_block: int = 4096,
                     calls_per_step: int = 1, step_range: Optional[Tuple[float, float]] = None,
                     timestep_scale: Optional[float] = None, output_path: Optional[PathLike] = None,
                     device: Optional[Union[str, "torch.device"]] = None, hessian_bins: Optional[int] = None,
                     holdout_hessians: bool = True, share_inputs: bool = True, fit_input_samples: Optional[int] = None,
                     max_memory: Optional[int] = None, progress_callback: Optional[Any] = None,
-                    progress: bool = True, **pipe_kwargs: Any) -> CalibrationRecorder:
-    """Runs a diffusers pipeline and records its denoiser (``pipe.transformer`` or ``pipe.unet``).
+                    progress: bool = True, step_kind: str = "timestep", step_arg: Optional[Any] = None,
+                    **pipe_kwargs: Any) -> CalibrationRecorder:
+    """Runs a diffusers pipeline and records its denoiser (``pipe.transformer``, ``pipe.unet`` or ``pipe.model``).
 
     ``prompts_or_kwargs`` is a prompt, a list of prompts (each run as ``pipe(prompt=p, ...)``), a
     dict of pipeline arguments or a list of such dicts; ``pipe_kwargs`` are added to every run.
@@ -1237,7 +1302,11 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
     step -- 1 for most pipelines, whose classifier-free guidance doubles the batch instead).
     ``timestep_scale`` multiplies the timestep the denoiser receives (default: 1000 for Flux
     transformers, which are passed ``t / 1000``; else 1). ``hessian_bins``, ``holdout_hessians``,
-    ``share_inputs``, ``fit_input_samples``: as for :class:`CalibrationRecorder`.
+    ``share_inputs``, ``fit_input_samples``, ``hessian_block``: as for :class:`CalibrationRecorder`.
+    ``step_kind="mask_ratio"`` records a diffusion LM (Dream, LLaDA) whose sampling loop is
+    ``pipe(...)``: ``step_arg`` (as ``attach_timestep``'s ``arg``: a keyword, a position, or a
+    function of the denoiser's ``(args, kwargs)``) gives each call's mask ratio, and ``step_range``
+    defaults to ``(0, 1)``.
 
     ``max_memory`` (bytes) bounds the Hessians held at once, for models whose statistics do not fit
     in memory together. The pipeline runs once, recording the first layers whose Hessians fit and
@@ -1263,6 +1332,10 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
     if max_memory is not None and output_path is None:
         raise ConfigurationError("record_pipeline: max_memory writes the statistics pass by pass and needs "
                                  "output_path")
+    if step_kind not in STEP_KINDS:
+        raise ConfigurationError(f"step_kind must be one of {', '.join(map(repr, STEP_KINDS))}; got {step_kind!r}")
+    if step_range is None and step_kind == "mask_ratio":
+        step_range = DEFAULT_STEP_RANGES[step_kind]
     if step_range is None:
         config = getattr(getattr(pipe, "scheduler", None), "config", None)
         if isinstance(config, Mapping):
@@ -1290,9 +1363,9 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
     options = dict(step_range=step_range, num_bins=num_bins, max_samples=max_samples,
                    total_calls=num_inference_steps * calls_per_step * len(runs),
                    holdout_every=holdout_every, max_hessian_features=max_hessian_features,
-                   input_samples=input_samples, component=component, step_kind="timestep", device=device,
+                   input_samples=input_samples, component=component, step_kind=step_kind, device=device,
                    hessian_bins=hessian_bins, holdout_hessians=holdout_hessians, share_inputs=share_inputs,
-                   fit_input_samples=fit_input_samples)
+                   fit_input_samples=fit_input_samples, hessian_block=hessian_block)
     rec = CalibrationRecorder(denoiser, **options)
     captured: List[Tuple[_Call, Any, Any]] = []
     total_calls = options["total_calls"]
@@ -1302,7 +1375,7 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
             progress_callback(message, min(1.0, max(0.0, fraction)))
 
     try:
-        rec.attach_timestep(denoiser, scale=timestep_scale)
+        rec.attach_timestep(denoiser, arg=step_arg, scale=timestep_scale)
         if max_memory is not None:
             sizes = {layer.name: rec.layer_hessian_bytes(layer.name) for layer in rec._layers}
             first = _partition([layer.name for layer in rec._layers], sizes, max_memory)[0]
@@ -1445,7 +1518,7 @@ def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathL
     result, with ``result["calibration_recording"]`` (seconds, the recorder's own seconds, passes,
     the file).
 
-    ``pipe`` is a diffusers pipeline (or any object whose ``transformer`` / ``unet`` is the
+    ``pipe`` is a diffusers pipeline (or any object whose ``transformer`` / ``unet`` / ``model`` is the
     denoiser and whose call runs the sampling loop: wrap a bare torch denoiser that way), run with
     each of ``prompts_or_kwargs`` as in :func:`record_pipeline`, which records it with the
     large-model settings: one Hessian per layer over the trajectory (``hessian_bins=1``), held-out
@@ -1555,8 +1628,9 @@ def load_calibration(path: PathLike, hessians: bool = True) -> CalibrationData:
 
     ``hessian`` is the float64 ``(in_features, in_features)`` matrix of the row that holds it (in
     version 2 the first row of its span of ``hessian_span`` bins; a layer with ``hessian_from``
-    gets the very matrix of that layer's row); ``hessians=False`` skips reading them (every
-    ``hessian`` is None), for big files."""
+    gets the very matrix of that layer's row); for a block-diagonal Hessian (``hessian_block`` not
+    None) the list of its float64 diagonal blocks, of ``hessian_block`` columns each (the last one
+    smaller). ``hessians=False`` skips reading them (every ``hessian`` is None), for big files."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelNotFoundError(f"calibration file {path!r} does not exist")
@@ -1590,7 +1664,7 @@ def load_calibration(path: PathLike, hessians: bool = True) -> CalibrationData:
     out.metadata = meta
     has_inputs = "inputs" in names
     scalars = [n for n, t, _ in SCHEMA_FIELDS if not pa.types.is_list(t) and (has_hist or n not in HIST_COLUMNS)
-               and (version == "2" or n not in v2_only)]
+               and (version == "2" or n not in v2_only) and (n != "hessian_block" or n in names)]
     list_columns = (("absmax", "min", "max") + (("hessian",) if hessians else ())
                     + (("hist_pos", "hist_neg") if has_hist else ()) + (("inputs",) if has_inputs else ()))
     columns_read = [n for n in names if n != "hessian" or hessians]
@@ -1615,6 +1689,10 @@ def load_calibration(path: PathLike, hessians: bool = True) -> CalibrationData:
             if version == "1":
                 row.update(hessian_span=1, hessian_rows=row["rows"] if row["hessian_reason"] is None else None,
                            hessian_from=None)
+            block = row.get("hessian_block")
+            if block is not None and not 0 < block < f:
+                block = None  # one block: the full matrix
+            row["hessian_block"] = block
             h = lists["hessian"][i] if hessians else None
             row["hessian"] = None
             if h is not None and h.is_valid:
@@ -1624,11 +1702,23 @@ def load_calibration(path: PathLike, hessians: bool = True) -> CalibrationData:
                         raise ModelFormatError(f"{where}: hessian has {hv.size} values, expected in_features^2 = "
                                                f"{f * f}")
                     row["hessian"] = np.asarray(hv, dtype=np.float64).reshape(f, f)
-                else:
+                elif block is None:
                     if hv.size != f * (f + 1) // 2:
                         raise ModelFormatError(f"{where}: hessian has {hv.size} values, expected the upper triangle "
                                                f"of in_features = {f}: {f * (f + 1) // 2}")
                     row["hessian"] = _unpack_upper(np.asarray(hv), f)
+                else:
+                    sizes = [min(block, f - b) for b in range(0, f, block)]
+                    expected = sum(k * (k + 1) // 2 for k in sizes)
+                    if hv.size != expected:
+                        raise ModelFormatError(f"{where}: hessian has {hv.size} values, expected the upper triangles "
+                                               f"of {len(sizes)} diagonal blocks of {block} of in_features = {f}: "
+                                               f"{expected}")
+                    hv = np.asarray(hv)
+                    row["hessian"], at = [], 0
+                    for k in sizes:
+                        row["hessian"].append(_unpack_upper(hv[at:at + k * (k + 1) // 2], k))
+                        at += k * (k + 1) // 2
             if row.get("hessian_from"):
                 shared.append((key, row["hessian_from"]))
             for col in ("hist_pos", "hist_neg"):

@@ -9,13 +9,15 @@
 
 namespace aq {
 
-std::vector<float> hessian_importance(const std::vector<double>& h, size_t n) {
+std::vector<float> hessian_importance(const std::vector<double>& h, const HessianLayout& layout) {
+  const size_t n = layout.cols;
   double mean = 0;
-  for (size_t j = 0; j < n; ++j) mean += h[j * n + j];
+  for (size_t j = 0; j < n; ++j) mean += h[layout.diag(j)];
   mean = n ? mean / static_cast<double>(n) : 0;
   const double floor = mean > 0 ? 1e-4 * mean : 1.0;
   std::vector<float> imp(n);
-  for (size_t j = 0; j < n; ++j) imp[j] = static_cast<float>(std::max(h[j * n + j], floor) / (mean > 0 ? mean : 1.0));
+  for (size_t j = 0; j < n; ++j)
+    imp[j] = static_cast<float>(std::max(h[layout.diag(j)], floor) / (mean > 0 ? mean : 1.0));
   return imp;
 }
 
@@ -36,14 +38,19 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) double dot(const do
   return s;
 }
 
-// sum_i d_i H d_i^T over the n rows of d (n x cols), H symmetric cols x cols: n cols^2
-// multiply-adds (a 4096-column layer's 32 sampled rows: 0.5 G per candidate type). Each row of H
-// is read once and used for every row of d while it is in cache.
-double quadratic_form(const std::vector<double>& h, const double* d, uint64_t n, uint64_t cols) {
+// sum_i d_i H d_i^T over the n rows of d (n x cols), H symmetric in `layout`'s entries: n cols^2
+// multiply-adds for a full H (a 4096-column layer's 32 sampled rows: 0.5 G per candidate type),
+// n cols block for a block-diagonal one. Each row of H is read once and used for every row of d
+// while it is in cache.
+double quadratic_form(const std::vector<double>& h, const HessianLayout& layout, const double* d, uint64_t n) {
+  const uint64_t cols = layout.cols;
   double total = 0;
-  for (uint64_t a = 0; a < cols; ++a) {
-    const double* ha = h.data() + a * cols;
-    for (uint64_t i = 0; i < n; ++i) total += d[i * cols + a] * dot(ha, d + i * cols, cols);
+  for (size_t b = 0; b < layout.blocks(); ++b) {
+    const uint64_t first = layout.begin(b), nb = layout.size(b);
+    for (uint64_t a = 0; a < nb; ++a) {
+      const double* ha = h.data() + layout.offset(b) + a * nb;
+      for (uint64_t i = 0; i < n; ++i) total += d[i * cols + first + a] * dot(ha, d + i * cols + first, nb);
+    }
   }
   return total;
 }
@@ -51,8 +58,9 @@ double quadratic_form(const std::vector<double>& h, const double* d, uint64_t n,
 }  // namespace
 
 Status measure_budget_layer(const RowSource& src, ThreadPool* pool, BudgetLayer* layer,
-                            const std::vector<double>* hessian) {
-  if (hessian && hessian->size() != src.cols * src.cols)
+                            const std::vector<double>* hessian, HessianLayout layout) {
+  if (layout.cols == 0) layout = {src.cols, 0};  // not given: the full matrix
+  if (hessian && (layout.cols != src.cols || hessian->size() != layout.values()))
     return Internal(StrCat("tensor '", src.name, "': a budget Hessian of ", hessian->size(), " values for ",
                                   src.cols, " columns"));
   const uint64_t rows = src.rows, cols = src.cols;
@@ -69,8 +77,8 @@ Status measure_budget_layer(const RowSource& src, ThreadPool* pool, BudgetLayer*
   std::vector<float> importance;
   if (hessian) {
     std::vector<double> xd(x.begin(), x.end());
-    energy = quadratic_form(*hessian, xd.data(), n, cols);
-    importance = hessian_importance(*hessian, cols);
+    energy = quadratic_form(*hessian, layout, xd.data(), n);
+    importance = hessian_importance(*hessian, layout);
   }
   layer->error.assign(layer->types.size(), 0.0);
   auto measure = [&, energy](size_t k) {
@@ -94,7 +102,7 @@ Status measure_budget_layer(const RowSource& src, ThreadPool* pool, BudgetLayer*
           e += dj * dj;
       }
     }
-    if (hessian) e = quadratic_form(*hessian, d.data(), n, cols);
+    if (hessian) e = quadratic_form(*hessian, layout, d.data(), n);
     layer->error[k] = energy > 0 ? std::max(0.0, e) / energy : 0.0;
   };
   if (pool) {

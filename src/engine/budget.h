@@ -28,6 +28,7 @@
 #include "engine/config.h"
 #include "engine/tensor_job.h"
 #include "quant/ggml_types.h"
+#include "quant/gptq.h"
 
 namespace aq {
 
@@ -45,14 +46,14 @@ struct BudgetLayer {
 };
 
 // Encodes the sampled rows of `src` with every type in `layer.types` (on the pool when given)
-// and fills layer.error: the relative output error under `hessian` (cols x cols, row-major) when
-// given, else the relative weight error.
+// and fills layer.error: the relative output error under `hessian` (in `layout`'s entries, full or
+// block-diagonal, layout.cols == src.cols; default: full) when given, else the relative weight error.
 Status measure_budget_layer(const RowSource& src, ThreadPool* pool, BudgetLayer* layer,
-                            const std::vector<double>* hessian = nullptr);
+                            const std::vector<double>* hessian = nullptr, HessianLayout layout = {});
 
 // The encoder's per-column importance from a Hessian: diag(H) over its mean, floored at 1e-4 so
 // that columns no calibration input reached still weigh a little and every block keeps a fit.
-std::vector<float> hessian_importance(const std::vector<double>& hessian, size_t cols);
+std::vector<float> hessian_importance(const std::vector<double>& hessian, const HessianLayout& layout);
 
 // The index into each layer's candidates; total bits <= target_bpw * total weights when the
 // cheapest choice allows it (otherwise the cheapest choice).

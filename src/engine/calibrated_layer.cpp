@@ -7,6 +7,7 @@
 
 #include "common/strcat.h"
 #include "engine/tensor_job.h"
+#include "quant/ggml_types.h"
 #include "quant/group_quant.h"
 #include "quant/tensor_codec.h"
 
@@ -196,7 +197,12 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
       for (size_t g = 0; g < ngroups; ++g)
         if (in_group(groups[g], b.bin)) {
           AQ_ASSIGN_OR_RETURN(const std::vector<double> hb, lc.hessian_of(b));
-          energy[g] += ((ws * Eigen::Map<const MatD>(hb.data(), C, C)).array() * ws.array()).sum();
+          const HessianLayout lay = lc.layout();
+          for (size_t k = 0; k < lay.blocks(); ++k) {
+            const Eigen::Index first = static_cast<Eigen::Index>(lay.begin(k)), nb = static_cast<Eigen::Index>(lay.size(k));
+            const auto wb = ws.middleCols(first, nb);
+            energy[g] += ((wb * Eigen::Map<const MatD>(hb.data() + lay.offset(k), nb, nb)).array() * wb.array()).sum();
+          }
           fit_rows[g] += b.rows;
         }
     }
@@ -233,6 +239,20 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
     if (h->rows[g] > 0) out.group_weights[g] = (weights.empty() ? 1.0 : weights[g]) / weight_sum;
   out.hessians = std::make_shared<const LayerHessians>(std::move(*h));
   const LayerHessians& H = *out.hessians;
+  if (o.time_aware && !o.gptq.act_order) {
+    // GPTQ's dynamic groups (natural order) start at a group's first column: no group may
+    // straddle two blocks of a block-diagonal Hessian
+    const size_t group = o.data_free.kind == SchemeKind::kGgml
+                             ? static_cast<size_t>(ggml_traits(o.data_free.ggml).block)
+                             : static_cast<size_t>(o.gptq_scheme.group_size);
+    if (!gptq_groups_fit(H.layout(), group)) {
+      out.warnings.push_back(StrCat(name, ": quantized data-free (its block-diagonal Hessian's blocks of ", H.block,
+                                    " columns are not a multiple of the group size ", group, ")"));
+      out.hessians.reset();
+      out.group_weights.clear();
+      return out;
+    }
+  }
   if (channels == 0 || cols % channels != 0) channels = cols;
   out.channels = channels;
   const size_t k = cols / channels;
@@ -277,12 +297,18 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
     if (o.time_aware) {
       // GPTQ's Hessian of the scaled inputs X S^-1: H / (s_i s_j)
       std::vector<double> hs;
+      const HessianLayout lay = H.layout();
       if (!c.s.empty()) {
         hs = H.gptq;
-        for (size_t i = 0; i < cols; ++i)
-          for (size_t j = 0; j < cols; ++j) hs[i * cols + j] *= static_cast<double>(inv[i]) * static_cast<double>(inv[j]);
+        for (size_t hb_i = 0; hb_i < lay.blocks(); ++hb_i) {
+          const size_t first = lay.begin(hb_i), nb = lay.size(hb_i);
+          double* hb = hs.data() + lay.offset(hb_i);
+          for (size_t i = 0; i < nb; ++i)
+            for (size_t j = 0; j < nb; ++j)
+              hb[i * nb + j] *= static_cast<double>(inv[first + i]) * static_cast<double>(inv[first + j]);
+        }
       }
-      auto f = gptq_factor(c.s.empty() ? H.gptq.data() : hs.data(), cols, o.gptq);
+      auto f = gptq_factor(c.s.empty() ? H.gptq.data() : hs.data(), lay, o.gptq);
       if (!f.ok()) {
         c.failure = f.status().message();
         continue;

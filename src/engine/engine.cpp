@@ -180,7 +180,7 @@ void QuantizeRun::start_job(Slot& s) {
   s.job = s.gptq() ? std::make_unique<TensorJob>(src, s.scheme, s.cal->gptq) : std::make_unique<TensorJob>(src, s.scheme);
   if (importance_weighted(s)) {
     s.job->set_importance(std::make_shared<std::vector<float>>(
-        hessian_importance(s.cal->hessians->gptq, s.cal->hessians->cols)));
+        hessian_importance(s.cal->hessians->gptq, s.cal->hessians->layout())));
   }
   s.job->start(pool_, &stop_, [this] {
     std::lock_guard<std::mutex> lock(mu_);
@@ -427,6 +427,7 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
     layer["method"] = s.gptq() ? "gptq" : importance_weighted(s) ? "importance" : "data-free";
     if (s.cal && !s.cal->equalization.is_null()) layer["equalization"] = s.cal->equalization;
     if (s.cal && s.gptq()) layer["time_group_weights"] = s.cal->group_weights;
+    if (s.cal && s.cal->hessians && s.cal->hessians->block) layer["hessian_block"] = s.cal->hessians->block;
     if (!s.output_error.is_null()) {
       layer["output_error"] = s.output_error;
       layer["output_cosine"] = s.output_cosine;
@@ -582,7 +583,8 @@ Status QuantizeRun::plan_budget(const std::string& component, const std::vector<
         }
       }
       if (h) ++calibrated, L.output_error = true;
-      const Status st = measure_budget_layer(src, &pool_, &L, h ? &h->gptq : nullptr);
+      const Status st = measure_budget_layer(src, &pool_, &L, h ? &h->gptq : nullptr,
+                                             h ? h->layout() : HessianLayout{});
       if (!st.ok()) continue;  // left to the layer's own job, which reports it
     }
     layers.push_back(std::move(L));

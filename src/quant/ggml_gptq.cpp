@@ -52,30 +52,35 @@ void ggml_gptq_rows(GgmlType t, const GptqFactor& f, const float* w, uint64_t ro
   std::vector<float> W(w, w + rows * cols);
   std::vector<float> E(rows * B);
   std::vector<GgmlBlock> blk(rows);
-  const float* U = f.u.data();
+  // A block-diagonal factor (its blocks a multiple of B: gptq_groups_fit) moves errors within
+  // its block only. Natural order (no act-order on ggml grids): position k is column k.
+  const HessianLayout& lay = f.layout;
   for (uint64_t c0 = 0; c0 < cols; c0 += B) {
+    const size_t hb = c0 / lay.block_cols();
+    const uint64_t first = lay.begin(hb), end = first + lay.size(hb), n = lay.size(hb);
+    const float* U = f.u.data() + lay.offset(hb);  // U(i, j) at U[(i - first) * n + (j - first)]
     for (uint64_t r = 0; r < rows; ++r)
       ggml_encode_block(t, W.data() + r * cols + c0, opt.importance ? opt.importance + c0 : nullptr, opt, &blk[r]);
     for (uint64_t c = c0; c < c0 + B; ++c) {
-      const float ucc = U[c * cols + c];
+      const float* uc = U + (c - first) * n;  // uc[j - first] = U(c, j)
+      const float ucc = uc[c - first];
       for (uint64_t r = 0; r < rows; ++r) {
         float* wr = W.data() + r * cols;
         float v;
         blk[r].k[c - c0] = static_cast<uint8_t>(ggml_nearest_code(t, blk[r], static_cast<int>(c - c0), wr[c], &v));
         const float e = (wr[c] - v) / ucc;
         E[r * B + (c - c0)] = e;
-        const float* uc = U + c * cols;
-        for (uint64_t c2 = c + 1; c2 < c0 + B; ++c2) wr[c2] -= e * uc[c2];
+        for (uint64_t c2 = c + 1; c2 < c0 + B; ++c2) wr[c2] -= e * uc[c2 - first];
       }
     }
-    // the block's errors onto every later column
+    // the block's errors onto every later column of the Hessian block
     for (uint64_t r = 0; r < rows; ++r) {
       float* wr = W.data() + r * cols;
       for (uint64_t k = 0; k < B; ++k) {
         const float e = E[r * B + k];
         if (e == 0) continue;
-        const float* uk = U + (c0 + k) * cols;
-        for (uint64_t c2 = c0 + B; c2 < cols; ++c2) wr[c2] -= e * uk[c2];
+        const float* uk = U + (c0 + k - first) * n;
+        for (uint64_t c2 = c0 + B; c2 < end; ++c2) wr[c2] -= e * uk[c2 - first];
       }
     }
     for (uint64_t r = 0; r < rows; ++r)

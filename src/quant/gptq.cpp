@@ -129,7 +129,8 @@ bool factor_attempt(const double* h, size_t cols, const uint32_t* order, const d
   return true;
 }
 
-// gptq_quantize_rows after the static groups' parameters are in scales/zeros (act-order).
+// gptq_quantize_rows after the static groups' parameters are in scales/zeros (act-order): each
+// of the factor's blocks in turn, independently.
 QuantizeRowsStats quantize_rows_kernel(const QuantScheme& scheme, const GptqFactor& factor, const float* w,
                                        size_t rows, size_t cols, uint8_t* codes, float* scales, float* zeros) {
   QuantizeRowsStats stats;
@@ -138,55 +139,60 @@ QuantizeRowsStats quantize_rows_kernel(const QuantScheme& scheme, const GptqFact
   const bool sym = scheme.symmetric;
   const float nmax = static_cast<float>((1 << scheme.bits) - 1);
   const float m = static_cast<float>(1 << (scheme.bits - 1));
-  const Eigen::Index R = static_cast<Eigen::Index>(rows), C = static_cast<Eigen::Index>(cols);
+  const Eigen::Index R = static_cast<Eigen::Index>(rows);
+  const HessianLayout& lay = factor.layout;
 
-  // The weights in quantization order; updated in place as errors move right.
-  MatF wp(R, C);
-  for (Eigen::Index r = 0; r < R; ++r)
-    for (Eigen::Index k = 0; k < C; ++k) wp(r, k) = w[static_cast<size_t>(r) * cols + factor.order[k]];
-  Eigen::Map<const MatF> U(factor.u.data(), C, C);
-
-  MatF group_in;
+  MatF wp, group_in;
   Eigen::Matrix<uint8_t, Eigen::Dynamic, 1> group_codes;
   Eigen::VectorXf group_s(R), group_z(R);
   const Eigen::Index B = factor.block_size;
   MatF err(R, B);
-  for (Eigen::Index i1 = 0; i1 < C; i1 += B) {
-    const Eigen::Index i2 = std::min(C, i1 + B);
-    for (Eigen::Index k = i1; k < i2; ++k) {
-      const size_t col = factor.order[k];
-      const size_t grp = col / g;
-      if (!factor.act_order && col % g == 0) {
-        // Dynamic groups (natural order, so the group's columns are k .. k + len - 1).
-        const Eigen::Index len = static_cast<Eigen::Index>(std::min(g, cols - col));
-        group_in = wp.middleCols(k, len);
-        group_codes.resize(R * len);
-        QuantScheme one = scheme;
-        one.group_size = 0;  // one group per row of the slice
-        const QuantizeRowsStats st = quantize_rows(one, group_in.data(), rows, static_cast<size_t>(len),
-                                                   group_codes.data(), group_s.data(), sym ? nullptr : group_z.data());
-        stats.f16_imprecise_groups += st.f16_imprecise_groups;
-        for (size_t r = 0; r < rows; ++r) {
-          scales[r * gpr + grp] = group_s[static_cast<Eigen::Index>(r)];
-          if (!sym) zeros[r * gpr + grp] = group_z[static_cast<Eigen::Index>(r)];
+  for (size_t hb = 0; hb < lay.blocks(); ++hb) {
+    const size_t first = lay.begin(hb);
+    const uint32_t* order = factor.order.data() + first;
+    const Eigen::Index C = static_cast<Eigen::Index>(lay.size(hb));
+    // The block's weights in quantization order; updated in place as errors move right.
+    wp.resize(R, C);
+    for (Eigen::Index r = 0; r < R; ++r)
+      for (Eigen::Index k = 0; k < C; ++k) wp(r, k) = w[static_cast<size_t>(r) * cols + order[k]];
+    Eigen::Map<const MatF> U(factor.u.data() + lay.offset(hb), C, C);
+    for (Eigen::Index i1 = 0; i1 < C; i1 += B) {
+      const Eigen::Index i2 = std::min(C, i1 + B);
+      for (Eigen::Index k = i1; k < i2; ++k) {
+        const size_t col = order[k];
+        const size_t grp = col / g;
+        if (!factor.act_order && col % g == 0) {
+          // Dynamic groups (natural order, so the group's columns are k .. k + len - 1).
+          const Eigen::Index len = static_cast<Eigen::Index>(std::min(g, cols - col));
+          group_in = wp.middleCols(k, len);
+          group_codes.resize(R * len);
+          QuantScheme one = scheme;
+          one.group_size = 0;  // one group per row of the slice
+          const QuantizeRowsStats st = quantize_rows(one, group_in.data(), rows, static_cast<size_t>(len),
+                                                     group_codes.data(), group_s.data(), sym ? nullptr : group_z.data());
+          stats.f16_imprecise_groups += st.f16_imprecise_groups;
+          for (size_t r = 0; r < rows; ++r) {
+            scales[r * gpr + grp] = group_s[static_cast<Eigen::Index>(r)];
+            if (!sym) zeros[r * gpr + grp] = group_z[static_cast<Eigen::Index>(r)];
+          }
         }
+        const float d = U(k, k);
+        for (Eigen::Index r = 0; r < R; ++r) {
+          const size_t p = static_cast<size_t>(r) * gpr + grp;
+          const float s = scales[p], z = sym ? 0.0f : zeros[p];
+          const float x = wp(r, k);
+          const uint8_t c = code_of(sym, nmax, m, s, z, x);
+          codes[static_cast<size_t>(r) * cols + col] = c;
+          err(r, k - i1) = (x - dequant(sym, scheme.bits, s, z, c)) / d;
+        }
+        // Spread this column's error over the rest of the batch.
+        if (k + 1 < i2)
+          wp.block(0, k + 1, R, i2 - k - 1).noalias() -= err.col(k - i1) * U.block(k, k + 1, 1, i2 - k - 1);
       }
-      const float d = U(k, k);
-      for (Eigen::Index r = 0; r < R; ++r) {
-        const size_t p = static_cast<size_t>(r) * gpr + grp;
-        const float s = scales[p], z = sym ? 0.0f : zeros[p];
-        const float x = wp(r, k);
-        const uint8_t c = code_of(sym, nmax, m, s, z, x);
-        codes[static_cast<size_t>(r) * cols + col] = c;
-        err(r, k - i1) = (x - dequant(sym, scheme.bits, s, z, c)) / d;
-      }
-      // Spread this column's error over the rest of the block.
-      if (k + 1 < i2)
-        wp.block(0, k + 1, R, i2 - k - 1).noalias() -= err.col(k - i1) * U.block(k, k + 1, 1, i2 - k - 1);
+      // Lazy batch: the whole batch's error onto every later column of the block at once.
+      if (i2 < C)
+        wp.rightCols(C - i2).noalias() -= err.leftCols(i2 - i1) * U.block(i1, i2, i2 - i1, C - i2);
     }
-    // Lazy batch: the whole block's error onto every later column at once.
-    if (i2 < C)
-      wp.rightCols(C - i2).noalias() -= err.leftCols(i2 - i1) * U.block(i1, i2, i2 - i1, C - i2);
   }
   return stats;
 }
@@ -250,49 +256,70 @@ bool gptq_avx2_available() {
 #endif
 }
 
-Result<GptqFactor> gptq_factor(const double* h, size_t cols, const GptqOptions& options) {
+Result<GptqFactor> gptq_factor(const double* h, const HessianLayout& layout, const GptqOptions& options) {
   GptqFactor f;
+  const size_t cols = layout.cols;
   f.cols = cols;
+  f.layout = layout;
+  if (f.layout.full()) f.layout.block = 0;
   f.act_order = options.act_order;
   f.block_size = std::max(1, options.block_size);
   f.kernel = resolve(options.kernel);
   f.order.resize(cols);
   std::iota(f.order.begin(), f.order.end(), 0u);
   if (cols == 0) return f;
+  const HessianLayout& lay = f.layout;
 
   const size_t n = cols;
   std::vector<double> diag(n);
   double mean = 0.0;
   for (size_t j = 0; j < n; ++j) {
-    diag[j] = h[j * n + j];
+    diag[j] = h[lay.diag(j)];
     if (!std::isfinite(diag[j])) return QuantizationFailure(StrCat("Hessian diagonal entry ", j, " is ", diag[j]));
     mean += diag[j];
   }
   mean /= static_cast<double>(n);
   if (!(mean > 0.0)) mean = 1.0;  // no input ever reached the layer: plain rounding, in order
   // Off the diagonal, only the entries between live inputs are used (a dead input's are zeroed).
-  for (size_t i = 0; i < n; ++i) {
-    if (!(h[i * n + i] > 0.0)) continue;
-    for (size_t j = 0; j < n; ++j)
-      if (!std::isfinite(h[i * n + j]) && h[j * n + j] > 0.0) return QuantizationFailure("the Hessian has non-finite entries");
+  for (size_t b = 0; b < lay.blocks(); ++b) {
+    const size_t first = lay.begin(b), nb = lay.size(b);
+    const double* hb = h + lay.offset(b);
+    for (size_t i = 0; i < nb; ++i) {
+      if (!(diag[first + i] > 0.0)) continue;
+      for (size_t j = 0; j < nb; ++j)
+        if (!std::isfinite(hb[i * nb + j]) && diag[first + j] > 0.0)
+          return QuantizationFailure("the Hessian has non-finite entries");
+    }
   }
   for (size_t j = 0; j < n; ++j)
     if (diag[j] <= 0.0) diag[j] = mean;  // a dead input: its error goes nowhere, any positive value does
   if (options.act_order)
-    std::stable_sort(f.order.begin(), f.order.end(), [&](uint32_t a, uint32_t b) { return diag[a] > diag[b]; });
+    for (size_t b = 0; b < lay.blocks(); ++b)
+      std::stable_sort(f.order.begin() + static_cast<std::ptrdiff_t>(lay.begin(b)),
+                       f.order.begin() + static_cast<std::ptrdiff_t>(lay.begin(b) + lay.size(b)),
+                       [&](uint32_t a, uint32_t c) { return diag[a] > diag[c]; });
   std::vector<double> pdiag(n);  // in quantization order
   for (size_t k = 0; k < n; ++k) pdiag[k] = diag[f.order[k]];
+  std::vector<uint32_t> local;  // a block's order, relative to its first column
 
-  f.u.assign(n * n, 0.0f);
+  f.u.assign(lay.values(), 0.0f);
   double damp = options.damp > 0 ? options.damp : 1e-6;
   for (int attempt = 0; attempt < 4; ++attempt, damp *= 10.0) {
-    bool ok;
+    bool ok = true;
+    for (size_t b = 0; b < lay.blocks() && ok; ++b) {
+      const size_t first = lay.begin(b), nb = lay.size(b);
+      local.assign(f.order.begin() + static_cast<std::ptrdiff_t>(first),
+                   f.order.begin() + static_cast<std::ptrdiff_t>(first + nb));
+      for (uint32_t& c : local) c -= static_cast<uint32_t>(first);
+      const double* hb = h + lay.offset(b);
+      float* ub = f.u.data() + lay.offset(b);
 #if defined(AQ_GPTQ_HAVE_AVX2)
-    if (f.kernel == GptqKernel::kAvx2)
-      ok = aq_gptq_avx2_factor_attempt(h, n, f.order.data(), pdiag.data(), damp * mean, f.u.data());
-    else
+      if (f.kernel == GptqKernel::kAvx2)
+        ok = aq_gptq_avx2_factor_attempt(hb, nb, local.data(), pdiag.data() + first, damp * mean, ub);
+      else
 #endif
-      ok = gptq_generic::factor_attempt(h, n, f.order.data(), pdiag.data(), damp * mean, f.u.data());
+        ok = gptq_generic::factor_attempt(hb, nb, local.data(), pdiag.data() + first, damp * mean, ub);
+    }
     if (!ok) continue;
     f.damp_used = damp;
     return f;
@@ -339,17 +366,29 @@ void sampled_rows(const float* w, const float* q, size_t rows, size_t cols, size
 
 OutputError output_error(const float* w, const float* q, size_t rows, size_t cols, const double* h,
                          size_t row_step) {
+  return output_error(w, q, rows, h, HessianLayout{cols, 0}, row_step);
+}
+
+OutputError output_error(const float* w, const float* q, size_t rows, const double* h, const HessianLayout& layout,
+                         size_t row_step) {
   OutputError out;
+  const size_t cols = layout.cols;
   if (rows == 0 || cols == 0) return out;
-  const Eigen::Index C = static_cast<Eigen::Index>(cols);
   MatD W, Q;
   sampled_rows(w, q, rows, cols, std::max<size_t>(1, row_step), W, Q);
-  Eigen::Map<const MatD> H(h, C, C);
   const MatD D = W - Q;
-  const MatD WH = W * H, DH = D * H;
-  const double ww = (WH.array() * W.array()).sum();
-  const double dd = std::max(0.0, (DH.array() * D.array()).sum());
-  const double wd = (WH.array() * D.array()).sum();
+  double ww = 0, dd = 0, wd = 0;
+  for (size_t b = 0; b < layout.blocks(); ++b) {
+    const Eigen::Index first = static_cast<Eigen::Index>(layout.begin(b)), nb = static_cast<Eigen::Index>(layout.size(b));
+    Eigen::Map<const MatD> H(h + layout.offset(b), nb, nb);
+    const auto Wb = W.middleCols(first, nb);
+    const auto Db = D.middleCols(first, nb);
+    const MatD WH = Wb * H, DH = Db * H;
+    ww += (WH.array() * Wb.array()).sum();
+    dd += (DH.array() * Db.array()).sum();
+    wd += (WH.array() * Db.array()).sum();
+  }
+  dd = std::max(0.0, dd);
   const double qq = std::max(0.0, ww - 2.0 * wd + dd);
   const double wq = ww - wd;
   out.rel_error = ww > 0 ? std::sqrt(dd / ww) : (dd > 0 ? INFINITY : 0.0);

@@ -19,6 +19,7 @@
 // scheme, and the output does not depend on the thread count.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -42,6 +43,30 @@ enum class GptqKernel { kAuto, kGeneric, kAvx2 };
 // kGeneric otherwise).
 bool gptq_avx2_available();
 
+// Where a Hessian's entries are. block 0 (or >= cols): the full cols x cols matrix, row-major.
+// Otherwise a block-diagonal Hessian: only its diagonal blocks of `block` columns (the last one
+// smaller when block does not divide cols), each row-major, concatenated in column order -- what
+// calibration records for layers too wide for a full matrix (docs/calibration.md). GPTQ on a
+// block-diagonal Hessian is GPTQ on each column block independently: a column's rounding error is
+// moved onto the later columns of its own block only.
+struct HessianLayout {
+  size_t cols = 0;
+  size_t block = 0;
+  bool full() const { return block == 0 || block >= cols; }
+  size_t block_cols() const { return full() ? cols : block; }
+  size_t blocks() const { return cols == 0 ? 0 : (cols + block_cols() - 1) / block_cols(); }
+  size_t begin(size_t b) const { return b * block_cols(); }
+  size_t size(size_t b) const { return std::min(block_cols(), cols - begin(b)); }
+  // Index of the block's first entry: every earlier block is full-size.
+  size_t offset(size_t b) const { return b * block_cols() * block_cols(); }
+  size_t values() const { return blocks() == 0 ? 0 : offset(blocks() - 1) + size(blocks() - 1) * size(blocks() - 1); }
+  // Index of the diagonal entry H_jj.
+  size_t diag(size_t j) const {
+    const size_t b = j / block_cols(), i = j - begin(b);
+    return offset(b) + i * size(b) + i;
+  }
+};
+
 struct GptqOptions {
   double damp = 0.01;     // fraction of mean(diag H) added to the diagonal
   bool act_order = true;  // quantize columns in order of decreasing H_jj
@@ -56,17 +81,28 @@ struct GptqFactor {
   int block_size = 128;
   double damp_used = 0;          // the dampening that made H positive definite
   GptqKernel kernel = GptqKernel::kAuto;  // as resolved by gptq_factor; gptq_quantize_rows uses the same
-  std::vector<uint32_t> order;   // order[k]: the column quantized k-th
-  std::vector<float> u;          // cols x cols row-major: upper Cholesky factor of (P^T H P)^-1
+  HessianLayout layout;          // the Hessian's blocks: the factor has the same
+  // order[k]: the column quantized k-th; the columns of each block come before those of the next
+  // (act-order sorts within each block)
+  std::vector<uint32_t> order;
+  // per block b (size n_b, at layout.offset(b)): n_b x n_b row-major, the upper Cholesky factor of
+  // (P_b^T H_b P_b)^-1
+  std::vector<float> u;
 };
 
-// H: cols x cols, row-major, symmetric positive semi-definite (the sum of x x^T). Fails when H is
-// not finite or stays indefinite after dampening is raised a thousandfold.
-Result<GptqFactor> gptq_factor(const double* h, size_t cols, const GptqOptions& options);
+// H: symmetric positive semi-definite (the sum of x x^T), `layout`'s entries. Fails when H is not
+// finite or stays indefinite after dampening is raised a thousandfold. Dampening is relative to
+// the mean diagonal over every column.
+Result<GptqFactor> gptq_factor(const double* h, const HessianLayout& layout, const GptqOptions& options);
+// H: cols x cols, row-major.
+inline Result<GptqFactor> gptq_factor(const double* h, size_t cols, const GptqOptions& options) {
+  return gptq_factor(h, HessianLayout{cols, 0}, options);
+}
 
 // Quantizes rows x cols weights (row-major) into the layout of quantize_rows: one code per weight
 // (in the weight's own position), scales and zeros per row per group, rounded to the scheme's
-// scale type. The scheme must be affine and not rotated.
+// scale type. The scheme must be affine and not rotated; with a block-diagonal factor and no
+// act-order, its group size must divide the factor's block (gptq_groups_fit).
 QuantizeRowsStats gptq_quantize_rows(const QuantScheme& scheme, const GptqFactor& factor, const float* w,
                                      size_t rows, size_t cols, uint8_t* codes, float* scales, float* zeros);
 
@@ -80,6 +116,13 @@ struct OutputError {
 };
 OutputError output_error(const float* w, const float* q, size_t rows, size_t cols, const double* h,
                          size_t row_step = 1);
+// The same with H in `layout` (layout.cols == cols).
+OutputError output_error(const float* w, const float* q, size_t rows, const double* h, const HessianLayout& layout,
+                         size_t row_step = 1);
+// Whether groups of `group_size` columns (0: one per row) never straddle two of layout's blocks.
+inline bool gptq_groups_fit(const HessianLayout& layout, size_t group_size) {
+  return layout.full() || (group_size != 0 && layout.block % group_size == 0);
+}
 // The same over input samples x (x_rows x cols, row-major): ||(W - Q) x^T|| / ||W x^T|| and the
 // cosine of W x^T and Q x^T.
 OutputError output_error_samples(const float* w, const float* q, size_t rows, size_t cols, const float* x,

@@ -23,7 +23,7 @@ namespace aq {
 Result<std::vector<double>> LayerCalibration::hessian_of(const CalibrationBin& b) const {
   if (!b.hessian.empty()) return b.hessian;
   if (b.hessian_file_row < 0 || !reader) return Internal("calibration bin holds no Hessian");
-  return reader->load(b.hessian_file_row, static_cast<size_t>(in_features));
+  return reader->load(b.hessian_file_row, layout());
 }
 
 namespace {
@@ -105,7 +105,7 @@ class FileHessianReader final : public HessianReader {
   }
   int64_t rows() const { return rows_; }
 
-  Result<std::vector<double>> load(int64_t row, size_t n) const override {
+  Result<std::vector<double>> load(int64_t row, const HessianLayout& layout) const override {
     const std::string where = StrCat(path_, ": hessian of row ", row);
     if (row < 0 || row >= rows_) return FormatError(StrCat(where, ": no such row"));
     const auto it = std::upper_bound(starts_.begin(), starts_.end(), row);
@@ -125,26 +125,36 @@ class FileHessianReader final : public HessianReader {
     const int64_t i = row - starts_[static_cast<size_t>(g)];
     if (list->IsNull(i)) return FormatError(StrCat(where, ": null, but the row says it holds one"));
     const int64_t off = list->value_offset(i), len = list->value_length(i);
-    std::vector<double> h(n * n);
+    const size_t n = layout.cols;
+    std::vector<double> h(layout.values());
     if (!packed_) {
       auto values = std::dynamic_pointer_cast<arrow::DoubleArray>(list->values());
       if (!values) return FormatError(StrCat(where, ": version 1 Hessians are float64 lists"));
+      if (!layout.full()) return FormatError(StrCat(where, ": version 1 has no block-diagonal Hessians"));
       if (static_cast<size_t>(len) != n * n)
         return FormatError(StrCat(where, ": holds ", len, " values, expected in_features^2 = ", n * n));
       std::copy_n(values->raw_values() + off, n * n, h.data());
     } else {
       auto values = std::dynamic_pointer_cast<arrow::FloatArray>(list->values());
       if (!values) return FormatError(StrCat(where, ": version 2 Hessians are float32 lists"));
-      if (static_cast<size_t>(len) != n * (n + 1) / 2)
-        return FormatError(StrCat(where, ": holds ", len, " values, expected the upper triangle of ", n, " x ", n, ": ",
-                                  n * (n + 1) / 2));
+      // each diagonal block's upper triangle, row by row, blocks in column order
+      size_t expected = 0;
+      for (size_t b = 0; b < layout.blocks(); ++b) expected += layout.size(b) * (layout.size(b) + 1) / 2;
+      if (static_cast<size_t>(len) != expected)
+        return FormatError(StrCat(where, ": holds ", len, " values, expected the upper triangle", layout.full() ? "" : "s",
+                                  " of ", layout.full() ? StrCat(n, " x ", n) : StrCat(layout.blocks(), " diagonal blocks of ",
+                                                                                        layout.block, " of ", n, " columns"),
+                                  ": ", expected));
       const float* p = values->raw_values() + off;
-      for (size_t r = 0; r < n; ++r)
-        for (size_t c = r; c < n; ++c, ++p) h[r * n + c] = h[c * n + r] = static_cast<double>(*p);
+      for (size_t b = 0; b < layout.blocks(); ++b) {
+        const size_t nb = layout.size(b);
+        double* hb = h.data() + layout.offset(b);
+        for (size_t r = 0; r < nb; ++r)
+          for (size_t c = r; c < nb; ++c, ++p) hb[r * nb + c] = hb[c * nb + r] = static_cast<double>(*p);
+      }
     }
     for (size_t k = 0; k < h.size(); ++k)
-      if (!std::isfinite(h[k]))
-        return FormatError(StrCat(where, ": non-finite value ", h[k], " at (", k / n, ", ", k % n, ")"));
+      if (!std::isfinite(h[k])) return FormatError(StrCat(where, ": non-finite value ", h[k], " (entry ", k, ")"));
     return h;
   }
 
@@ -223,6 +233,10 @@ Result<CalibrationData> read_calibration(const std::string& path) {
   std::shared_ptr<arrow::Int32Array> hessian_span;
   std::shared_ptr<arrow::Int64Array> hessian_rows;
   std::shared_ptr<arrow::StringArray> hessian_from;
+  std::shared_ptr<arrow::Int32Array> hessian_block;  // optional: files before block-diagonal Hessians lack it
+  if (v2 && t->GetColumnByName("hessian_block")) {
+    AQ_ASSIGN_OR_RETURN(hessian_block, column_as<arrow::Int32Array>(*t, "hessian_block", path));
+  }
   if (v2) {
     AQ_ASSIGN_OR_RETURN(hessian_span, column_as<arrow::Int32Array>(*t, "hessian_span", path));
     AQ_ASSIGN_OR_RETURN(hessian_rows, column_as<arrow::Int64Array>(*t, "hessian_rows", path));
@@ -276,6 +290,11 @@ Result<CalibrationData> read_calibration(const std::string& path) {
       if (b.hessian_span < 1 || d.num_bins % b.hessian_span != 0)
         return FormatError(StrCat(where, ": hessian_span ", b.hessian_span, " does not divide num_bins ", d.num_bins));
       if (!hessian_from->IsNull(i)) b.hessian_from = hessian_from->GetString(i);
+      if (hessian_block && !hessian_block->IsNull(i)) {
+        b.hessian_block = hessian_block->Value(i);
+        if (b.hessian_block < 0) return FormatError(StrCat(where, ": negative hessian_block ", b.hessian_block));
+        if (b.hessian_block >= n) b.hessian_block = 0;  // one block: the full matrix
+      }
       if (!hessian_rows->IsNull(i)) {
         b.hessian_rows = hessian_rows->Value(i);
         if (b.hessian_rows < 0) return FormatError(StrCat(where, ": negative hessian_rows"));
@@ -285,8 +304,9 @@ Result<CalibrationData> read_calibration(const std::string& path) {
           auto it = row_of.find({comp->GetString(i), b.hessian_from, b.bin, split->GetString(i)});
           if (it == row_of.end())
             return FormatError(StrCat(where, ": hessian_from names ", b.hessian_from, ", which has no row for this bin and split"));
+          auto block_at = [&](int64_t r) { return hessian_block && !hessian_block->IsNull(r) ? hessian_block->Value(r) : 0; };
           if (in_features->Value(it->second) != in_features->Value(i) || hessian_rows->IsNull(it->second) ||
-              !hessian_from->IsNull(it->second))
+              !hessian_from->IsNull(it->second) || block_at(it->second) != block_at(i))
             return FormatError(StrCat(where, ": hessian_from names ", b.hessian_from,
                                       ", whose row holds no Hessian of the same size"));
           b.hessian_file_row = it->second;
@@ -327,6 +347,15 @@ Result<CalibrationData> read_calibration(const std::string& path) {
       return FormatError(StrCat(where, ": in_features ", n, " differs from ", lc.in_features, " in another row"));
     lc.in_features = n;
     lc.reader = hessians;
+    if (b.holds_hessian()) {
+      bool first = true;
+      for (const auto* bins : {&lc.fit, &lc.holdout})
+        for (const auto& o : *bins) first &= !o.holds_hessian();
+      if (!first && lc.hessian_block != b.hessian_block)
+        return FormatError(StrCat(where, ": hessian_block ", b.hessian_block, " differs from ", lc.hessian_block,
+                                  " in another row of the layer"));
+      lc.hessian_block = b.hessian_block;
+    }
     const std::string sp = split->GetString(i);
     if (sp == "fit") {
       lc.fit.push_back(std::move(b));
@@ -398,7 +427,8 @@ Result<std::optional<LayerHessians>> layer_hessians(const LayerCalibration& laye
                                                     const std::vector<double>& weights, bool checks) {
   LayerHessians out;
   out.cols = static_cast<size_t>(layer.in_features);
-  const size_t cols = out.cols, nn = cols * cols;
+  out.block = layer.layout().full() ? 0 : static_cast<size_t>(layer.hessian_block);
+  const size_t nn = out.layout().values();
   if (!covered(layer.fit)) return std::optional<LayerHessians>{};
   auto in_group = [](const TimeGroup& g, int b) { return std::find(g.bins.begin(), g.bins.end(), b) != g.bins.end(); };
   for (const auto& b : layer.fit) out.pooled |= b.holds_hessian() && b.hessian_span > 1;
@@ -493,10 +523,10 @@ Result<std::optional<LayerHessians>> layer_hessians(const LayerCalibration& laye
 
 OutputError group_output_error(const LayerHessians& h, size_t g, const float* w, const float* q, size_t rows,
                                size_t cols, size_t row_step) {
-  if (!h.check[g].empty()) return output_error(w, q, rows, cols, h.check[g].data(), row_step);
+  if (!h.check[g].empty()) return output_error(w, q, rows, h.check[g].data(), h.layout(), row_step);
   if (h.check_x_rows[g] > 0)
     return output_error_samples(w, q, rows, cols, h.check_x[g].data(), h.check_x_rows[g], row_step);
-  return output_error(w, q, rows, cols, h.gptq.data(), row_step);
+  return output_error(w, q, rows, h.gptq.data(), h.layout(), row_step);
 }
 
 }  // namespace aq

@@ -35,6 +35,9 @@ struct CalibrationBin {
   int hessian_span = 1;
   int64_t hessian_rows = 0;
   std::string hessian_from;             // the layer whose Hessian this one shares ("" when its own)
+  // 0: the Hessian is the full matrix; else block-diagonal, in diagonal blocks of this many
+  // columns (quant/gptq.h HessianLayout) -- recorded for layers wider than max_hessian_features
+  int64_t hessian_block = 0;
   std::string hessian_reason;           // why the row's bins have no Hessian ("" when they have one)
   bool holds_hessian() const { return !hessian.empty() || hessian_file_row >= 0; }
   std::optional<ActivationHistogram> histogram;  // of every input value; absent in older files
@@ -47,15 +50,18 @@ struct CalibrationBin {
 class HessianReader {
  public:
   virtual ~HessianReader() = default;
-  // The full symmetric in_features^2 matrix (row-major) held in file row `row`.
-  virtual Result<std::vector<double>> load(int64_t row, size_t in_features) const = 0;
+  // The symmetric Hessian held in file row `row`, in `layout`'s entries (the full in_features^2
+  // matrix row-major, or its diagonal blocks).
+  virtual Result<std::vector<double>> load(int64_t row, const HessianLayout& layout) const = 0;
 };
 
 struct LayerCalibration {
   int in_features = 0;
+  int64_t hessian_block = 0;  // of every row holding a Hessian (the file reader checks they agree)
+  HessianLayout layout() const { return {static_cast<size_t>(in_features), static_cast<size_t>(hessian_block)}; }
   std::vector<CalibrationBin> fit, holdout;  // sorted by bin
   std::shared_ptr<const HessianReader> reader;  // for the bins' hessian_file_row
-  // The Hessian a bin holds (loaded from the file when not in memory).
+  // The Hessian a bin holds, in layout()'s entries (loaded from the file when not in memory).
   Result<std::vector<double>> hessian_of(const CalibrationBin& b) const;
   // Whether every fit bin with rows is covered by a Hessian (held by its span's row).
   bool has_hessians() const;
@@ -104,6 +110,8 @@ std::vector<TimeGroup> group_time_bins(const CalibrationData& data, int num_grou
 // samples, the fit Hessian, the fit input samples, GPTQ's Hessian.
 struct LayerHessians {
   size_t cols = 0;
+  size_t block = 0;                         // every Hessian below is in layout()'s entries
+  HessianLayout layout() const { return {cols, block}; }
   bool pooled = false;                      // Hessians over spans of several bins
   std::vector<double> gptq;                 // GPTQ's Hessian (above)
   // Per group: a normalised Hessian; or, when empty, input samples (check_x, rows x cols); or, when

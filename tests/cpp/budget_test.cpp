@@ -122,7 +122,7 @@ TEST(BudgetMeasure, the_output_error_counts_the_columns_the_inputs_reach) {
   std::vector<double> h(512 * 512, 0.0);
   for (size_t j = 0; j < 256; ++j) h[j * 512 + j] = 1.0;
   ASSERT_TRUE(measure_budget_layer(x.src, nullptr, &cal, &h).ok());
-  const std::vector<float> imp = hessian_importance(h, 512);
+  const std::vector<float> imp = hessian_importance(h, HessianLayout{512, 0});
   EXPECT_FLOAT_EQ(imp[0], 2.0f);        // diag over its mean (0.5)
   EXPECT_FLOAT_EQ(imp[300], 1e-4f);     // the floor: 1e-4 of the mean, over the mean
   for (size_t k = 0; k < cal.types.size(); ++k) {

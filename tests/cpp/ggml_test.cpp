@@ -232,6 +232,52 @@ TEST_P(GgmlTypes, gptq_on_the_grid_lowers_the_output_error_of_a_calibrated_layer
   EXPECT_LT(eb, 0.9 * ea) << "importance only " << ea << ", GPTQ on the grid " << eb;
 }
 
+// GPTQ on the grid with a block-diagonal Hessian: the same bytes as with the full matrix whose
+// off-block entries are zero (errors stay in their block either way).
+TEST(Ggml, gptq_on_a_block_diagonal_hessian_equals_the_zeroed_full_matrix) {
+  const GgmlType t = GgmlType::kQ4_K;
+  const uint64_t rows = 8, cols = 1280, block = 512, n = 400;  // blocks of 512, 512, 256
+  std::mt19937 g(5);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<double> x(n * cols);
+  for (uint64_t s = 0; s < n; ++s) {
+    const double z = nd(g);
+    for (uint64_t j = 0; j < cols; ++j) x[s * cols + j] = (z + 0.5 * nd(g)) * (1.0 + static_cast<double>(j % 7));
+  }
+  const HessianLayout lay{cols, block};
+  std::vector<double> blocks(lay.values(), 0.0), masked(cols * cols, 0.0);
+  for (size_t b = 0; b < lay.blocks(); ++b) {
+    const size_t first = lay.begin(b), nb = lay.size(b);
+    for (size_t i = 0; i < nb; ++i)
+      for (size_t j = 0; j < nb; ++j) {
+        double v = 0;
+        for (uint64_t s = 0; s < n; ++s) v += x[s * cols + first + i] * x[s * cols + first + j];
+        blocks[lay.offset(b) + i * nb + j] = v;
+        masked[(first + i) * cols + first + j] = v;
+      }
+  }
+  const std::vector<float> w = gaussian(rows * cols, 0.02f, 29);
+  GptqOptions go;
+  go.act_order = false;
+  auto fb = gptq_factor(blocks.data(), lay, go);
+  auto ff = gptq_factor(masked.data(), cols, go);
+  ASSERT_TRUE(fb.ok() && ff.ok());
+  GgmlEncodeOptions opt;
+  const uint64_t rb = ggml_row_bytes(t, cols);
+  std::vector<uint8_t> a(rows * rb), b(rows * rb);
+  ggml_gptq_rows(t, *fb, w.data(), rows, cols, opt, a.data());
+  ggml_gptq_rows(t, *ff, w.data(), rows, cols, opt, b.data());
+  std::vector<float> qa(rows * cols), qb(rows * cols);
+  ggml_decode(t, a.data(), rows * cols / 256, qa.data());
+  ggml_decode(t, b.data(), rows * cols / 256, qb.data());
+  const double ea = output_error(w.data(), qa.data(), rows, blocks.data(), lay).rel_error;
+  const double eb = output_error(w.data(), qb.data(), rows, cols, masked.data()).rel_error;
+  EXPECT_NEAR(ea, eb, 0.01 * eb);
+  size_t same = 0;
+  for (size_t i = 0; i < a.size(); ++i) same += a[i] == b[i];
+  EXPECT_GE(static_cast<double>(same) / static_cast<double>(a.size()), 0.98);
+}
+
 TEST(Ggml, a_row_length_the_type_cannot_take_is_an_error_naming_the_tensor) {
   std::vector<float> x(8 * 288, 0.1f);
   RowSource src;

@@ -34,7 +34,7 @@ SCHEMA = [
     ("step_sum", pa.float64()), ("in_features", pa.int32()), ("absmax", pa.list_(pa.float32())),
     ("min", pa.list_(pa.float32())), ("max", pa.list_(pa.float32())), ("hessian", pa.list_(pa.float32())),
     ("hessian_reason", pa.string()), ("hessian_span", pa.int32()), ("hessian_rows", pa.int64()),
-    ("hessian_from", pa.string()), ("hist_pos", pa.list_(pa.int64())), ("hist_neg", pa.list_(pa.int64())),
+    ("hessian_from", pa.string()), ("hessian_block", pa.int32()), ("hist_pos", pa.list_(pa.int64())), ("hist_neg", pa.list_(pa.int64())),
     ("hist_zero", pa.int64()),
     ("inputs", pa.list_(pa.float32())),
 ]
@@ -801,7 +801,7 @@ def test_record_pipeline(tmp_path):
 
 
 def test_record_pipeline_needs_a_denoiser():
-    with pytest.raises(ConfigurationError, match="no 'transformer' or 'unet'"):
+    with pytest.raises(ConfigurationError, match="no 'transformer', 'unet' or 'model'"):
         record_pipeline(object(), "x", num_inference_steps=2)
 
 

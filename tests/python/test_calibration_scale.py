@@ -343,3 +343,160 @@ def test_record_pipeline_in_passes_with_a_layer_run_twice(tmp_path):
     a, b = _rows_by_key(paths[0]), _rows_by_key(paths[1])
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
     assert a[("shared.weight", 0, "fit")]["rows"] == 2 * a[("out.weight", 0, "fit")]["rows"]
+
+
+class Wide(nn.Module):
+    """An MLP whose down-projection is wider than max_hessian_features (640 inputs, blocks of 256)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(32, 640)
+        self.down = nn.Linear(640, 32)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.gelu(self.up(x)) * (1 + timestep.float()[:, None, None] / T_MAX))
+
+
+def _correlated(seed: int, rows: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2, rows, 4, generator=g)
+    mix = torch.randn(4, 32, generator=torch.Generator().manual_seed(99))
+    return z @ mix + 0.2 * torch.randn(2, rows, 32, generator=g)
+
+
+def test_wide_layers_keep_block_diagonal_hessians(tmp_path):
+    """A layer wider than max_hessian_features keeps the diagonal blocks of its Hessian: each equal to
+    the same block of X^T X, written as the blocks' upper triangles and read back as blocks."""
+    torch.manual_seed(0)
+    model = Wide().eval()
+    seen = []
+    hook = model.down.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, 640).double()))
+    with CalibrationRecorder(model, num_bins=2, holdout_every=0, max_hessian_features=512,
+                             hessian_block=256) as rec, torch.no_grad():
+        rec.attach_timestep()
+        for i, t in enumerate((900.0, 800.0, 100.0)):
+            model(_correlated(i, 12), torch.full((2,), t))
+    hook.remove()
+    assert rec.hessian_blocks == {"down.weight": 256}
+    assert rec.hessian_reasons == {}
+    assert rec.layer_hessian_bytes("down.weight") == (2 * 256 * 256 + 128 * 128) * 8 * 2
+    x = torch.cat(seen[:2])  # bin 1: t 900 and 800
+    full = x.t() @ x
+    blocks = rec.hessian("down.weight", 1)
+    assert [tuple(b.shape) for b in blocks] == [(256, 256), (256, 256), (128, 128)]
+    for (lo, hi), b in zip(((0, 256), (256, 512), (512, 640)), blocks):
+        torch.testing.assert_close(b, full[lo:hi, lo:hi], rtol=1e-5, atol=1e-5 * float(full.abs().max()))
+    assert isinstance(rec.hessian("up.weight", 1), torch.Tensor)  # 32 inputs: a full matrix
+    path = rec.save(tmp_path / "c.parquet")
+    raw = _rows_by_key(path)[("down.weight", 1, "fit")]
+    assert raw["hessian_block"] == 256 and len(raw["hessian"]) == 2 * 256 * 257 // 2 + 128 * 129 // 2
+    assert _rows_by_key(path)[("up.weight", 1, "fit")]["hessian_block"] is None
+    data = load_calibration(path)
+    row = data[("down.weight", 1, "fit")]
+    assert row["hessian_block"] == 256 and [h.shape for h in row["hessian"]] == [(256, 256), (256, 256), (128, 128)]
+    for a, b in zip(row["hessian"], blocks):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+    with pytest.raises(ConfigurationError, match="hessian_block"):
+        CalibrationRecorder(model, hessian_block=100)
+    # hessian_block=0 (or above max_hessian_features): no Hessian for the wide layer, as before
+    none = CalibrationRecorder(model, max_hessian_features=512, hessian_block=0)
+    assert none.hessian_reasons == {"down.weight": "in_features 640 > max_hessian_features 512"}
+    none.close()
+
+
+def test_engine_runs_gptq_on_block_diagonal_hessians(tmp_path):
+    """The engine quantizes the wide layer with GPTQ on its block-diagonal Hessian (reported as such),
+    and its output error on held-out inputs is below the data-free codes' error."""
+    torch.manual_seed(1)
+    model = Wide().eval()
+    src = tmp_path / "model"
+    src.mkdir()
+    write_model_file(src / "model.safetensors", {k: v.detach().numpy() for k, v in model.state_dict().items()})
+    (src / "config.json").write_text(json.dumps({"architectures": ["Wide"]}))
+    with CalibrationRecorder(model, num_bins=2, holdout_every=2, max_hessian_features=512,
+                             hessian_block=256) as rec, torch.no_grad():
+        rec.attach_timestep()
+        for i, t in enumerate(np.linspace(999, 0, 16)):
+            model(_correlated(i, 32), torch.full((2,), float(t)))
+    rec.save(src / "calibration.parquet")
+    base = dict(bit_width=3, group_size=32, min_tensor_size=0, enable_fallback=False, sensitive_patterns=[],
+                num_time_groups=2)
+    r = aq.ArrowQuantV2().quantize_diffusion_model(str(src), str(tmp_path / "q"), aq.DiffusionQuantConfig(**base))
+    down = next(l for l in r["layers"] if l["tensor"] == "down.weight")
+    assert down["method"] == "gptq" and down["hessian_block"] == 256
+    assert all(g["held_out"] and g["checked_on"] == "Hessian" for g in down["output_error"])
+    # the same layer without calibration, measured on held-out inputs directly
+    (src / "calibration.parquet").rename(tmp_path / "calibration.parquet")
+    aq.ArrowQuantV2().quantize_diffusion_model(str(src), str(tmp_path / "plain"), aq.DiffusionQuantConfig(**base))
+    w = model.down.weight.detach()
+    x = torch.nn.functional.gelu(model.up(_correlated(100, 64))).reshape(-1, 640).detach()
+
+    def err(out):
+        q = torch.from_numpy(aq.load(str(tmp_path / out))["down.weight"].numpy())
+        return float(((x @ (w - q).t()).norm() / (x @ w.t()).norm()))
+
+    assert err("q") < 0.9 * err("plain"), (err("q"), err("plain"))
+
+
+MASK_ID = 0
+
+
+class TinyLM(nn.Module):
+    """A diffusion-LM-like denoiser: token ids in, logits out, no timestep argument."""
+
+    def __init__(self, vocab: int = 32, d: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(2))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        c = x.mean(1)
+        for b in self.blocks:
+            x = b(x, c)
+        return self.head(x)
+
+
+class MaskedDiffusion:
+    """pipe(seed=..., num_inference_steps=n): starts fully masked and unmasks 1/n of the tokens per
+    step, as Dream's and LLaDA's samplers do."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, seed: int, num_inference_steps: int):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.full((2, 12), MASK_ID)
+        order = torch.randperm(12, generator=g)
+        for s in range(num_inference_steps):
+            logits = self.model(input_ids=ids)
+            k = order[s * 12 // num_inference_steps:(s + 1) * 12 // num_inference_steps]
+            ids[:, k] = logits[:, k].argmax(-1).clamp(min=1)
+        return ids
+
+
+def test_record_pipeline_of_a_diffusion_lm_by_mask_ratio(tmp_path):
+    """step_kind='mask_ratio' with a function of the denoiser's arguments: each call falls in the bin
+    of its mask ratio, and the recording in passes equals the one-pass recording."""
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+
+    def ratio(args, kwargs):
+        return (kwargs["input_ids"] == MASK_ID).float().mean()
+
+    kw = dict(num_inference_steps=4, num_bins=4, step_kind="mask_ratio", step_arg=ratio, share_inputs=False)
+    one = record_pipeline(MaskedDiffusion(model), [{"seed": 1}], output_path=tmp_path / "one.parquet", **kw)
+    assert one.step_kind == "mask_ratio" and one.step_range == (0.0, 1.0)
+    data = load_calibration(tmp_path / "one.parquet")
+    assert data.metadata["arrowquant.step_kind"] == "mask_ratio"
+    # mask ratios 1, 0.75, 0.5, 0.25: one call in each bin but the lowest (0.25 lands in bin 1)
+    bins = sorted({b for (layer, b, split) in data if layer == "head.weight"})
+    assert bins == [1, 2, 3]
+    passes = record_pipeline(MaskedDiffusion(model), [{"seed": 1}], output_path=tmp_path / "passes.parquet",
+                             max_memory=4 * 16 * 16 * 8, **kw)
+    assert len(passes.passes) > 1
+    a, b = _rows_by_key(tmp_path / "one.parquet"), _rows_by_key(tmp_path / "passes.parquet")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["rows"] == b[k]["rows"] and a[k]["hessian"] == b[k]["hessian"], k
