@@ -215,12 +215,12 @@ def quantize(args: argparse.Namespace) -> dict:
     import arrow_quant_v2 as aq
 
     src = os.path.join(args.work, "model")
-    dst = os.path.join(args.work, f"w{args.bits}")
+    dst = os.path.join(args.work, args.scheme or f"w{args.bits}")
     if os.path.exists(dst):
         import shutil
         shutil.rmtree(dst)
-    cfg = aq.DiffusionQuantConfig(bit_width=args.bits, group_size=128,
-                                  calibration_path=os.path.join(src, "calibration.parquet"))
+    kw = dict(scheme=args.scheme) if args.scheme else dict(bit_width=args.bits, group_size=128)
+    cfg = aq.DiffusionQuantConfig(calibration_path=os.path.join(src, "calibration.parquet"), **kw)
     t0 = time.time()
     r = aq.ArrowQuantV2().quantize_diffusion_model(src, dst, cfg)
     seconds = time.time() - t0
@@ -247,7 +247,9 @@ def quantize(args: argparse.Namespace) -> dict:
             "block_diagonal_layers": len(blocked), "block_diagonal_median_error": statistics.median(blocked_err)
             if blocked_err else None, "full_hessian_median_error": statistics.median(full_err) if full_err else None,
             "checked_on": checked_on, "layers_gptq": r["calibration"]["layers_gptq"],
-            "compression_ratio": r.get("compression_ratio"), "bits_per_weight": r.get("bits_per_weight"),
+            "compression_ratio": r.get("compression_ratio"),
+            "bits_per_weight": sum(l.get("bits_per_weight", 16.0) * l["shape"][0] * l["shape"][1] for l in linear)
+            / max(1, sum(l["shape"][0] * l["shape"][1] for l in linear)),
             "warnings": len(r.get("warnings", [])), "warning_sample": r.get("warnings", [])[:5]}
 
 
@@ -261,6 +263,8 @@ def child(stage: str, argv: list) -> dict:
 
 def table(args: argparse.Namespace, results: dict) -> None:
     rec, q, st = results.get("record"), results.get("quantize"), results.get("setup", {})
+    if args.scheme:
+        q = results.get(f"quantize_{args.scheme}")
     print("| figure | value |\n|---|---|")
     if st.get("params"):
         print(f"| parameters | {st['params'] / 1e9:.2f} B |")
@@ -273,7 +277,9 @@ def table(args: argparse.Namespace, results: dict) -> None:
         print(f"| recording time | {rec['seconds']:.0f} s: statistics (own work) {rec['hook_seconds']:.0f} s, forwards "
               f"and sampling loop {fwd:.0f} s, {len(rec['passes'])} passes, {rec['recorded_calls']} calls |")
     if q:
-        print(f"| calibrated W{args.bits} quantize | {q['seconds']:.0f} s, peak RSS {q['peak_rss_gib']:.2f} GiB |")
+        what = args.scheme or f"W{args.bits}"
+        print(f"| calibrated {what} quantize | {q['seconds']:.0f} s, peak RSS {q['peak_rss_gib']:.2f} GiB, "
+              f"{q.get('bits_per_weight') or float('nan'):.2f} bits/weight |")
         print(f"| block linear layers calibrated | {q['block_linear_calibrated']} / {q['block_linear_layers']} "
               f"({q['methods']}); {q['block_diagonal_layers']} on block-diagonal Hessians |")
         if q["block_diagonal_median_error"] is not None:
@@ -314,6 +320,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--max-memory-gib", type=float, default=2.0, help="Hessians held at once while recording")
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--scheme", help="quantize with this scheme instead (e.g. q4_k: GPTQ on ggml's grid); results "
+                                     "under quantize_SCHEME")
     ap.add_argument("--stages", default="setup,record,quantize")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -330,9 +338,10 @@ def main() -> None:
     for stage in args.stages.split(","):
         print(f"== {stage}", file=sys.stderr, flush=True)
         r = child(stage, argv)
+        key = f"quantize_{args.scheme}" if stage == "quantize" and args.scheme else stage
         if not r.get("skipped"):
-            results[stage] = r
-            results[stage]["args"] = {k: v for k, v in vars(args).items() if k not in ("child", "stages")}
+            results[key] = r
+            results[key]["args"] = {k: v for k, v in vars(args).items() if k not in ("child", "stages")}
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
     table(args, results)

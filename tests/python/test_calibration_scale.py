@@ -500,3 +500,66 @@ def test_record_pipeline_of_a_diffusion_lm_by_mask_ratio(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k]["rows"] == b[k]["rows"] and a[k]["hessian"] == b[k]["hessian"], k
+
+
+def test_ggml_scheme_runs_gptq_on_block_diagonal_hessians(tmp_path):
+    """GPTQ on ggml's grid (q4_k, blocks of 256 columns) uses a wide layer's block-diagonal Hessian:
+    its 256-column blocks hold whole ggml blocks."""
+    torch.manual_seed(2)
+
+    class WideQ(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.Linear(256, 768)
+            self.down = nn.Linear(768, 256)
+
+        def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            return self.down(torch.nn.functional.gelu(self.up(x)))
+
+    model = WideQ().eval()
+    src = tmp_path / "model"
+    src.mkdir()
+    write_model_file(src / "model.safetensors", {k: v.detach().numpy() for k, v in model.state_dict().items()})
+    (src / "config.json").write_text(json.dumps({"architectures": ["WideQ"]}))
+    mix = torch.randn(8, 256, generator=torch.Generator().manual_seed(3))
+    with CalibrationRecorder(model, num_bins=2, holdout_every=2, max_hessian_features=512,
+                             hessian_block=256) as rec, torch.no_grad():
+        rec.attach_timestep()
+        for i, t in enumerate(np.linspace(999, 0, 8)):
+            z = torch.randn(2, 32, 8, generator=torch.Generator().manual_seed(i))
+            model(z @ mix, torch.full((2,), float(t)))
+    rec.save(src / "calibration.parquet")
+    cfg = aq.DiffusionQuantConfig(scheme="q4_k", min_tensor_size=0, enable_fallback=False, sensitive_patterns=[],
+                                  num_time_groups=2)
+    r = aq.ArrowQuantV2().quantize_diffusion_model(str(src), str(tmp_path / "q"), cfg)
+    down = next(l for l in r["layers"] if l["tensor"] == "down.weight")
+    assert down["method"] == "gptq" and down["hessian_block"] == 256 and down["scheme"] == "q4_k"
+    assert next(l for l in r["layers"] if l["tensor"] == "up.weight").get("hessian_block") is None
+
+
+def test_block_diagonal_hessian_of_the_wrong_length_is_reported(tmp_path):
+    """A file whose hessian_block does not match its Hessian's length: the engine says which file,
+    row and layout, and quantizes the layer without it."""
+    torch.manual_seed(3)
+    model = Wide().eval()
+    src = tmp_path / "model"
+    src.mkdir()
+    write_model_file(src / "model.safetensors", {k: v.detach().numpy() for k, v in model.state_dict().items()})
+    (src / "config.json").write_text(json.dumps({"architectures": ["Wide"]}))
+    with CalibrationRecorder(model, num_bins=1, holdout_every=0, max_hessian_features=512,
+                             hessian_block=256) as rec, torch.no_grad():
+        rec.attach_timestep()
+        model(_correlated(0, 16), torch.full((2,), 500.0))
+    rec.save(tmp_path / "good.parquet")
+    t = pq.read_table(tmp_path / "good.parquet")
+    blocks = [512 if (layer == "down.weight") else b for layer, b in
+              zip(t.column("layer").to_pylist(), t.column("hessian_block").to_pylist())]
+    t = t.set_column(t.schema.get_field_index("hessian_block"), "hessian_block", pa.array(blocks, pa.int32()))
+    pq.write_table(t, src / "calibration.parquet", row_group_size=1)
+    cfg = aq.DiffusionQuantConfig(bit_width=4, group_size=32, min_tensor_size=0, enable_fallback=False,
+                                  sensitive_patterns=[])
+    r = aq.ArrowQuantV2().quantize_diffusion_model(str(src), str(tmp_path / "q"), cfg)
+    down = next(l for l in r["layers"] if l["tensor"] == "down.weight")
+    assert down["method"] == "data-free"
+    msg = next(w for w in r["warnings"] if w.startswith("down.weight"))
+    assert "calibration.parquet" in msg and "2 diagonal blocks of 512" in msg, msg
