@@ -563,3 +563,25 @@ def test_block_diagonal_hessian_of_the_wrong_length_is_reported(tmp_path):
     assert down["method"] == "data-free"
     msg = next(w for w in r["warnings"] if w.startswith("down.weight"))
     assert "calibration.parquet" in msg and "2 diagonal blocks of 512" in msg, msg
+
+
+def test_calibrate_and_quantize_a_diffusion_lm(tmp_path):
+    """The README's diffusion-LM call: calibrate_and_quantize with a sampler whose `model` is the
+    denoiser, by mask ratio, quantizing the checkpoint in source_dir."""
+    from arrow_quant_v2.calibration import calibrate_and_quantize
+
+    torch.manual_seed(4)
+    model = TinyLM().eval()
+    src = tmp_path / "lm"
+    src.mkdir()
+    write_model_file(src / "model.safetensors", {k: v.detach().numpy() for k, v in model.state_dict().items()})
+    (src / "config.json").write_text(json.dumps({"architectures": ["TinyLM"]}))
+    cfg = aq.DiffusionQuantConfig(bit_width=4, group_size=32, min_tensor_size=0, enable_fallback=False,
+                                  sensitive_patterns=[])
+    r = calibrate_and_quantize(MaskedDiffusion(model), [{"seed": 1}, {"seed": 2}], tmp_path / "lm-int4", cfg,
+                               num_inference_steps=4, source_dir=src, max_memory=4 * 16 * 16 * 8, progress=False,
+                               step_kind="mask_ratio",
+                               step_arg=lambda a, kw: (kw["input_ids"] == MASK_ID).float().mean())
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert r["calibration"]["layers_gptq"] == len(linear)
+    assert load_calibration(r["calibration_recording"]["path"]).metadata["arrowquant.step_kind"] == "mask_ratio"

@@ -1,0 +1,170 @@
+"""What a block-diagonal Hessian costs against the full one, at Flux-dev's widths: the wide layers
+of the Flux-dev-shaped transformer of bench_calib_large.py (MLP down-projections, 12288 inputs;
+single-block output projections, 15360 inputs) quantized at W4 and W3 (int4/int3 g128) three ways
+from one recording with full Hessians:
+
+  full        GPTQ on the full Hessian (recorded with max_hessian_features=16384);
+  block-4096  GPTQ on its diagonal blocks of 4096 columns (what the default settings record:
+              the blocks of the same matrices, cut out of the full ones, so the comparison sees the
+              approximation only);
+  data-free   the same codes without GPTQ (enable_time_aware=False).
+
+Each layer's output error ||(W - Q) x|| / ||W x|| is measured on the same held-out input samples
+(32 rows per bin, calls the Hessians never saw); equalization off, so the three differ only in
+the Hessian.
+
+    python benchmarks/bench_block_hessian.py        # needs WORK=/tmp/aq-bench-flux/model from bench_calib_large.py --model flux
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WIDE = ("ff.net.2.weight", "ff_context.net.2.weight", "proj_out.weight")
+
+
+def record(model_dir: str, out: str, runs: int, steps: int) -> dict:
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    sys.path.insert(0, HERE)
+    from bench_calib_large import FluxSampler
+
+    from arrow_quant_v2.calibration import record_pipeline
+
+    model = FluxTransformer2DModel.from_pretrained(model_dir, torch_dtype=torch.bfloat16).eval()
+    t0 = time.time()
+    rec = record_pipeline(FluxSampler(model, 128), [{"seed": s} for s in range(runs)], num_inference_steps=steps,
+                          max_samples=runs * steps, num_bins=steps, holdout_every=2, hessian_bins=1,
+                          holdout_hessians=False, input_samples=32, fit_input_samples=0,
+                          max_hessian_features=16384, max_memory=4 << 30, output_path=out, progress=False)
+    return {"seconds": time.time() - t0, "layers": len(rec.layers)}
+
+
+def wide(name: str) -> bool:
+    return name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and name.endswith(WIDE)
+
+
+def subset(model_dir: str, full: str, work: str) -> tuple:
+    """The wide layers as a model directory, and the calibration file cut to block-diagonal."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    src = os.path.join(work, "wide")
+    os.makedirs(src, exist_ok=True)
+    with safe_open(os.path.join(model_dir, "diffusion_pytorch_model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k).float().numpy() for k in f.keys() if wide(k)}
+    save_file(tensors, os.path.join(src, "model.safetensors"))
+    with open(os.path.join(src, "config.json"), "w") as fh:
+        json.dump({"architectures": ["FluxTransformer2DModel"]}, fh)
+
+    from arrow_quant_v2.calibration import _pack_upper, _unpack_upper
+
+    pf = pq.ParquetFile(full)
+    block = 4096
+    blocked_path = os.path.join(work, "calibration-block.parquet")
+    writer = None
+    for g in range(pf.num_row_groups):
+        t = pf.read_row_group(g)
+        if not wide(t.column("layer")[0].as_py()):
+            continue
+        h = t.column("hessian")[0]
+        if h.is_valid:
+            f = t.column("in_features")[0].as_py()
+            m = _unpack_upper(np.asarray(h.values.to_numpy(zero_copy_only=False)), f)
+            packed = np.concatenate([_pack_upper(m[b:b + block, b:b + block]) for b in range(0, f, block)])
+            t = t.set_column(t.schema.get_field_index("hessian"), "hessian",
+                             pa.array([packed], type=t.schema.field("hessian").type))
+            t = t.set_column(t.schema.get_field_index("hessian_block"), "hessian_block", pa.array([block], pa.int32()))
+        else:
+            t = t.set_column(t.schema.get_field_index("hessian_block"), "hessian_block", pa.array([block], pa.int32()))
+        if writer is None:
+            writer = pq.ParquetWriter(blocked_path, t.schema)
+        writer.write_table(t)
+    writer.close()
+    full_path = os.path.join(work, "calibration-full.parquet")
+    writer = None
+    for g in range(pf.num_row_groups):
+        t = pf.read_row_group(g)
+        if not wide(t.column("layer")[0].as_py()):
+            continue
+        if writer is None:
+            writer = pq.ParquetWriter(full_path, t.schema)
+        writer.write_table(t)
+    writer.close()
+    return src, full_path, blocked_path, sorted(tensors)
+
+
+def quantize(src: str, calib: str, dst: str, bits: int, time_aware: bool) -> dict:
+    import arrow_quant_v2 as aq
+
+    cfg = aq.DiffusionQuantConfig(bit_width=bits, group_size=128, calibration_path=calib, enable_spatial=False,
+                                  enable_time_aware=time_aware, min_tensor_size=0, sensitive_patterns=[],
+                                  enable_fallback=False)
+    t0 = time.time()
+    r = aq.ArrowQuantV2().quantize_diffusion_model(src, dst, cfg)
+    out = {}
+    for l in r["layers"]:
+        if l.get("output_error"):
+            out[l["tensor"]] = {"method": l["method"], "block": l.get("hessian_block"),
+                                "errors": [g["relative_error"] for g in l["output_error"]],
+                                "checked_on": sorted({g["checked_on"] for g in l["output_error"]})}
+    return {"seconds": time.time() - t0, "layers": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", default="/tmp/aq-bench-flux/model")
+    ap.add_argument("--work", default="/tmp/aq-bench-block-hessian")
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    full = os.path.join(args.work, "calibration-all.parquet")
+    if args.child == "record":
+        print(json.dumps(record(args.model_dir, full, args.runs, args.steps)))
+        return
+    if not os.path.exists(full):
+        subprocess.run([sys.executable, __file__, "--child", "record", "--model-dir", args.model_dir, "--work",
+                            args.work, "--runs", str(args.runs), "--steps", str(args.steps)], check=True)
+    src, full_path, blocked_path, names = subset(args.model_dir, full, args.work)
+    results = {}
+    import shutil
+    for bits in args.bits:
+        for label, calib, aware in (("full", full_path, True), ("block-4096", blocked_path, True),
+                                    ("data-free", full_path, False)):
+            dst = os.path.join(args.work, f"q-{label}-{bits}")
+            shutil.rmtree(dst, ignore_errors=True)
+            results[f"{label}/W{bits}"] = quantize(src, calib, dst, bits, aware)
+            print(f"  W{bits} {label}: {results[f'{label}/W{bits}']['seconds']:.0f} s", file=sys.stderr, flush=True)
+    with open(os.path.join(args.work, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    kinds = {"MLP down-projection (12288 inputs)": lambda n: n.endswith("net.2.weight"),
+             "single-block output projection (15360 inputs)": lambda n: n.endswith("proj_out.weight")}
+    print("| layers | bits | data-free | GPTQ, block-diagonal (4096) | GPTQ, full Hessian |\n|---|---|---|---|---|")
+    for kind, test in kinds.items():
+        for bits in args.bits:
+            cells = []
+            for label in ("data-free", "block-4096", "full"):
+                ls = results[f"{label}/W{bits}"]["layers"]
+                errs = [statistics.mean(v["errors"]) for n, v in ls.items() if test(n)]
+                cells.append(f"{statistics.mean(errs):.4f}" if errs else "-")
+            n = sum(1 for x in names if test(x))
+            print(f"| {kind}, {n} layers | W{bits} | " + " | ".join(cells) + " |")
+    print("\n(mean over layers of the mean over timestep groups of the held-out output relative error)")
+
+
+if __name__ == "__main__":
+    main()
