@@ -72,36 +72,27 @@ def subset(model_dir: str, full: str, work: str) -> tuple:
 
     pf = pq.ParquetFile(full)
     block = 4096
+    full_path = os.path.join(work, "calibration-full.parquet")
     blocked_path = os.path.join(work, "calibration-block.parquet")
-    writer = None
+    writers: dict = {}
     for g in range(pf.num_row_groups):
         t = pf.read_row_group(g)
         if not wide(t.column("layer")[0].as_py()):
             continue
+        b = t.set_column(t.schema.get_field_index("hessian_block"), "hessian_block", pa.array([block], pa.int32()))
         h = t.column("hessian")[0]
-        if h.is_valid:
+        if h.is_valid:  # its diagonal blocks, cut out of the full matrix
             f = t.column("in_features")[0].as_py()
             m = _unpack_upper(np.asarray(h.values.to_numpy(zero_copy_only=False)), f)
-            packed = np.concatenate([_pack_upper(m[b:b + block, b:b + block]) for b in range(0, f, block)])
-            t = t.set_column(t.schema.get_field_index("hessian"), "hessian",
-                             pa.array([packed], type=t.schema.field("hessian").type))
-            t = t.set_column(t.schema.get_field_index("hessian_block"), "hessian_block", pa.array([block], pa.int32()))
-        else:
-            t = t.set_column(t.schema.get_field_index("hessian_block"), "hessian_block", pa.array([block], pa.int32()))
-        if writer is None:
-            writer = pq.ParquetWriter(blocked_path, t.schema)
-        writer.write_table(t)
-    writer.close()
-    full_path = os.path.join(work, "calibration-full.parquet")
-    writer = None
-    for g in range(pf.num_row_groups):
-        t = pf.read_row_group(g)
-        if not wide(t.column("layer")[0].as_py()):
-            continue
-        if writer is None:
-            writer = pq.ParquetWriter(full_path, t.schema)
-        writer.write_table(t)
-    writer.close()
+            packed = np.concatenate([_pack_upper(m[i:i + block, i:i + block]) for i in range(0, f, block)])
+            b = b.set_column(b.schema.get_field_index("hessian"), "hessian",
+                             pa.array([packed], type=b.schema.field("hessian").type))
+        for path, table in ((full_path, t), (blocked_path, b)):
+            if path not in writers:
+                writers[path] = pq.ParquetWriter(path, table.schema)
+            writers[path].write_table(table)
+    for w in writers.values():
+        w.close()
     return src, full_path, blocked_path, sorted(tensors)
 
 

@@ -37,6 +37,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_calib_scale import layer_summary  # noqa: E402
+
 FLUX_DEV = dict(patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 FLUX_DEV_BLOCKS = (19, 38)
@@ -226,16 +229,7 @@ def quantize(args: argparse.Namespace) -> dict:
     seconds = time.time() - t0
     linear = [l for l in r["layers"] if block_of(args.model, l["tensor"]) and l["tensor"].endswith(".weight")
               and len(l.get("shape", [0, 0])) == 2]
-    calibrated = [l for l in linear if l.get("output_error")]
-    per_group: dict = {}
-    for l in calibrated:
-        for g in l["output_error"]:
-            per_group.setdefault((g["group"], g["step_lo"], g["step_hi"]), []).append(g["relative_error"])
-    groups = [{"group": k[0], "steps": [k[1], k[2]], "layers": len(v), "median_rel_error": statistics.median(v),
-               "max_rel_error": max(v)} for k, v in sorted(per_group.items())]
-    methods: dict = {}
-    for l in linear:
-        methods[l.get("method")] = methods.get(l.get("method"), 0) + 1
+    calibrated, groups, methods = layer_summary(linear)
     blocked = [l["tensor"] for l in linear if l.get("hessian_block")]
     blocked_err = [statistics.median(g["relative_error"] for g in l["output_error"]) for l in linear
                    if l.get("hessian_block") and l.get("output_error")]

@@ -106,6 +106,22 @@ def record(work: str, runs: int, steps: int, max_memory_gib: float) -> dict:
             "peak_rss_gib": peak_rss_gib()}
 
 
+def layer_summary(layers: list) -> tuple:
+    """(the layers with output errors, per step group the median and worst error over them, the
+    count of each method) of a quantize result's layers."""
+    calibrated = [l for l in layers if l.get("output_error")]
+    per_group: dict = {}
+    for l in calibrated:
+        for g in l["output_error"]:
+            per_group.setdefault((g["group"], g["step_lo"], g["step_hi"]), []).append(g["relative_error"])
+    groups = [{"group": k[0], "steps": [k[1], k[2]], "layers": len(v), "median_rel_error": statistics.median(v),
+               "max_rel_error": max(v)} for k, v in sorted(per_group.items())]
+    methods: dict = {}
+    for l in layers:
+        methods[l.get("method")] = methods.get(l.get("method"), 0) + 1
+    return calibrated, groups, methods
+
+
 def quantize(work: str, bits: int) -> dict:
     import arrow_quant_v2 as aq
 
@@ -121,16 +137,7 @@ def quantize(work: str, bits: int) -> dict:
     # the blocks' nn.Linear weights (not their class-embedding tables)
     block_linear = [l for l in r["layers"] if l["tensor"].startswith("transformer_blocks.") and l["tensor"].endswith(".weight")
                     and len(l.get("shape", [0, 0])) == 2 and "embedding_table" not in l["tensor"]]
-    calibrated = [l for l in block_linear if l.get("output_error")]
-    per_group: dict = {}
-    for l in calibrated:
-        for g in l["output_error"]:
-            per_group.setdefault((g["group"], g["step_lo"], g["step_hi"]), []).append(g["relative_error"])
-    groups = [{"group": k[0], "steps": [k[1], k[2]], "layers": len(v), "median_rel_error": statistics.median(v),
-               "max_rel_error": max(v)} for k, v in sorted(per_group.items())]
-    methods: dict = {}
-    for l in block_linear:
-        methods[l.get("method")] = methods.get(l.get("method"), 0) + 1
+    calibrated, groups, methods = layer_summary(block_linear)
     checked_on = sorted({g.get("checked_on", "") for l in calibrated for g in l["output_error"]})
     held_out = sum(1 for l in calibrated for g in l["output_error"] if g.get("held_out"))
     return {"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "block_linear_layers": len(block_linear),

@@ -60,8 +60,9 @@ struct Quantized {
   std::vector<float> scales, zeros, deq;
 };
 
-Quantized run_gptq(const QuantScheme& s, const Problem& p, const GptqOptions& o) {
-  auto f = gptq_factor(p.h.data(), p.cols, o);
+Quantized run_gptq_on(const QuantScheme& s, const Problem& p, const double* h, const HessianLayout& layout,
+                      const GptqOptions& o) {
+  auto f = gptq_factor(h, layout, o);
   EXPECT_TRUE(f.ok()) << f.status().message();
   Quantized q;
   const size_t groups = p.rows * groups_per_row(s, p.cols);
@@ -72,6 +73,10 @@ Quantized run_gptq(const QuantScheme& s, const Problem& p, const GptqOptions& o)
   gptq_quantize_rows(s, *f, p.w.data(), p.rows, p.cols, q.codes.data(), q.scales.data(), q.zeros.data());
   dequantize_rows(s, q.codes.data(), q.scales.data(), q.zeros.data(), p.rows, p.cols, q.deq.data());
   return q;
+}
+
+Quantized run_gptq(const QuantScheme& s, const Problem& p, const GptqOptions& o) {
+  return run_gptq_on(s, p, p.h.data(), HessianLayout{p.cols, 0}, o);
 }
 
 Quantized run_rtn(const QuantScheme& s, const Problem& p) {
@@ -482,21 +487,6 @@ BlockHessian block_diagonal(const std::vector<double>& h, size_t cols, size_t bl
       }
   }
   return out;
-}
-
-Quantized run_gptq_on(const QuantScheme& s, const Problem& p, const double* h, const HessianLayout& layout,
-                      const GptqOptions& o) {
-  auto f = gptq_factor(h, layout, o);
-  EXPECT_TRUE(f.ok()) << f.status().message();
-  Quantized q;
-  const size_t groups = p.rows * groups_per_row(s, p.cols);
-  q.codes.assign(p.rows * p.cols, 0xff);
-  q.scales.assign(groups, NAN);
-  q.zeros.assign(groups, NAN);
-  q.deq.resize(p.rows * p.cols);
-  gptq_quantize_rows(s, *f, p.w.data(), p.rows, p.cols, q.codes.data(), q.scales.data(), q.zeros.data());
-  dequantize_rows(s, q.codes.data(), q.scales.data(), q.zeros.data(), p.rows, p.cols, q.deq.data());
-  return q;
 }
 
 TEST(GptqBlockDiagonal, LayoutIndexesEveryBlock) {
