@@ -13,7 +13,14 @@ Each layer's output error ||(W - Q) x|| / ||W x|| is measured on the same held-o
 (32 rows per bin, calls the Hessians never saw); equalization off, so the three differ only in
 the Hessian.
 
-    python benchmarks/bench_block_hessian.py        # needs WORK=/tmp/aq-bench-flux/model from bench_calib_large.py --model flux
+    python benchmarks/bench_block_hessian.py        # needs /tmp/aq-bench-flux/model from bench_calib_large.py --model flux
+
+With --model dream, the first --layers layers of the Dream-7B-shaped model of bench_calib_large.py
+(its calibration as recorded there: block-diagonal Hessians for the 18944-input down-projections,
+full ones for the rest) quantized with GPTQ and data-free, the same way (full Hessians at 18944
+inputs would take 2.9 GB per layer to record: not compared).
+
+    python benchmarks/bench_block_hessian.py --model dream   # needs /tmp/aq-bench-dream/model
 """
 
 from __future__ import annotations
@@ -52,21 +59,28 @@ def wide(name: str) -> bool:
     return name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and name.endswith(WIDE)
 
 
+def extract(model_file: str, keep, dst: str, architecture: str) -> list:
+    """The tensors `keep(name)` of a safetensors file as a model directory (float32); their names."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    os.makedirs(dst, exist_ok=True)
+    with safe_open(model_file, "pt") as f:
+        tensors = {k: f.get_tensor(k).float().numpy() for k in f.keys() if keep(k)}
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json"), "w") as fh:
+        json.dump({"architectures": [architecture]}, fh)
+    return sorted(tensors)
+
+
 def subset(model_dir: str, full: str, work: str) -> tuple:
     """The wide layers as a model directory, and the calibration file cut to block-diagonal."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
 
     src = os.path.join(work, "wide")
-    os.makedirs(src, exist_ok=True)
-    with safe_open(os.path.join(model_dir, "diffusion_pytorch_model.safetensors"), "pt") as f:
-        tensors = {k: f.get_tensor(k).float().numpy() for k in f.keys() if wide(k)}
-    save_file(tensors, os.path.join(src, "model.safetensors"))
-    with open(os.path.join(src, "config.json"), "w") as fh:
-        json.dump({"architectures": ["FluxTransformer2DModel"]}, fh)
+    names = extract(os.path.join(model_dir, "diffusion_pytorch_model.safetensors"), wide, src, "FluxTransformer2DModel")
 
     from arrow_quant_v2.calibration import _pack_upper, _unpack_upper
 
@@ -93,7 +107,7 @@ def subset(model_dir: str, full: str, work: str) -> tuple:
             writers[path].write_table(table)
     for w in writers.values():
         w.close()
-    return src, full_path, blocked_path, sorted(tensors)
+    return src, full_path, blocked_path, names
 
 
 def quantize(src: str, calib: str, dst: str, bits: int, time_aware: bool) -> dict:
@@ -115,14 +129,20 @@ def quantize(src: str, calib: str, dst: str, bits: int, time_aware: bool) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", default="/tmp/aq-bench-flux/model")
-    ap.add_argument("--work", default="/tmp/aq-bench-block-hessian")
+    ap.add_argument("--model", choices=("flux", "dream"), default="flux")
+    ap.add_argument("--model-dir")
+    ap.add_argument("--work")
+    ap.add_argument("--layers", type=int, default=4, help="dream: how many of its layers")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.model_dir = args.model_dir or f"/tmp/aq-bench-{args.model}/model"
+    args.work = args.work or f"/tmp/aq-bench-block-hessian-{args.model}"
     os.makedirs(args.work, exist_ok=True)
+    if args.model == "dream":
+        return dream(args)
     full = os.path.join(args.work, "calibration-all.parquet")
     if args.child == "record":
         print(json.dumps(record(args.model_dir, full, args.runs, args.steps)))
@@ -155,6 +175,37 @@ def main() -> None:
             n = sum(1 for x in names if test(x))
             print(f"| {kind}, {n} layers | W{bits} | " + " | ".join(cells) + " |")
     print("\n(mean over layers of the mean over timestep groups of the held-out output relative error)")
+
+
+def dream(args: argparse.Namespace) -> None:
+    import shutil
+
+    prefixes = tuple(f"model.layers.{i}." for i in range(args.layers))
+    src = os.path.join(args.work, "layers")
+    names = extract(os.path.join(args.model_dir, "model.safetensors"),
+                    lambda n: n.startswith(prefixes) and n.endswith("proj.weight"), src, "Qwen2ForCausalLM")
+    calib = os.path.join(args.model_dir, "calibration.parquet")
+    results = {}
+    for bits in args.bits:
+        for label, aware in (("gptq", True), ("data-free", False)):
+            dst = os.path.join(args.work, f"q-{label}-{bits}")
+            shutil.rmtree(dst, ignore_errors=True)
+            results[f"{label}/W{bits}"] = quantize(src, calib, dst, bits, aware)
+    with open(os.path.join(args.work, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    kinds = {"MLP down-projection (18944 inputs, block-diagonal)": lambda n: n.endswith("down_proj.weight"),
+             "q/k/v/o, gate/up (3584 inputs, full)": lambda n: not n.endswith("down_proj.weight")}
+    print("| layers | bits | data-free | GPTQ |\n|---|---|---|---|")
+    for kind, test in kinds.items():
+        for bits in args.bits:
+            cells = []
+            for label in ("data-free", "gptq"):
+                ls = results[f"{label}/W{bits}"]["layers"]
+                errs = [statistics.mean(v["errors"]) for n, v in ls.items() if test(n)]
+                cells.append(f"{statistics.mean(errs):.4f}" if errs else "-")
+            n = sum(1 for x in names if test(x))
+            print(f"| {kind}, {n} layers | W{bits} | " + " | ".join(cells) + " |")
+    print("\n(mean over layers of the mean over mask-ratio groups of the held-out output relative error)")
 
 
 if __name__ == "__main__":
