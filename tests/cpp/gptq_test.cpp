@@ -424,21 +424,29 @@ TEST(Gptq, RowBlocksDoNotChangeTheResult) {
 // (a Release build; the best of a few runs of gptq_factor and of gptq_quantize_rows on 256 rows,
 // int4 g64 asymmetric).
 TEST(Gptq, DISABLED_Timing) {
-  for (size_t cols : {1024, 2048, 4096}) {
-    // H = S (B B^T / k + 0.05 I) S: correlated, uneven channel scales, positive definite.
+  // {cols, block}: full Hessians, and a block-diagonal one of Dream-7B's MLP down-projection width
+  const std::pair<size_t, size_t> cases[] = {{1024, 0}, {2048, 0}, {4096, 0}, {18944, 4096}};
+  for (const auto& [cols, block] : cases) {
+    // H = S (B B^T / k + 0.05 I) S (each diagonal block of it): correlated, uneven channel scales,
+    // positive definite.
     const size_t k = 64, rows = 256;
+    const HessianLayout layout{cols, block};
     std::mt19937 rng(7);
     std::normal_distribution<double> g(0.0, 1.0);
-    std::vector<double> b(cols * k), sc(cols), h(cols * cols);
+    std::vector<double> b(cols * k), sc(cols), h(layout.values());
     for (double& v : b) v = g(rng);
     for (double& v : sc) v = std::exp(0.8 * g(rng));
-    for (size_t i = 0; i < cols; ++i)
-      for (size_t j = 0; j <= i; ++j) {
-        double s = 0;
-        for (size_t t = 0; t < k; ++t) s += b[i * k + t] * b[j * k + t];
-        s = (s / static_cast<double>(k) + (i == j ? 0.05 : 0.0)) * sc[i] * sc[j];
-        h[i * cols + j] = h[j * cols + i] = s;
-      }
+    for (size_t blk = 0; blk < layout.blocks(); ++blk) {
+      const size_t first = layout.begin(blk), nb = layout.size(blk);
+      double* hb = h.data() + layout.offset(blk);
+      for (size_t i = first; i < first + nb; ++i)
+        for (size_t j = first; j <= i; ++j) {
+          double s = 0;
+          for (size_t t = 0; t < k; ++t) s += b[i * k + t] * b[j * k + t];
+          s = (s / static_cast<double>(k) + (i == j ? 0.05 : 0.0)) * sc[i] * sc[j];
+          hb[(i - first) * nb + (j - first)] = hb[(j - first) * nb + (i - first)] = s;
+        }
+    }
     std::vector<float> w(rows * cols);
     std::normal_distribution<float> gf(0.0f, 1.0f);
     for (float& v : w) v = gf(rng);
@@ -453,7 +461,7 @@ TEST(Gptq, DISABLED_Timing) {
       double t_factor = 1e30, t_quant = 1e30;
       for (int rep = 0; rep < 3; ++rep) {
         const auto t0 = std::chrono::steady_clock::now();
-        auto f = gptq_factor(h.data(), cols, o);
+        auto f = gptq_factor(h.data(), layout, o);
         const auto t1 = std::chrono::steady_clock::now();
         ASSERT_TRUE(f.ok());
         gptq_quantize_rows(s, *f, w.data(), rows, cols, codes.data(), scales.data(), zeros.data());
@@ -461,8 +469,8 @@ TEST(Gptq, DISABLED_Timing) {
         t_factor = std::min(t_factor, std::chrono::duration<double>(t1 - t0).count());
         t_quant = std::min(t_quant, std::chrono::duration<double>(t2 - t1).count());
       }
-      std::printf("cols %5zu  %-7s  gptq_factor %8.3f s  gptq_quantize_rows(%zu rows) %8.3f s\n", cols,
-                  kernel == GptqKernel::kAvx2 ? "avx2" : "generic", t_factor, rows, t_quant);
+      std::printf("cols %5zu  block %4zu  %-7s  gptq_factor %8.3f s  gptq_quantize_rows(%zu rows) %8.3f s\n", cols,
+                  block, kernel == GptqKernel::kAvx2 ? "avx2" : "generic", t_factor, rows, t_quant);
     }
   }
 }
