@@ -164,17 +164,8 @@ def main() -> None:
         json.dump(results, f, indent=1)
     kinds = {"MLP down-projection (12288 inputs)": lambda n: n.endswith("net.2.weight"),
              "single-block output projection (15360 inputs)": lambda n: n.endswith("proj_out.weight")}
-    print("| layers | bits | data-free | GPTQ, block-diagonal (4096) | GPTQ, full Hessian |\n|---|---|---|---|---|")
-    for kind, test in kinds.items():
-        for bits in args.bits:
-            cells = []
-            for label in ("data-free", "block-4096", "full"):
-                ls = results[f"{label}/W{bits}"]["layers"]
-                errs = [statistics.mean(v["errors"]) for n, v in ls.items() if test(n)]
-                cells.append(f"{statistics.mean(errs):.4f}" if errs else "-")
-            n = sum(1 for x in names if test(x))
-            print(f"| {kind}, {n} layers | W{bits} | " + " | ".join(cells) + " |")
-    print("\n(mean over layers of the mean over timestep groups of the held-out output relative error)")
+    table(results, kinds, ("data-free", "block-4096", "full"),
+          ("data-free", "GPTQ, block-diagonal (4096)", "GPTQ, full Hessian"), args.bits, names, "timestep")
 
 
 def dream(args: argparse.Namespace) -> None:
@@ -195,17 +186,23 @@ def dream(args: argparse.Namespace) -> None:
         json.dump(results, f, indent=1)
     kinds = {"MLP down-projection (18944 inputs, block-diagonal)": lambda n: n.endswith("down_proj.weight"),
              "q/k/v/o, gate/up (3584 inputs, full)": lambda n: not n.endswith("down_proj.weight")}
-    print("| layers | bits | data-free | GPTQ |\n|---|---|---|---|")
+    table(results, kinds, ("data-free", "gptq"), ("data-free", "GPTQ"), args.bits, names, "mask-ratio")
+
+
+def table(results: dict, kinds: dict, labels: tuple, headers: tuple, bits_list: list, names: list,
+          groups: str) -> None:
+    """Per kind of layer and bit width, the mean over its layers of each run's held-out error."""
+    print("| layers | bits | " + " | ".join(headers) + " |\n|---|---|" + "---|" * len(headers))
     for kind, test in kinds.items():
-        for bits in args.bits:
+        for bits in bits_list:
             cells = []
-            for label in ("data-free", "gptq"):
+            for label in labels:
                 ls = results[f"{label}/W{bits}"]["layers"]
                 errs = [statistics.mean(v["errors"]) for n, v in ls.items() if test(n)]
                 cells.append(f"{statistics.mean(errs):.4f}" if errs else "-")
             n = sum(1 for x in names if test(x))
             print(f"| {kind}, {n} layers | W{bits} | " + " | ".join(cells) + " |")
-    print("\n(mean over layers of the mean over mask-ratio groups of the held-out output relative error)")
+    print(f"\n(mean over layers of the mean over {groups} groups of the held-out output relative error)")
 
 
 if __name__ == "__main__":

@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_calib_scale import layer_summary  # noqa: E402
+from bench_calib_scale import layer_summary, peak_rss_gib, progress_printer, rss_now_gib  # noqa: E402
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
@@ -48,14 +47,6 @@ DREAM_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, nu
                 rms_norm_eps=1e-6, tie_word_embeddings=False)
 DREAM_MASK_ID = 151666
 
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB -> GiB
-
-
-def rss_now_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
 def setup(args: argparse.Namespace) -> dict:
@@ -178,13 +169,7 @@ def record(args: argparse.Namespace) -> dict:
     after_load = {"rss_gib": rss_now_gib(), "peak_rss_gib": peak_rss_gib()}
     out = os.path.join(root, "calibration.parquet")
     t0 = time.time()
-    last = [0.0]
-
-    def progress(message: str, fraction: float) -> None:
-        if time.time() - last[0] > 30 or fraction >= 1.0:
-            last[0] = time.time()
-            print(f"  {time.time() - t0:7.1f} s  {fraction:6.1%}  {message}  (RSS now {rss_now_gib():.2f} GiB, peak "
-                  f"{peak_rss_gib():.2f})", file=sys.stderr, flush=True)
+    progress = progress_printer(t0)
 
     rec = record_pipeline(pipe, [{"seed": s} for s in range(args.runs)], num_inference_steps=args.steps,
                           max_samples=args.runs * args.steps, num_bins=args.steps, holdout_every=2, hessian_bins=1,

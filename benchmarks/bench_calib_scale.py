@@ -44,6 +44,20 @@ def rss_now_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
+def progress_printer(t0: float):
+    """A record_pipeline progress_callback printing to stderr at most every 30 s (and at the end)
+    with the time since t0 and the process's RSS."""
+    last = [0.0]
+
+    def progress(message: str, fraction: float) -> None:
+        if time.time() - last[0] > 30 or fraction >= 1.0:
+            last[0] = time.time()
+            print(f"  {time.time() - t0:7.1f} s  {fraction:6.1%}  {message}  (RSS now {rss_now_gib():.2f} GiB, peak "
+                  f"{peak_rss_gib():.2f})", file=sys.stderr, flush=True)
+
+    return progress
+
+
 def setup(work: str) -> dict:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
@@ -82,13 +96,7 @@ def record(work: str, runs: int, steps: int, max_memory_gib: float) -> dict:
     classes = [[207, 360], [387, 974], [88, 979], [417, 279]]
     out = os.path.join(root, "transformer", "calibration.parquet")
     t0 = time.time()
-    last = [0.0]
-
-    def progress(message: str, fraction: float) -> None:
-        if time.time() - last[0] > 30 or fraction >= 1.0:
-            last[0] = time.time()
-            print(f"  {time.time() - t0:7.1f} s  {fraction:6.1%}  {message}  (RSS now {rss_now_gib():.2f} GiB, peak "
-                  f"{peak_rss_gib():.2f})", file=sys.stderr, flush=True)
+    progress = progress_printer(t0)
 
     rec = record_pipeline(pipe, [{"class_labels": c} for c in classes[:runs]], num_inference_steps=steps,
                           max_samples=runs * steps, num_bins=10, holdout_every=2, hessian_bins=1,
