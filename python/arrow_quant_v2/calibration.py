@@ -603,6 +603,9 @@ class CalibrationRecorder:
         # set when the statistics were written pass by pass by record_pipeline(max_memory=...)
         self._streamed_to: Optional[str] = None
         self._free_written = False  # streamed passes: drop each Hessian once its row is written
+        # absmax / min / max / histograms only, no Hessians or input samples (the first pass of
+        # calibrate_and_quantize(sequential=True), which only fixes the timestep groups)
+        self._stats_only = False
         # seconds spent in the layer hooks (the statistics: the recorder's own work), every pass
         self.hook_seconds = 0.0
         # record_pipeline: per pass, {"layers", "calls", "seconds", "hook_seconds"}
@@ -887,7 +890,8 @@ class CalibrationRecorder:
     def _accumulate(self, layer: _Layer, x: torch.Tensor, call: _Call) -> None:
         key = (layer.name, call.bin, call.split)
         st = self._stats.get(key)
-        keep_hessian = layer.hessian_reason is None and (call.split == "fit" or self.holdout_hessians)
+        keep_hessian = (layer.hessian_reason is None and (call.split == "fit" or self.holdout_hessians)
+                        and not self._stats_only)
         hkey = (layer.name, call.bin // self.hessian_span, call.split)
         dev = None
         for chunk in _x_chunks(layer, x):
@@ -928,7 +932,7 @@ class CalibrationRecorder:
                                 m.add_(xb.t() @ xb)
                 h.rows += int(chunk.shape[0])
             capacity = self.fit_input_samples if call.split == "fit" else self.input_samples
-            if st.with_hessian and capacity:
+            if st.with_hessian and capacity and not self._stats_only:
                 _offer_rows(st, xf, capacity, key)
             st.rows += int(chunk.shape[0])
             if st.last_call != call.index:
@@ -1322,16 +1326,51 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
     The recorder is returned closed (hooks removed), ready for ``save``; with ``output_path`` it is
     also saved there.
     """
-    denoiser, component = _find_denoiser(pipe)
-    if not _is_int(num_inference_steps) or num_inference_steps < 1:
-        raise ConfigurationError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
-    if not _is_int(calls_per_step) or calls_per_step < 1:
-        raise ConfigurationError(f"calls_per_step must be an integer >= 1; got {calls_per_step!r}")
     if max_memory is not None and (not _is_int(max_memory) or max_memory < 1):
         raise ConfigurationError(f"max_memory must be None or a number of bytes >= 1; got {max_memory!r}")
     if max_memory is not None and output_path is None:
         raise ConfigurationError("record_pipeline: max_memory writes the statistics pass by pass and needs "
                                  "output_path")
+    denoiser, runs, options, timestep_scale = _recording_setup(
+        pipe, prompts_or_kwargs, num_inference_steps, calls_per_step, step_kind, step_range, timestep_scale,
+        dict(max_samples=max_samples, num_bins=num_bins, holdout_every=holdout_every,
+             max_hessian_features=max_hessian_features, input_samples=input_samples, device=device,
+             hessian_bins=hessian_bins, holdout_hessians=holdout_hessians, share_inputs=share_inputs,
+             fit_input_samples=fit_input_samples, hessian_block=hessian_block))
+    rec = CalibrationRecorder(denoiser, **options)
+    report = _reporter(progress_callback)
+    first = None
+    if max_memory is not None:
+        sizes = {layer.name: rec.layer_hessian_bytes(layer.name) for layer in rec._layers}
+        first = _partition([layer.name for layer in rec._layers], sizes, max_memory)[0]
+    captured = _pipeline_pass(pipe, rec, denoiser, runs, num_inference_steps, pipe_kwargs, step_arg, timestep_scale,
+                              capture=max_memory is not None, accumulate_only=first, report=report,
+                              share=1.0 if max_memory is None else 0.5)
+    if max_memory is None:
+        if output_path is not None:
+            rec.save(output_path)
+        return rec
+    _record_remaining_passes(rec, denoiser, captured, options, max_memory, output_path, report, progress)
+    return rec
+
+
+def _reporter(progress_callback: Optional[Any]) -> Any:
+    def report(message: str, fraction: float) -> None:
+        if progress_callback is not None:
+            progress_callback(message, min(1.0, max(0.0, fraction)))
+    return report
+
+
+def _recording_setup(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int, calls_per_step: int,
+                     step_kind: str, step_range: Optional[Tuple[float, float]], timestep_scale: Optional[float],
+                     recorder_options: Dict[str, Any]) -> Tuple["nn.Module", List[Any], Dict[str, Any], float]:
+    """record_pipeline's arguments checked: the denoiser, the runs, the recorder's options and the
+    timestep scale."""
+    denoiser, component = _find_denoiser(pipe)
+    if not _is_int(num_inference_steps) or num_inference_steps < 1:
+        raise ConfigurationError(f"num_inference_steps must be an integer >= 1; got {num_inference_steps!r}")
+    if not _is_int(calls_per_step) or calls_per_step < 1:
+        raise ConfigurationError(f"calls_per_step must be an integer >= 1; got {calls_per_step!r}")
     if step_kind not in STEP_KINDS:
         raise ConfigurationError(f"step_kind must be one of {', '.join(map(repr, STEP_KINDS))}; got {step_kind!r}")
     if step_range is None and step_kind == "mask_ratio":
@@ -1359,42 +1398,39 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
         if not isinstance(r, (str, Mapping)):
             raise ConfigurationError(f"record_pipeline: each run must be a prompt or a dict of pipeline arguments; "
                                      f"got {r!r}")
+    options = dict(recorder_options, step_range=step_range, component=component, step_kind=step_kind,
+                   total_calls=num_inference_steps * calls_per_step * len(runs))
+    return denoiser, runs, options, float(timestep_scale)
 
-    options = dict(step_range=step_range, num_bins=num_bins, max_samples=max_samples,
-                   total_calls=num_inference_steps * calls_per_step * len(runs),
-                   holdout_every=holdout_every, max_hessian_features=max_hessian_features,
-                   input_samples=input_samples, component=component, step_kind=step_kind, device=device,
-                   hessian_bins=hessian_bins, holdout_hessians=holdout_hessians, share_inputs=share_inputs,
-                   fit_input_samples=fit_input_samples, hessian_block=hessian_block)
-    rec = CalibrationRecorder(denoiser, **options)
+
+def _pipeline_pass(pipe: Any, rec: CalibrationRecorder, denoiser: "nn.Module", runs: List[Any],
+                   num_inference_steps: int, pipe_kwargs: Mapping[str, Any], step_arg: Optional[Any],
+                   timestep_scale: float, capture: bool, accumulate_only: Optional[Sequence[str]], report: Any,
+                   share: float) -> List[Tuple[_Call, Any, Any]]:
+    """Runs the pipeline once over ``runs`` with ``rec`` attached to the denoiser (accumulating
+    ``accumulate_only``, default every layer) and closes it; with ``capture``, returns a copy of the
+    denoiser's arguments of every recorded call, for replays. ``share``: the fraction of the
+    recording's progress this pass stands for."""
     captured: List[Tuple[_Call, Any, Any]] = []
-    total_calls = options["total_calls"]
-
-    def report(message: str, fraction: float) -> None:
-        if progress_callback is not None:
-            progress_callback(message, min(1.0, max(0.0, fraction)))
-
+    total_calls = rec.total_calls
     try:
         rec.attach_timestep(denoiser, arg=step_arg, scale=timestep_scale)
-        if max_memory is not None:
-            sizes = {layer.name: rec.layer_hessian_bytes(layer.name) for layer in rec._layers}
-            first = _partition([layer.name for layer in rec._layers], sizes, max_memory)[0]
-            rec._accumulate_only = frozenset(first)
-
-            def capture(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if accumulate_only is not None:
+            rec._accumulate_only = frozenset(accumulate_only)
+        if capture:
+            def capture_call(mod: nn.Module, args: tuple, kwargs: dict) -> None:
                 call = rec._active
                 if call is not None and call.record:
                     stripped = _Call(call.index, True, call.step, call.bin, call.split, call.sample)
                     captured.append((stripped, _clone_tree(args), _clone_tree(kwargs)))
 
             # after attach_timestep's hook (prepended), which starts the call
-            rec._handles.append(denoiser.register_forward_pre_hook(capture, with_kwargs=True))
+            rec._handles.append(denoiser.register_forward_pre_hook(capture_call, with_kwargs=True))
 
         def count(mod: nn.Module, args: tuple, output: Any) -> None:
-            if max_memory is not None:
+            if capture:
                 _release_memory()
-            report(f"recording: denoiser call {rec.calls}/{total_calls}", rec.calls / total_calls
-                   / (1.0 if max_memory is None else 2.0))
+            report(f"recording: denoiser call {rec.calls}/{total_calls}", rec.calls / total_calls * share)
 
         rec._handles.append(denoiser.register_forward_hook(count))
         started = time.perf_counter()
@@ -1411,13 +1447,8 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
     if rec.calls != rec.total_calls:
         warnings.warn(f"record_pipeline: the denoiser was called {rec.calls} times, not the expected "
                       f"{rec.total_calls} (num_inference_steps * calls_per_step * runs); pass calls_per_step so "
-                      f"the samples spread over the whole loop", UserWarning, stacklevel=2)
-    if max_memory is None:
-        if output_path is not None:
-            rec.save(output_path)
-        return rec
-    _record_remaining_passes(rec, denoiser, captured, options, max_memory, output_path, report, progress)
-    return rec
+                      f"the samples spread over the whole loop", UserWarning, stacklevel=3)
+    return captured
 
 
 def _record_remaining_passes(rec: CalibrationRecorder, denoiser: "nn.Module", captured: List[Tuple[_Call, Any, Any]],
@@ -1469,32 +1500,17 @@ def _record_remaining_passes(rec: CalibrationRecorder, denoiser: "nn.Module", ca
                 # Stop each forward at the next layer once every layer of the pass ran in this
                 # call; never when some layer runs more than once per call (shared modules).
                 once = all(v <= 1 for v in rec._max_runs.values())
-                if once and last + 1 < len(run_order):
-                    stop_module = replay._by_name[run_order[last + 1]].module
-                    needed = frozenset(names)
+                stop_at = run_order[last + 1] if once and last + 1 < len(run_order) else None
 
-                    def stop(mod: nn.Module, args: tuple) -> None:
-                        call = replay._active
-                        if call is not None and needed.issubset(call.runs):
-                            raise _StopReplay()
+                def on_call(i: int) -> None:
+                    if bar is not None:
+                        bar.set_description(f"calibration pass {p + 2}/{len(passes) + 1} ({len(names)} layers)")
+                        bar.update(1)
+                    report(f"recording: pass {p + 2}/{len(passes) + 1} ({len(names)} layers), call "
+                           f"{i + 1}/{len(captured)}",
+                           0.5 + 0.5 * (p + (i + 1) / max(1, len(captured))) / len(passes))
 
-                    replay._handles.append(stop_module.register_forward_pre_hook(stop))
-                with torch.no_grad():
-                    for i, (call, args, kwargs) in enumerate(captured):
-                        replay._active = _Call(call.index, True, call.step, call.bin, call.split, call.sample)
-                        try:
-                            denoiser(*args, **kwargs)
-                        except _StopReplay:
-                            pass
-                        finally:
-                            replay._active = None
-                        _release_memory()
-                        if bar is not None:
-                            bar.set_description(f"calibration pass {p + 2}/{len(passes) + 1} ({len(names)} layers)")
-                            bar.update(1)
-                        report(f"recording: pass {p + 2}/{len(passes) + 1} ({len(names)} layers), call "
-                               f"{i + 1}/{len(captured)}",
-                               0.5 + 0.5 * (p + (i + 1) / max(1, len(captured))) / len(passes))
+                _replay(replay, denoiser, captured, stop_at, names, on_call)
             finally:
                 replay.close()
                 rec.hook_seconds += replay.hook_seconds
@@ -1508,11 +1524,38 @@ def _record_remaining_passes(rec: CalibrationRecorder, denoiser: "nn.Module", ca
     rec._streamed_to = writer.path
 
 
+def _replay(replay: CalibrationRecorder, denoiser: "nn.Module", captured: List[Tuple[_Call, Any, Any]],
+            stop_at: Optional[str], needed: Sequence[str], on_call: Any) -> None:
+    """Replays the captured denoiser calls into ``replay``. With ``stop_at`` (a layer), each forward
+    ends as that layer is about to run, once every layer of ``needed`` ran in the call."""
+    if stop_at is not None:
+        need = frozenset(needed)
+
+        def stop(mod: nn.Module, args: tuple) -> None:
+            call = replay._active
+            if call is not None and need.issubset(call.runs):
+                raise _StopReplay()
+
+        replay._handles.append(replay._by_name[stop_at].module.register_forward_pre_hook(stop))
+    with torch.no_grad():
+        for i, (call, args, kwargs) in enumerate(captured):
+            replay._active = _Call(call.index, True, call.step, call.bin, call.split, call.sample)
+            try:
+                denoiser(*args, **kwargs)
+            except _StopReplay:
+                pass
+            finally:
+                replay._active = None
+            _release_memory()
+            on_call(i)
+
+
 def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathLike, config: Any = None, *,
                            num_inference_steps: int, max_samples: Optional[int] = None,
                            max_memory: int = 1 << 30, calibration_path: Optional[PathLike] = None,
                            source_dir: Optional[PathLike] = None, progress: bool = True,
-                           progress_callback: Optional[Any] = None, **record_kwargs: Any) -> Dict[str, Any]:
+                           progress_callback: Optional[Any] = None, sequential: bool = False,
+                           keep_dequantized: bool = False, **record_kwargs: Any) -> Dict[str, Any]:
     """Records ``pipe``'s denoiser along its own sampling runs and quantizes it with that calibration,
     in one call and in bounded memory. Returns :meth:`ArrowQuantV2.quantize_diffusion_model`'s
     result, with ``result["calibration_recording"]`` (seconds, the recorder's own seconds, passes,
@@ -1531,6 +1574,27 @@ def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathL
     when the weights in memory are those of that checkpoint). ``config`` is a
     :class:`DiffusionQuantConfig` (default: its defaults); ``progress`` shows progress bars for the
     recording, ``progress_callback(message, fraction)`` is told of both stages.
+
+    ``sequential=True`` records and quantizes block by block, as GPTQ's sequential use does: each
+    block's layers are recorded with every earlier block already holding its quantized weights,
+    so they are calibrated on the inputs the quantized model gives them. The blocks are the items
+    of the denoiser's outermost module lists (``transformer_blocks``, ``layers``,
+    ``down_blocks``...), in the order they run; the layers outside them form blocks of their own
+    between them (the embedders before the first, the output layers after the last). The pipeline
+    runs once, recording activation ranges only (they fix the timestep groups, ``time_groups``
+    in the config, for every block and the output alike) and a copy of the denoiser's arguments of
+    every recorded call; then, per block, those calls are replayed up to the next block (to the end
+    when a layer of the block runs more than once per call), its layers are quantized from their
+    statistics with the engine -- exactly as in the final run, whose stored weights the next
+    blocks see -- and their weights replaced by the dequantized ones. Tensors that are not layers
+    the recording saw (embedding tables) are quantized first, data-free. The calibration file
+    gathers every block's rows; the output is quantized from it in one run at the end. Cost: one
+    replay per block, each up to that block (about half the model's forwards per block on
+    average), and each layer quantized twice (its block's run and the final one). Not with a
+    model-wide budget (``target_bits_per_weight`` of ggml schemes), which would need every layer
+    first. The denoiser's weights are restored from the checkpoint afterwards, unless
+    ``keep_dequantized`` leaves it holding the output's dequantized weights (to run the quantized
+    pipeline in torch). Needs the ``safetensors`` package.
     """
     import shutil
 
@@ -1555,6 +1619,15 @@ def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathL
             return None
         return lambda message, f: progress_callback(f"{name}: {message}", lo + (hi - lo) * f)
 
+    for what, v in (("sequential", sequential), ("keep_dequantized", keep_dequantized)):
+        if not isinstance(v, bool):
+            raise ConfigurationError(f"calibrate_and_quantize: {what} must be True or False; got {v!r}")
+    if keep_dequantized and not sequential:
+        raise ConfigurationError("calibrate_and_quantize: keep_dequantized applies to sequential=True")
+    if sequential:
+        return _sequential_quantize(pipe, denoiser, runs, num_inference_steps, output_path, parent, config,
+                                    os.fspath(calibration_path), source_dir, options, progress, progress_callback,
+                                    keep_dequantized)
     started = time.perf_counter()
     rec = record_pipeline(pipe, runs, num_inference_steps, output_path=calibration_path, progress=progress,
                           progress_callback=stage("calibration", 0.0, 0.5), **options)
@@ -1582,6 +1655,278 @@ def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathL
             shutil.rmtree(tmp, ignore_errors=True)
     result["calibration_recording"] = recording
     return result
+
+
+def _sequential_units(model: "nn.Module", names: Sequence[str]) -> Dict[str, Optional[str]]:
+    """Each layer's block: the item of an outermost ``nn.ModuleList`` of two or more modules that
+    holds it (``"transformer_blocks.3"``), or None outside every such list."""
+    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2]
+
+    def inside(path: str, outer: str) -> bool:
+        return outer == "" or path.startswith(outer + ".")
+
+    outermost = [n for n in lists if not any(o != n and inside(n, o) for o in lists)]
+    units: Dict[str, Optional[str]] = {}
+    for name in names:
+        path = name[:-len(".weight")] if name.endswith(".weight") else ""
+        units[name] = None
+        for o in outermost:
+            if path and inside(path, o):
+                rest = path[len(o) + 1:] if o else path
+                units[name] = (o + "." if o else "") + rest.split(".")[0]
+                break
+    return units
+
+
+def _sequential_segments(order: Sequence[str], units: Mapping[str, Optional[str]]) -> List[List[str]]:
+    """The layers, in the order they first ran, cut wherever the block changes."""
+    segments: List[List[str]] = []
+    current: Any = object()
+    for n in order:
+        if not segments or units[n] != current:
+            segments.append([])
+            current = units[n]
+        segments[-1].append(n)
+    return segments
+
+
+def _safetensors_index(source: str) -> Dict[str, str]:
+    """tensor name -> the .safetensors file of ``source`` (a file, or a directory's files) holding it."""
+    from safetensors import safe_open
+
+    files = [source] if os.path.isfile(source) else sorted(
+        os.path.join(source, f) for f in os.listdir(source) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"calibrate_and_quantize(sequential=True): {source!r} holds no .safetensors file")
+    index: Dict[str, str] = {}
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                index[k] = f
+    return index
+
+
+def _read_tensors(index: Mapping[str, str], names: Sequence[str]) -> Dict[str, "torch.Tensor"]:
+    from safetensors import safe_open
+
+    out: Dict[str, torch.Tensor] = {}
+    by_file: Dict[str, List[str]] = {}
+    for n in names:
+        by_file.setdefault(index[n], []).append(n)
+    for f, ns in by_file.items():
+        with safe_open(f, "pt") as h:
+            for n in ns:
+                out[n] = h.get_tensor(n)
+    return out
+
+
+def _sequential_quantize(pipe: Any, denoiser: "nn.Module", runs: List[Any], num_inference_steps: int,
+                         output_path: str, parent: str, config: Any, calibration_path: str,
+                         source_dir: Optional[PathLike], options: Dict[str, Any], progress: bool,
+                         progress_callback: Optional[Any], keep_dequantized: bool) -> Dict[str, Any]:
+    """calibrate_and_quantize(sequential=True): see its documentation."""
+    import inspect
+    import shutil
+
+    from . import _core
+    from .api import ArrowQuantV2
+    from .config import GGML_TYPES
+    from .loader import load
+
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+    except ImportError as e:  # pragma: no cover - safetensors comes with diffusers and transformers
+        raise ImportError("calibrate_and_quantize(sequential=True) needs the safetensors package "
+                          "(pip install safetensors)") from e
+    if config.scheme in GGML_TYPES and config.target_bits_per_weight is not None:
+        raise ConfigurationError("calibrate_and_quantize(sequential=True) does not take a model-wide budget "
+                                 f"(target_bits_per_weight={config.target_bits_per_weight} with scheme "
+                                 f"{config.scheme!r}): the budget needs every layer's statistics before the first "
+                                 "is quantized; give the bits per layer (bit_width, bit_overrides) instead")
+    # record_pipeline's keywords: the recorder's options, the call's settings, the pipeline's own
+    known = {k: v.default for k, v in inspect.signature(record_pipeline).parameters.items()
+             if v.default is not inspect.Parameter.empty}
+    settings = dict(known)
+    pipe_kwargs: Dict[str, Any] = {}
+    for k, v in options.items():
+        (settings if k in known else pipe_kwargs)[k] = v
+    max_memory = settings["max_memory"]
+    if max_memory is not None and (not _is_int(max_memory) or max_memory < 1):
+        raise ConfigurationError(f"max_memory must be None or a number of bytes >= 1; got {max_memory!r}")
+    recorder_keys = ("max_samples", "num_bins", "holdout_every", "max_hessian_features", "input_samples", "device",
+                     "hessian_bins", "holdout_hessians", "share_inputs", "fit_input_samples", "hessian_block")
+    _, runs, rec_options, timestep_scale = _recording_setup(
+        pipe, runs, num_inference_steps, settings["calls_per_step"], settings["step_kind"], settings["step_range"],
+        settings["timestep_scale"], {k: settings[k] for k in recorder_keys})
+    report = _reporter(None if progress_callback is None else
+                       (lambda m, f: progress_callback(f"calibration: {m}", f)))
+    started = time.perf_counter()
+    work = tempfile.mkdtemp(prefix=".aq-sequential-", dir=parent)
+    modified: List[str] = []  # tensors whose weights in memory were replaced
+    index: Dict[str, str] = {}
+    succeeded = False
+    bar = None
+    try:
+        if source_dir is None:
+            if not hasattr(denoiser, "save_pretrained"):
+                raise ConfigurationError(f"calibrate_and_quantize: {type(denoiser).__name__} has no save_pretrained; "
+                                         f"pass source_dir= (its checkpoint directory)")
+            source_dir = os.path.join(work, "denoiser")
+            os.makedirs(source_dir)
+            denoiser.save_pretrained(source_dir)
+        source_dir = os.fspath(source_dir)
+        index = _safetensors_index(source_dir)
+
+        # 1. The pipeline once: activation ranges of every layer (they fix the timestep groups) and
+        #    the denoiser's arguments of every recorded call.
+        rec = CalibrationRecorder(denoiser, **rec_options)
+        rec._stats_only = True
+        captured = _pipeline_pass(pipe, rec, denoiser, runs, num_inference_steps, pipe_kwargs, settings["step_arg"],
+                                  timestep_scale, capture=True, accumulate_only=None, report=report, share=0.1)
+        first_pass = dict(rec.passes[0])
+        metadata = rec.metadata()
+        stats_path = rec.save(os.path.join(work, "ranges.parquet"))
+        groups = ([list(g) for g in config.time_groups] if config.time_groups is not None
+                  else [list(g) for g in _core.time_groups(stats_path, config.num_time_groups)])
+        order = sorted(rec._run_order, key=rec._run_order.__getitem__)
+        owner_of = dict(rec._owner)
+        max_runs = dict(rec._max_runs)
+        layer_bytes = {n: rec.layer_hessian_bytes(n) for n in order}
+        layer_params = {layer.name: layer.module.weight for layer in rec._layers}
+        del rec
+        _release_memory(collect=True)
+
+        units = _sequential_units(denoiser, order)
+        segments = _sequential_segments(order, units)
+        seg_of = {n: i for i, seg in enumerate(segments) for n in seg}
+        seg_owner = {n: owner_of.get(n, n) if seg_of.get(owner_of.get(n, n)) == seg_of[n] else n for n in order}
+        model_order = {name: i for i, name in enumerate(layer_params)}
+        # the tensors the recording did not see (embedding tables, layers that never ran): first, data-free
+        seen = set(order)
+        params = dict(denoiser.named_parameters())
+        pre = [n for n, p in params.items() if n in index and n not in seen and p.dim() >= 2 and p.is_floating_point()]
+        for n in list(order) + pre:
+            if n in index:
+                p = layer_params.get(n, params.get(n))
+                with safe_open(index[n], "pt") as h:
+                    shape = tuple(h.get_slice(n).get_shape())
+                if shape != tuple(p.shape):
+                    raise ConfigurationError(
+                        f"calibrate_and_quantize(sequential=True): tensor {n!r} is {shape} in {index[n]} but "
+                        f"{tuple(p.shape)} in the denoiser; source_dir must hold the denoiser's own weights")
+        model_modality = config.modality or json.loads(_core.describe_model(source_dir, []))["modality"]
+        part_config = config.replace(time_groups=groups, modality=model_modality, overwrite=True, components=None,
+                                     calibration_path=None)
+        part_seconds = 0.0
+
+        def quantize_part(names: Sequence[str], calibration: Optional[str], tag: str) -> None:
+            """Quantizes ``names`` (from the source's bytes) as the final run will, and puts their
+            dequantized weights into the denoiser."""
+            nonlocal part_seconds
+            names = [n for n in names if n in index]
+            if not names:
+                return
+            t0 = time.perf_counter()
+            src, out = os.path.join(work, f"{tag}-src"), os.path.join(work, f"{tag}-out")
+            os.makedirs(src)
+            save_file(_read_tensors(index, names), os.path.join(src, "model.safetensors"))
+            cfg = part_config if calibration is None else part_config.replace(calibration_path=calibration)
+            ArrowQuantV2().quantize_diffusion_model(src, out, cfg)
+            quantized = load(out)
+            with torch.no_grad():
+                for n in names:
+                    p = layer_params.get(n, params.get(n))
+                    p.copy_(torch.from_numpy(quantized[n].numpy()).reshape(p.shape).to(p.dtype))
+                    modified.append(n)
+            del quantized
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            part_seconds += time.perf_counter() - t0
+
+        quantize_part(pre, None, "pre")
+        if progress and segments:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(segments) * len(captured), desc="sequential calibration", unit="call")
+        blocks: List[Dict[str, Any]] = []
+        hook_seconds = first_pass["hook_seconds"]
+        with _CalibrationWriter(calibration_path, metadata) as final_writer:
+            for i, seg in enumerate(segments):
+                t0, replay_seconds = time.perf_counter(), 0.0
+                owners = [n for n in seg if seg_owner[n] == n]
+                passes = _partition(owners, layer_bytes, max_memory) if max_memory is not None else [owners]
+                # replays end at the next block, unless a layer of this block runs again later in the call
+                stop_at = (segments[i + 1][0] if i + 1 < len(segments) and all(max_runs.get(n, 1) <= 1 for n in seg)
+                           else None)
+                part_path = os.path.join(work, f"block-{i}.parquet")
+                with _CalibrationWriter(part_path, metadata) as part_writer:
+                    for names in passes:
+                        replay = CalibrationRecorder(denoiser, **rec_options)
+                        replay._free_written = True
+                        try:
+                            replay._owner = {n: seg_owner[n] for n in seg}
+                            replay._accumulate_only = frozenset(names)
+
+                            def on_call(c: int) -> None:
+                                if bar is not None:
+                                    bar.set_description(f"sequential: block {i + 1}/{len(segments)} "
+                                                        f"({units[seg[0]] or 'outside the blocks'})")
+                                    bar.update(1 if len(passes) == 1 else 0)
+                                report(f"sequential: block {i + 1}/{len(segments)}, call {c + 1}/{len(captured)}",
+                                       0.1 + 0.6 * (i + (c + 1) / max(1, len(captured))) / len(segments))
+
+                            r0 = time.perf_counter()
+                            _replay(replay, denoiser, captured, stop_at, names, on_call)
+                            replay_seconds += time.perf_counter() - r0
+                        finally:
+                            replay.close()
+                        hook_seconds += replay.hook_seconds
+                        rows = sorted((n for n in seg if seg_owner[n] in names), key=model_order.__getitem__)
+                        for row in replay._rows(rows):
+                            part_writer.write(row)
+                            final_writer.write(row)
+                        del replay
+                        _release_memory(collect=True)
+                if bar is not None and len(passes) != 1:
+                    bar.update(len(captured))
+                q0 = part_seconds
+                quantize_part(seg, part_writer.path, f"block-{i}")
+                os.remove(part_writer.path)
+                blocks.append({"block": units[seg[0]], "layers": len(seg), "passes": len(passes),
+                               "replay_seconds": replay_seconds, "quantize_seconds": part_seconds - q0,
+                               "seconds": time.perf_counter() - t0})
+        if bar is not None:
+            bar.close()
+            bar = None
+        recording = {"seconds": time.perf_counter() - started, "hook_seconds": hook_seconds,
+                     "passes": [first_pass] + [{"layers": b["layers"], "calls": len(captured),
+                                                "seconds": b["replay_seconds"]} for b in blocks],
+                     "path": calibration_path, "layers": len(order),
+                     "shared_inputs": sum(1 for n in order if seg_owner[n] != n),
+                     "sequential": {"blocks": blocks, "time_groups": groups, "data_free_first": len(pre),
+                                    "first_pass_seconds": first_pass["seconds"],
+                                    "replay_seconds": sum(b["replay_seconds"] for b in blocks),
+                                    "block_quantize_seconds": part_seconds}}
+        del captured
+        _release_memory(collect=True)
+        final = config.replace(time_groups=groups, calibration_path=calibration_path)
+        cb = None if progress_callback is None else (lambda m, f: progress_callback(f"quantization: {m}",
+                                                                                      0.7 + 0.3 * f))
+        result = ArrowQuantV2().quantize_diffusion_model(source_dir, output_path, final, progress_callback=cb)
+        result["calibration_recording"] = recording
+        succeeded = True
+        return result
+    finally:
+        if bar is not None:
+            bar.close()
+        if modified and not (succeeded and keep_dequantized):
+            originals = _read_tensors(index, modified)
+            with torch.no_grad():
+                for n, t in originals.items():
+                    p = layer_params.get(n, params.get(n))
+                    p.copy_(t.reshape(p.shape).to(p.dtype))
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

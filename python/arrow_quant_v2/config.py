@@ -207,6 +207,31 @@ def _check_components(v: Any) -> Optional[Tuple[str, ...]]:
     return tuple(v)
 
 
+def _check_time_groups(v: Any) -> Optional[Tuple[Tuple[int, ...], ...]]:
+    if v is None:
+        return None
+    expected = ("time_groups must be None or a list of non-empty lists of step bins (integers >= 0), ascending "
+                "and disjoint, e.g. [[0, 1], [2, 3, 4]]")
+    if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
+        raise ConfigurationError(f"{expected}; got {v!r}")
+    groups = []
+    last = -1
+    for g in v:
+        if isinstance(g, (str, bytes)) or not isinstance(g, Iterable):
+            raise ConfigurationError(f"{expected}; got {v!r}")
+        g = tuple(g)
+        if not g:
+            raise ConfigurationError(f"{expected}; got {v!r}")
+        for b in g:
+            if not _is_int(b) or not last < b <= 100000:
+                raise ConfigurationError(f"{expected}; got {v!r}")
+            last = b
+        groups.append(tuple(int(b) for b in g))
+    if not groups:
+        raise ConfigurationError(f"{expected}; got {v!r}")
+    return tuple(groups)
+
+
 def _check_sensitive_bits(v: Any) -> int:
     if not _is_int(v) or v not in BIT_WIDTHS + (KEEP_BITS,):
         raise ConfigurationError(f"sensitive_bit_width must be 2, 3, 4, 5, 6, 8, or 16 (keep unquantized); got {v!r}")
@@ -218,6 +243,9 @@ _FIELDS: Dict[str, Tuple[Any, Callable[[Any], Any], str]] = {
     "bit_width": (4, _check_bits, "integer code width: 2, 3, 4, 5, 6 or 8 (a ggml scheme sets it)"),
     "modality": (None, _check_modality, "text, code, image or audio; None detects it from the model"),
     "num_time_groups": (10, _check_int("num_time_groups", 1, 1000), "timestep groups for time-aware calibration"),
+    "time_groups": (None, _check_time_groups,
+                    "the timestep groups as lists of step bins, e.g. [[0, 1], [2, 3, 4]]; None = num_time_groups "
+                    "groups of adjacent bins merged by activation range"),
     "group_size": (128, _check_group_size, "weights per scale along the input dimension (0 = per channel)"),
     "enable_time_aware": (True, _check_bool("enable_time_aware"), "timestep-aware calibration (needs calibration data)"),
     "enable_spatial": (True, _check_bool("enable_spatial"), "channel equalization (needs calibration data)"),
@@ -338,6 +366,8 @@ class DiffusionQuantConfig:
         for k in ("skip_patterns", "components", "sensitive_patterns"):
             if d[k] is not None:
                 d[k] = list(d[k])
+        if d["time_groups"] is not None:
+            d["time_groups"] = [list(g) for g in d["time_groups"]]
         return d
 
     @classmethod

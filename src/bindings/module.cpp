@@ -25,6 +25,7 @@
 #include "quant/pack.h"
 #include "quant/rans.h"
 #include "quant/tensor_codec.h"
+#include "store/calibration.h"
 #include "store/parquet_source.h"
 
 namespace nb = nanobind;
@@ -422,6 +423,16 @@ NB_MODULE(_core, m) {
         },
         nb::arg("config_json"), nb::arg("name"), nb::arg("dtype"), nb::arg("shape"), nb::arg("data"),
         "Quantizes one in-memory array with the engine's layer policy and accuracy fallback.");
+
+  m.def("time_groups",
+        [](const std::string& path, int num_groups) {
+          aq::CalibrationData data = unwrap(aq::read_calibration(path));
+          std::vector<std::vector<int>> out;
+          for (const auto& g : aq::group_time_bins(data, num_groups)) out.push_back(g.bins);
+          return out;
+        },
+        nb::arg("path"), nb::arg("num_groups"),
+        "The step bins of each timestep group the engine forms from a calibration file with num_time_groups.");
 
   m.def("check_pattern",
         [](const std::string& field, const std::string& pattern) {

@@ -88,7 +88,7 @@ const std::set<std::string>& known_keys() {
       "bit_width", "group_size", "symmetric", "scale_method", "scheme", "rotate", "target_bits_per_weight", "min_accuracy", "enable_fallback",
       "fail_fast", "num_threads", "components", "skip_patterns", "bit_overrides",
       "sensitive_patterns", "sensitive_bit_width", "min_tensor_size", "nonfinite", "overwrite",
-      "modality", "enable_time_aware", "enable_spatial", "num_time_groups", "calibration_samples",
+      "modality", "enable_time_aware", "enable_spatial", "num_time_groups", "time_groups", "calibration_samples",
       "deployment_profile", "calibration_path", "gptq_damp", "gptq_act_order", "time_group_weighting",
       "activation_bits", "ggml_weighting"};
   return k;
@@ -205,6 +205,23 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
   AQ_RETURN_IF_ERROR(get(j, "enable_spatial", &c.enable_spatial, "true or false"));
   AQ_RETURN_IF_ERROR(get(j, "num_time_groups", &c.num_time_groups, "an integer"));
   if (c.num_time_groups < 1) return InvalidConfig(StrCat("num_time_groups must be >= 1, got ", c.num_time_groups));
+  if (auto it = j.find("time_groups"); it != j.end() && !it->is_null()) {
+    const char* expected = "time_groups must be null or a list of non-empty lists of step bins (integers >= 0), "
+                           "ascending and disjoint";
+    if (!it->is_array() || it->empty()) return InvalidConfig(StrCat(expected, "; got ", it->dump()));
+    int last = -1;
+    for (const auto& g : *it) {
+      if (!g.is_array() || g.empty()) return InvalidConfig(StrCat(expected, "; got ", it->dump()));
+      std::vector<int> bins;
+      for (const auto& b : g) {
+        if (!b.is_number_integer() || b.get<int64_t>() <= last || b.get<int64_t>() > 100000)
+          return InvalidConfig(StrCat(expected, "; got ", it->dump()));
+        last = b.get<int>();
+        bins.push_back(last);
+      }
+      c.time_groups.push_back(std::move(bins));
+    }
+  }
   AQ_RETURN_IF_ERROR(get(j, "calibration_samples", &c.calibration_samples, "an integer"));
   if (c.calibration_samples < 1)
     return InvalidConfig(StrCat("calibration_samples must be >= 1, got ", c.calibration_samples));
@@ -233,7 +250,9 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
       {"nonfinite", nonfinite}, {"overwrite", c.overwrite},
       {"modality", c.modality.empty() ? json(nullptr) : json(c.modality)},
       {"enable_time_aware", c.enable_time_aware}, {"enable_spatial", c.enable_spatial},
-      {"num_time_groups", c.num_time_groups}, {"calibration_samples", c.calibration_samples},
+      {"num_time_groups", c.num_time_groups},
+      {"time_groups", c.time_groups.empty() ? json(nullptr) : json(c.time_groups)},
+      {"calibration_samples", c.calibration_samples},
       {"deployment_profile", c.deployment_profile},
       {"calibration_path", c.calibration_path.empty() ? json(nullptr) : json(c.calibration_path)},
       {"gptq_damp", c.gptq_damp}, {"gptq_act_order", c.gptq_act_order},

@@ -51,6 +51,10 @@ struct EngineConfig {
   bool enable_time_aware = true;
   bool enable_spatial = true;
   int num_time_groups = 10;
+  // The timestep groups as lists of step bins, given instead of found from the calibration's
+  // activation ranges (empty: found). Ascending, disjoint bins; every bin the calibration holds
+  // must be in one. calibrate_and_quantize(sequential=True) fixes them before quantizing anything.
+  std::vector<std::vector<int>> time_groups;
   int calibration_samples = 128;
   std::string deployment_profile = "local";
   // Calibration (docs/calibration.md): "" = <model>/calibration.parquet when it exists.

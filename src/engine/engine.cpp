@@ -651,7 +651,11 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
   }
   if (!calib_path.empty()) {
     AQ_ASSIGN_OR_RETURN(CalibrationData data, read_calibration(calib_path));
-    groups_ = group_time_bins(data, cfg_.num_time_groups);
+    if (cfg_.time_groups.empty()) {
+      groups_ = group_time_bins(data, cfg_.num_time_groups);
+    } else {
+      AQ_ASSIGN_OR_RETURN(groups_, given_time_groups(data, cfg_.time_groups));
+    }
     calib_ = std::move(data);
   }
   // Only now, with every header validated, is anything created on disk.
@@ -700,7 +704,9 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
     calibration = {{"path", calib_->path}, {"step_kind", calib_->step_kind},
                    {"step_range", {calib_->step_lo, calib_->step_hi}}, {"num_bins", calib_->num_bins},
                    {"samples", calib_->samples}, {"time_groups", groups},
-                   {"grouping_rule", "adjacent bins with the closest activation ranges merged until num_time_groups remain"},
+                   {"grouping_rule", cfg_.time_groups.empty()
+                                         ? "adjacent bins with the closest activation ranges merged until num_time_groups remain"
+                                         : "given in the config (time_groups)"},
                    {"layers_calibrated", calibrated_layers_}, {"layers_gptq", gptq_layers_},
                    {"activation_bits", cfg_.activation_bits},
                    {"activation_params", activation_rows_.empty() ? json(nullptr) : json(kActivationsFile)},

@@ -373,13 +373,44 @@ Result<CalibrationData> read_calibration(const std::string& path) {
   return d;
 }
 
+namespace {
+
+std::pair<double, double> bin_edges(const CalibrationData& data, int b) {
+  const double w = data.num_bins > 0 ? (data.step_hi - data.step_lo) / data.num_bins : 0.0;
+  return {data.step_lo + w * b, data.step_lo + w * (b + 1)};
+}
+
+}  // namespace
+
+Result<std::vector<TimeGroup>> given_time_groups(const CalibrationData& data, const std::vector<std::vector<int>>& bins) {
+  const std::vector<int> present = data.bins_present();
+  std::set<int> named;
+  std::vector<TimeGroup> groups;
+  for (const auto& g : bins) {
+    TimeGroup out;
+    for (int b : g) {
+      if (b < 0 || b >= data.num_bins)
+        return InvalidConfig(StrCat("time_groups names step bin ", b, " but the calibration ", data.path, " has ",
+                                    data.num_bins, " bins (0 to ", data.num_bins - 1, ")"));
+      named.insert(b);
+      if (std::binary_search(present.begin(), present.end(), b)) out.bins.push_back(b);
+    }
+    if (out.bins.empty()) continue;
+    out.step_lo = bin_edges(data, out.bins.front()).first;
+    out.step_hi = bin_edges(data, out.bins.back()).second;
+    groups.push_back(std::move(out));
+  }
+  for (int b : present)
+    if (!named.count(b))
+      return InvalidConfig(StrCat("time_groups leaves out step bin ", b, ", which the calibration ", data.path,
+                                  " holds; every bin with data must be in one group"));
+  return groups;
+}
+
 std::vector<TimeGroup> group_time_bins(const CalibrationData& data, int num_groups) {
   std::vector<TimeGroup> groups;
   const std::vector<int> bins = data.bins_present();
-  auto bin_edges = [&](int b) {
-    const double w = data.num_bins > 0 ? (data.step_hi - data.step_lo) / data.num_bins : 0.0;
-    return std::make_pair(data.step_lo + w * b, data.step_lo + w * (b + 1));
-  };
+  auto bin_edges = [&](int b) { return aq::bin_edges(data, b); };
   for (int b : bins) {
     const auto [lo, hi] = bin_edges(b);
     groups.push_back({{b}, lo, hi});

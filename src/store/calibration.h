@@ -100,6 +100,11 @@ Result<CalibrationData> read_calibration(const std::string& path);
 // earlier pair. With as many bins as groups (or fewer), each bin is its own group: uniform in t.
 std::vector<TimeGroup> group_time_bins(const CalibrationData& data, int num_groups);
 
+// The given groups of step bins (EngineConfig::time_groups) over the data's bins: each group keeps
+// the bins the data holds, a group left with none is dropped, and a bin the data holds that no
+// group names is an error (as is a bin beyond the data's num_bins).
+Result<std::vector<TimeGroup>> given_time_groups(const CalibrationData& data, const std::vector<std::vector<int>>& bins);
+
 // A layer's Hessians for GPTQ and validation over the given groups.
 //
 // With one Hessian per step bin (hessian_span 1), GPTQ's is sum_g w_g H_g / rows_g and each

@@ -59,6 +59,31 @@ TEST(TimeGroups, MergesTheClosestAdjacentRanges) {
   EXPECT_EQ(g[0].bins, (std::vector<int>{0, 1, 2, 3, 4}));
 }
 
+TEST(TimeGroups, GivenGroupsKeepTheBinsWithDataAndCheckCoverage) {
+  CalibrationData d = make_data({1.0f, 1.05f, 4.0f, 10.0f, 10.2f});
+  d.layers.begin()->second.fit.erase(d.layers.begin()->second.fit.begin() + 1);  // bin 1 has no data
+  auto g = given_time_groups(d, {{0, 1}, {2, 3, 4}});
+  ASSERT_TRUE(g.ok()) << g.status().message();
+  ASSERT_EQ(g->size(), 2u);
+  EXPECT_EQ((*g)[0].bins, std::vector<int>{0});
+  EXPECT_DOUBLE_EQ((*g)[0].step_lo, 0.0);
+  EXPECT_DOUBLE_EQ((*g)[0].step_hi, 200.0);
+  EXPECT_EQ((*g)[1].bins, (std::vector<int>{2, 3, 4}));
+  EXPECT_DOUBLE_EQ((*g)[1].step_lo, 400.0);
+  EXPECT_DOUBLE_EQ((*g)[1].step_hi, 1000.0);
+  // a group whose bins hold no data is dropped
+  g = given_time_groups(d, {{0}, {1}, {2, 3, 4}});
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ(g->size(), 2u);
+  // a bin with data left out, or one beyond num_bins: errors naming the bin
+  g = given_time_groups(d, {{0}, {2, 3}});
+  ASSERT_FALSE(g.ok());
+  EXPECT_NE(g.status().message().find("leaves out step bin 4"), std::string::npos) << g.status().message();
+  g = given_time_groups(d, {{0, 2, 3, 4, 5}});
+  ASSERT_FALSE(g.ok());
+  EXPECT_NE(g.status().message().find("step bin 5"), std::string::npos) << g.status().message();
+}
+
 TEST(TimeGroups, HessiansAreWeightedUniformlyOverGroups) {
   CalibrationData d = make_data({1, 3});
   // group 1 has ten times the rows of group 0: per-group normalisation makes them count alike

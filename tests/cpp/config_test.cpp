@@ -48,7 +48,7 @@ TEST(EngineConfig, reads_every_field) {
                   {"sensitive_patterns", json::array()}, {"sensitive_bit_width", 16}, {"min_tensor_size", 0},
                   {"nonfinite", "keep"}, {"overwrite", true}, {"modality", "audio"}, {"enable_time_aware", false},
                   {"enable_spatial", false}, {"num_time_groups", 4}, {"calibration_samples", 16},
-                  {"deployment_profile", "edge"}};
+                  {"deployment_profile", "edge"}, {"time_groups", json::array({json::array({0, 1}), json::array({3})})}};
   ASSERT_OK_AND_ASSIGN(EngineConfig c, EngineConfig::FromJson(j));
   EXPECT_EQ(c.bit_width, 2);
   EXPECT_EQ(c.group_size, 0);
@@ -72,6 +72,7 @@ TEST(EngineConfig, reads_every_field) {
   EXPECT_TRUE(c.overwrite);
   EXPECT_EQ(c.modality, "audio");
   EXPECT_EQ(c.num_time_groups, 4);
+  EXPECT_EQ(c.time_groups, (std::vector<std::vector<int>>{{0, 1}, {3}}));
   EXPECT_EQ(c.calibration_samples, 16);
   EXPECT_EQ(c.deployment_profile, "edge");
   // the recorded form reads back to itself
@@ -138,6 +139,11 @@ TEST(EngineConfig, rejects_other_out_of_range_values_naming_the_field) {
   expect_rejected({{"scale_method", "mse"}}, "scale_method");
   expect_rejected({{"symmetric", 1}}, "symmetric");
   expect_rejected({{"num_time_groups", 0}}, "num_time_groups");
+  expect_rejected({{"time_groups", json::array({json::array({1, 0})})}}, "time_groups");       // not ascending
+  expect_rejected({{"time_groups", json::array({json::array({0, 1}), json::array({1})})}}, "time_groups");  // overlap
+  expect_rejected({{"time_groups", json::array({json::array()})}}, "time_groups");
+  expect_rejected({{"time_groups", json::array()}}, "time_groups");
+  expect_rejected({{"time_groups", 3}}, "time_groups");
   expect_rejected({{"calibration_samples", 0}}, "calibration_samples");
   expect_rejected({{"components", "unet"}}, "components");
   expect_rejected({{"overwrite", "yes"}}, "overwrite");
