@@ -17,6 +17,11 @@ Stages:
             bin), no fit-split input samples (a weight-only deployment), in passes of at most
             --max-memory-gib of Hessians. Writes WORK/pipeline/transformer/calibration.parquet.
   quantize  arrow_quant_v2 W4 (int4, group 128, GPTQ on the calibration) of WORK/pipeline/transformer.
+  parallel, sequential
+            calibrate_and_quantize with the record stage's options (sequential=False / True) into
+            WORK/w4-parallel, WORK/w4-sequential, then the denoiser's output relative error against
+            full precision on the 10 calls of another run (classes 33 and 812, seed 7), replayed
+            into the transformer holding the output's dequantized weights.
 
 Results: WORK/results.json and a markdown table on stdout (BENCHMARKS.md, "Calibration at scale").
 """
@@ -156,6 +161,73 @@ def quantize(work: str, bits: int) -> dict:
             "warnings": len(r.get("warnings", []))}
 
 
+def calibrate(work: str, runs: int, steps: int, max_memory_gib: float, bits: int, sequential: bool) -> dict:
+    """calibrate_and_quantize on the pipeline (the record stage's recorder options), sequential or
+    not, then the denoiser's output error against full precision on calls of another run (other
+    classes and seed): the transformer's inputs and outputs along the full-precision trajectory,
+    captured first, replayed into the transformer holding the output's dequantized weights."""
+    import torch
+    from diffusers import DiTPipeline
+
+    import arrow_quant_v2 as aq
+    from arrow_quant_v2.calibration import calibrate_and_quantize
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    root = os.path.join(work, "pipeline")
+    pipe = DiTPipeline.from_pretrained(root, torch_dtype=torch.bfloat16)
+    transformer = pipe.transformer
+    evaluation = []
+
+    def keep(mod, args, kwargs, output):
+        evaluation.append((args, kwargs, output[0] if isinstance(output, tuple) else output.sample))
+
+    handle = transformer.register_forward_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        pipe(class_labels=[33, 812], num_inference_steps=steps, generator=torch.Generator().manual_seed(7))
+    handle.remove()
+    classes = [[207, 360], [387, 974], [88, 979], [417, 279]]
+    label = "sequential" if sequential else "parallel"
+    dst = os.path.join(work, f"w{bits}-{label}")
+    if os.path.exists(dst):
+        import shutil
+        shutil.rmtree(dst)
+    cfg = aq.DiffusionQuantConfig(bit_width=bits, group_size=128)
+    t0 = time.time()
+    r = calibrate_and_quantize(pipe, [{"class_labels": c} for c in classes[:runs]], dst, cfg,
+                               num_inference_steps=steps, max_samples=runs * steps, num_bins=10, holdout_every=2,
+                               hessian_bins=1, holdout_hessians=False, input_samples=32, fit_input_samples=0,
+                               max_memory=int(max_memory_gib * 2 ** 30), source_dir=os.path.join(root, "transformer"),
+                               progress_callback=progress_printer(t0), sequential=sequential,
+                               keep_dequantized=sequential, generator=torch.Generator().manual_seed(0))
+    seconds = time.time() - t0
+    peak = peak_rss_gib()
+    if not sequential:  # keep_dequantized is sequential-only: load the output's weights
+        state = aq.load(dst).to_torch_state_dict(dtype=torch.bfloat16)
+        transformer.load_state_dict(state, strict=False)
+        del state
+    num = den = 0.0
+    per_call = []
+    with torch.no_grad():
+        for args, kwargs, ref in evaluation:
+            out = transformer(*args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out.sample
+            e, d = float(((out.float() - ref.float()) ** 2).sum()), float((ref.float() ** 2).sum())
+            num, den = num + e, den + d
+            per_call.append((e / d) ** 0.5)
+    block_linear = [l for l in r["layers"] if l["tensor"].startswith("transformer_blocks.")
+                    and l["tensor"].endswith(".weight") and len(l.get("shape", [0, 0])) == 2
+                    and "embedding_table" not in l["tensor"]]
+    calibrated, groups, methods = layer_summary(block_linear)
+    rec = r["calibration_recording"]
+    return {"sequential": sequential, "seconds": seconds, "peak_rss_gib": peak,
+            "recording_seconds": rec["seconds"], "hook_seconds": rec["hook_seconds"],
+            "quantize_seconds": r["quantization_time_s"], "sequential_detail": rec.get("sequential"),
+            "calibration_bytes": os.path.getsize(rec["path"]), "layers_gptq": r["calibration"]["layers_gptq"],
+            "block_linear_calibrated": len(calibrated), "block_linear_layers": len(block_linear),
+            "methods": methods, "groups": groups, "bits_per_weight": r.get("bits_per_weight"),
+            "denoiser_output_error": (num / den) ** 0.5, "denoiser_output_error_per_call": per_call}
+
+
 def child(stage: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", stage, "--work", args.work, "--runs", str(args.runs),
            "--steps", str(args.steps), "--max-memory-gib", str(args.max_memory_gib), "--bits", str(args.bits)]
@@ -178,7 +250,10 @@ def main() -> None:
     if args.child:
         fn = {"setup": lambda: setup(args.work), "record": lambda: record(args.work, args.runs, args.steps,
                                                                            args.max_memory_gib),
-              "quantize": lambda: quantize(args.work, args.bits)}[args.child]
+              "quantize": lambda: quantize(args.work, args.bits),
+              "parallel": lambda: calibrate(args.work, args.runs, args.steps, args.max_memory_gib, args.bits, False),
+              "sequential": lambda: calibrate(args.work, args.runs, args.steps, args.max_memory_gib, args.bits,
+                                              True)}[args.child]
         print(json.dumps(fn()))
         return
     os.makedirs(args.work, exist_ok=True)
@@ -190,6 +265,20 @@ def main() -> None:
         results[stage]["args"] = {k: getattr(args, k) for k in ("runs", "steps", "max_memory_gib", "bits")}
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+    for label in ("parallel", "sequential"):
+        c = results.get(label)
+        if not c:
+            continue
+        detail = c.get("sequential_detail") or {}
+        print(f"{label}: peak RSS {c['peak_rss_gib']:.2f} GiB, {c['seconds']:.0f} s (recording {c['recording_seconds']:.0f} s"
+              f" of which statistics {c['hook_seconds']:.0f} s" + (f", replays {detail['replay_seconds']:.0f} s, "
+                                                                    f"block quantize {detail['block_quantize_seconds']:.0f} s"
+                                                                    if detail else "")
+              + f"; final quantize {c['quantize_seconds']:.0f} s), calibration {c['calibration_bytes'] / 2 ** 30:.2f} GiB, "
+              f"GPTQ {c['block_linear_calibrated']}/{c['block_linear_layers']} block layers, denoiser output error "
+              f"{c['denoiser_output_error']:.4f} (per call {min(c['denoiser_output_error_per_call']):.4f}-"
+              f"{max(c['denoiser_output_error_per_call']):.4f}), layer medians per group "
+              + " ".join(f"{g['median_rel_error']:.4f}" for g in c["groups"]))
     rec, q = results.get("record"), results.get("quantize")
     print("| figure | value | target |\n|---|---|---|")
     if rec:

@@ -160,3 +160,29 @@ def test_sequential_arguments_are_checked(tmp_path):
         calibrate_and_quantize(SavablePipe(model), RUNS, tmp_path / "q", _config(), num_inference_steps=2,
                                sequential="yes", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_time_groups_in_the_config(tmp_path):
+    cfg = aq.DiffusionQuantConfig(time_groups=[[0, 1], (2, 3)])
+    assert cfg.time_groups == ((0, 1), (2, 3))
+    assert cfg.to_dict()["time_groups"] == [[0, 1], [2, 3]]
+    assert aq.DiffusionQuantConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in ([], [[]], [[1, 0]], [[0, 1], [1, 2]], [[0.5]], "0,1", [[-1]]):
+        with pytest.raises(ConfigurationError, match="time_groups"):
+            aq.DiffusionQuantConfig(time_groups=bad)
+    # the engine takes them over its own grouping, and names a bin left out
+    torch.manual_seed(3)
+    model = PosDiT(32).eval()
+    pipe = SavablePipe(model)
+    r = calibrate_and_quantize(pipe, RUNS, tmp_path / "q", _config(time_groups=[[0], [1, 2, 3]]),
+                               num_inference_steps=4, num_bins=4, progress=False)
+    assert [g["bins"] for g in r["calibration"]["time_groups"]] == [[0], [1, 2, 3]]
+    assert r["calibration"]["grouping_rule"] == "given in the config (time_groups)"
+    src = tmp_path / "src"
+    src.mkdir()
+    pipe.transformer.save_pretrained(str(src))
+    with pytest.raises(ConfigurationError, match=r"time_groups leaves out step bin 3, which the calibration .*q\.calibration\.parquet"):
+        aq.ArrowQuantV2().quantize_diffusion_model(
+            str(src), str(tmp_path / "q2"),
+            _config(time_groups=[[0], [1, 2]], calibration_path=str(tmp_path / "q.calibration.parquet")))
+    assert not (tmp_path / "q2").exists()
