@@ -144,6 +144,28 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_gguf
+
+    r = export_gguf(a.path, a.output, component=a.component, requantize=a.requantize, overwrite=a.overwrite)
+    if a.json:
+        json.dump(r, sys.stdout, indent=2)
+        print()
+        return 0
+    types = ", ".join(f"{n} {t}" for t, n in sorted(r["types"].items()))
+    print(f"wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB, {r['tensors']} tensors: {types}) in {r['seconds']:.1f} s")
+    print(f"  {r['copied']} ggml layers written as stored", end="")
+    if r["requantized"]:
+        print(f"; {len(r['requantized'])} requantized to {a.requantize}", end="")
+    if r["dequantized"]:
+        print(f"; {len(r['dequantized'])} convolution weights written as F16", end="")
+    print()
+    if r["config_dir"]:
+        print(f"  diffusers: Model.from_single_file({r['path']!r}, config={r['config_dir']!r}, "
+              f"quantization_config=GGUFQuantizationConfig(compute_dtype=...))")
+    return 0
+
+
 def cmd_validate(a: argparse.Namespace) -> int:
     r = ArrowQuantV2().validate_quality(a.original, a.quantized, num_threads=a.num_threads or 0)
     if a.json:
@@ -382,6 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--components", nargs="+")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("export", help="write a quantized model's component as GGUF (docs/export.md)")
+    e.add_argument("path", help="the quantized model directory")
+    e.add_argument("output", help="the .gguf file to write")
+    e.add_argument("--component", help="the component to export (default: the denoiser)")
+    e.add_argument("--requantize", metavar="TYPE",
+                   help="encode layers not in a ggml type (affine, entropy, equalized) as this ggml type")
+    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="quantize the built-in default model with every profile")
     d.add_argument("--out", default="demo-output")
