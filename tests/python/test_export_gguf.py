@@ -91,9 +91,11 @@ def test_affine_layers_are_refused_unless_requantized(tmp_path):
 
 def test_diffusers_loads_an_exported_flux_transformer(tmp_path):
     """diffusers' own GGUF loader (from_single_file with GGUFQuantizationConfig) on our file: its
-    forward equals the same architecture holding our dequantized weights to 1e-3 -- diffusers
-    dequantizes the blocks in float16 (d * scale * q rounds each weight to 11 significant bits, a
-    relative 2^-11 = 4.9e-4), measured 6.2e-4 here."""
+    forward equals the same architecture holding our dequantized weights to a relative 5e-3.
+    gguf-py decodes our blocks to exactly our values (test above); diffusers dequantizes them in
+    float16 arithmetic (d * scale, then * q - dmin * min, each rounded to 11 significant bits: up
+    to 2^-11 = 4.9e-4 per weight), which is the whole difference: measured 6.2e-4 (Flux),
+    1.6e-3 (SD3, with its positional table as F16), 7.2e-4 (UNet)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
@@ -123,7 +125,7 @@ def test_diffusers_loads_an_exported_flux_transformer(tmp_path):
         a = loaded(**inputs).sample
         b = ours(**inputs).sample
     err = float((a - b).norm() / b.norm())
-    assert err < 1e-3, err
+    assert err < 5e-3, err
 
 
 def test_export_command(tmp_path, capsys):
@@ -140,3 +142,61 @@ def test_export_command(tmp_path, capsys):
     assert "exists; pass overwrite=True" in capsys.readouterr().err
     assert main(["export", str(out), str(tmp_path / "m.gguf"), "--overwrite", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tensors"] == 5
+
+
+def _diffusers_round_trip(tmp_path, cls, model, inputs, scheme="q4_k"):
+    """Quantizes `model` (saved with save_pretrained), exports it and loads the GGUF with diffusers'
+    loader; returns (relative forward error against our dequantized weights, the export result)."""
+    torch = pytest.importorskip("torch")
+    from diffusers import GGUFQuantizationConfig
+
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    out = tmp_path / "q"
+    aq.ArrowQuantV2().quantize_diffusion_model(
+        src, out, aq.DiffusionQuantConfig(scheme=scheme, enable_fallback=False, sensitive_patterns=[]))
+    r = export_gguf(out, tmp_path / "m.gguf")
+    loaded = cls.from_single_file(str(tmp_path / "m.gguf"), config=r["config_dir"], torch_dtype=torch.float32,
+                                  quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))
+    ours = cls.from_config(model.config).eval()
+    ours.load_state_dict(aq.load(out).to_torch_state_dict(dtype=torch.float32))
+    with torch.no_grad():
+        a, b = loaded(**inputs).sample, ours(**inputs).sample
+    return float((a - b).norm() / b.norm()), r
+
+
+def test_diffusers_loads_an_exported_sd3_transformer(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64,
+                                  num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=256,
+                                  pooled_projection_dim=256, out_channels=4, pos_embed_max_size=16).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, 256, generator=g),
+                  pooled_projections=torch.randn(1, 256, generator=g), timestep=torch.tensor([500.0]))
+    err, r = _diffusers_round_trip(tmp_path, SD3Transformer2DModel, model, inputs)
+    # the positional table (1, 256, 256) is 3-D: written F16; the patch embedding (16 wide) is kept
+    assert r["copied"] > 0 and r["dequantized"] == ["pos_embed.pos_embed"]
+    assert err < 5e-3, err
+
+
+def test_diffusers_loads_an_exported_unet(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                 block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=256,
+                                 attention_head_dim=8, norm_num_groups=32).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 8, 256, generator=g))
+    err, r = _diffusers_round_trip(tmp_path, UNet2DConditionModel, model, inputs)
+    assert r["copied"] > 0 and len(r["dequantized"]) > 0  # 3x3 convolutions written F16
+    assert err < 5e-3, err
