@@ -21,8 +21,8 @@ echo "==> Python tests"
 # tests run rather than skip. 2.13.0 is the CPU build this machine kind keeps on disk.
 # gguf (gguf-py) and ggml-python: the independent decoders (and llama.cpp's encoder) that the
 # ggml-scheme tests hold our bytes against. ggml-python builds ggml from source the first time
-# (about a minute; pip caches the wheel). diffusers (pure Python): the consumer whose own GGUF
-# loader the export tests load our files with.
+# (about a minute; pip caches the wheel). diffusers and compressed-tensors (pure Python): the
+# consumers whose own loader and decompressor the export tests read our files with.
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" "gguf>=0.10" "ggml-python>=0.0.40" \
-  "diffusers==0.42.1" 2>&1 | grep -v "^WARNING: Location" || true
+  "diffusers==0.42.1" "compressed-tensors==0.20.0" 2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -m pytest -q tests/python "$@"

@@ -23,7 +23,7 @@ from . import _core
 from ._progress import ProgressAdapter, format_eta
 from .api import ArrowQuantV2
 from .config import BIT_WIDTHS, GGML_TYPES, GROUP_SIZES, MODALITIES, PROFILES, SCHEMES, DiffusionQuantConfig
-from .errors import ArrowQuantError
+from .errors import ArrowQuantError, ConfigurationError
 
 
 class _Progress:
@@ -145,8 +145,20 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .export import export_gguf
+    from .export import export_compressed_tensors, export_gguf
 
+    if a.to == "compressed-tensors":
+        if a.requantize:
+            raise ConfigurationError("--requantize applies to --to gguf")
+        r = export_compressed_tensors(a.path, a.output, component=a.component, overwrite=a.overwrite)
+        if a.json:
+            json.dump(r, sys.stdout, indent=2)
+            print()
+        else:
+            groups = ", ".join(f"{n} {k}" for k, n in sorted(r["groups"].items()))
+            print(f"wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB, {r['packed']} packed layers: {groups}) "
+                  f"in {r['seconds']:.1f} s")
+        return 0
     r = export_gguf(a.path, a.output, component=a.component, requantize=a.requantize, overwrite=a.overwrite)
     if a.json:
         json.dump(r, sys.stdout, indent=2)
@@ -405,9 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
-    e = sub.add_parser("export", help="write a quantized model's component as GGUF (docs/export.md)")
+    e = sub.add_parser("export", help="write a quantized model's component as GGUF or a compressed-tensors "
+                                      "checkpoint (docs/export.md)")
     e.add_argument("path", help="the quantized model directory")
-    e.add_argument("output", help="the .gguf file to write")
+    e.add_argument("output", help="the .gguf file (or, with --to compressed-tensors, the directory) to write")
+    e.add_argument("--to", choices=("gguf", "compressed-tensors"), default="gguf")
     e.add_argument("--component", help="the component to export (default: the denoiser)")
     e.add_argument("--requantize", metavar="TYPE",
                    help="encode layers not in a ggml type (affine, entropy, equalized) as this ggml type")

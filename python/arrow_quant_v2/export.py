@@ -1,4 +1,5 @@
-"""Export of a quantized model to GGUF (docs/export.md), written with gguf-py.
+"""Export of a quantized model to GGUF (docs/export.md), written with gguf-py, and to
+compressed-tensors checkpoints (pack-quantized), as vLLM and transformers read them.
 
 Layers stored in a ggml block type are written as their stored bytes: a change of container, no
 requantization. Kept tensors follow what GGUF consumers expect: 1-D tensors and tensors of at most
@@ -206,3 +207,126 @@ def _tensor_data(model: Any, e: Dict[str, Any], gguf: Any) -> np.ndarray:
         bits = np.frombuffer(t.packed().codes, dtype="<u2")
         return bits.reshape(e["shape"] or (1,))
     return t.numpy().astype(np.float16 if e["type"] == "F16" else np.float32).reshape(e["shape"] or (1,))
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed-tensors
+# ---------------------------------------------------------------------------------------------
+
+def export_compressed_tensors(quant_dir: PathLike, out_dir: PathLike, component: Optional[str] = None,
+                              overwrite: bool = False) -> Dict[str, Any]:
+    """Writes one component of the quantized model at ``quant_dir`` as a compressed-tensors
+    checkpoint directory (``format: pack-quantized``): every layer in symmetric affine codes of 2
+    to 8 bits becomes ``<layer>.weight_packed`` (int32: the codes ``q + 2^(bits-1)``, packed
+    little-endian along the row -- our code stream itself), ``<layer>.weight_scale`` (float32, per
+    group or per row, so that compressed-tensors' ``q * scale`` gives our weight exactly) and
+    ``<layer>.weight_shape``; kept tensors are written as they are; config.json gets a
+    ``quantization_config`` with one config group per (bits, group size) naming its layers. Other
+    quantized layers (asymmetric codes, whose zero points are values, not integer codes; ggml and
+    entropy schemes; rotated or equalized layers; rows whose codes do not fill whole int32 words)
+    are an error naming them. Returns ``path``, ``component``, ``tensors``, ``packed``, ``groups``
+    (the config groups), ``bytes`` and ``seconds``."""
+    import json
+    import shutil
+    import tempfile
+
+    from .safetensors_writer import write_safetensors
+
+    t0 = time.perf_counter()
+    model = load(quant_dir)
+    comp = _pick_component(model, component)
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise ConfigurationError(f"{out_dir} exists; pass overwrite=True to replace it")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        raise ConfigurationError(f"{out_dir}: the directory {parent} does not exist")
+    src_dir = os.path.join(model.path, comp) if comp else model.path
+    if not os.path.exists(os.path.join(src_dir, "config.json")):
+        raise ConfigurationError(f"{src_dir}: no config.json (compressed-tensors keeps its quantization_config there)")
+    prefix = len(comp) + 1 if comp else 0
+
+    specs: List[Any] = []
+    makers: Dict[str, Any] = {}
+    refused: List[str] = []
+    groups: Dict[str, Dict[str, Any]] = {}
+    packed_layers = 0
+    for q in model.tensor_names(comp):
+        t = model[q]
+        name = q[prefix:]
+        shape = [int(d) for d in t.shape]
+        if not t.quantized:
+            if t.dtype not in ("F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"):
+                raise ConfigurationError(f"{model.path}: tensor {name!r} is {t.dtype}; not written by this export")
+            specs.append((name, t.dtype, shape))
+            makers[name] = (lambda t=t: t.numpy())
+            continue
+        p = t.packed()
+        rows, cols = (shape[0], int(np.prod(shape[1:]))) if len(shape) >= 2 else (1, shape[0] if shape else 1)
+        why = None
+        if t.info.get("scheme_kind") != "affine":
+            why = f"scheme {t.scheme}"
+        elif not p.symmetric:
+            why = "asymmetric codes (zero points are values, not integer codes)"
+        elif p.input_scale is not None:
+            why = "equalized (its stored weight needs an input scale)"
+        elif t.info.get("rotation", 1) > 1:
+            why = "rotated"
+        elif len(shape) != 2 or not name.endswith(".weight"):
+            why = "not a 2-D layer weight"
+        elif (cols * p.bits) % 32:
+            why = f"rows of {cols} {p.bits}-bit codes do not fill whole int32 words"
+        if why:
+            refused.append(f"{name} ({why})")
+            continue
+        layer = name[: -len(".weight")]
+        gsize = p.group_size or 0
+        key = f"int{p.bits}_{'g' + str(gsize) if gsize else 'channel'}"
+        g = groups.setdefault(key, {"targets": [], "weights": {
+            "num_bits": p.bits, "type": "int", "symmetric": True, "dynamic": False,
+            "strategy": "group" if gsize else "channel", "group_size": gsize or None},
+            "input_activations": None, "output_activations": None})
+        g["targets"].append(layer)
+        words = cols * p.bits // 32
+        ngroups = cols // gsize if gsize else 1
+        specs += [(f"{layer}.weight_packed", "I32", [rows, words]), (f"{layer}.weight_scale", "F32", [rows, ngroups]),
+                  (f"{layer}.weight_shape", "I64", [2])]
+        makers[f"{layer}.weight_packed"] = (lambda t=t, rows=rows, words=words: np.frombuffer(
+            t.packed().codes, dtype="<i4").reshape(rows, words))
+        makers[f"{layer}.weight_scale"] = (lambda t=t, rows=rows, ngroups=ngroups: t.packed().scales.astype(
+            np.float32).reshape(rows, ngroups))
+        makers[f"{layer}.weight_shape"] = (lambda rows=rows, cols=cols: np.array([rows, cols], np.int64))
+        packed_layers += 1
+    if refused:
+        more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
+        raise ConfigurationError(
+            f"{model.path}: {len(refused)} quantized layers cannot be written as compressed-tensors pack-quantized: "
+            f"{', '.join(refused[:8])}{more}. Quantize with scheme='affine', symmetric=True, rotate=False and "
+            f"enable_spatial=False")
+
+    with open(os.path.join(src_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": g for i, (_, g) in enumerate(sorted(groups.items()))}, "ignore": [],
+        "kv_cache_scheme": None}
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir.rstrip(os.sep))}.arrowquant-tmp-", dir=parent)
+    try:
+        for f in os.listdir(src_dir):  # the component's other files (tokenizer, generation config, ...)
+            full = os.path.join(src_dir, f)
+            if os.path.isfile(full) and f != "config.json" and not f.endswith((".safetensors", ".parquet")) \
+                    and f not in ("manifest.json", "model.safetensors.index.json"):
+                shutil.copy2(full, os.path.join(tmp, f))
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        size = write_safetensors(os.path.join(tmp, "model.safetensors"), specs, lambda n: makers[n](),
+                                 metadata={"format": "pt"})
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"path": out_dir, "component": comp, "tensors": len(specs), "packed": packed_layers,
+            "groups": {k: len(g["targets"]) for k, g in groups.items()}, "bytes": size,
+            "seconds": time.perf_counter() - t0}
