@@ -115,11 +115,11 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
             entry["kind"] = "float"
             entry["type"] = "F32" if small or t.dtype in ("F32", "F64") else t.dtype
         else:
-            p = t.packed()
-            equalized = p.input_scale is not None
-            if p.ggml_type and not equalized and len(shape) == 2:
-                entry["kind"], entry["type"] = "copy", p.ggml_type
-            elif p.ggml_type and not equalized:
+            ggml_type = t.info.get("ggml_type")  # from the metadata columns: no codes read while planning
+            equalized = bool(t.info.get("equalized"))
+            if ggml_type and not equalized and len(shape) == 2:
+                entry["kind"], entry["type"] = "copy", ggml_type
+            elif ggml_type and not equalized:
                 entry["kind"], entry["type"] = "dequantize", "F16"
             elif requantize is not None:
                 cols = int(np.prod(shape[1:]))
@@ -261,33 +261,33 @@ def export_compressed_tensors(quant_dir: PathLike, out_dir: PathLike, component:
             specs.append((name, t.dtype, shape))
             makers[name] = (lambda t=t: t.numpy())
             continue
-        p = t.packed()
+        info = t.info  # the metadata columns: no codes read while planning
+        bits, gsize = info.get("bits"), info.get("group_size") or 0
         rows, cols = (shape[0], int(np.prod(shape[1:]))) if len(shape) >= 2 else (1, shape[0] if shape else 1)
         why = None
-        if t.info.get("scheme_kind") != "affine":
+        if info.get("scheme_kind") != "affine":
             why = f"scheme {t.scheme}"
-        elif not p.symmetric:
+        elif not info.get("symmetric"):
             why = "asymmetric codes (zero points are values, not integer codes)"
-        elif p.input_scale is not None:
+        elif info.get("equalized"):
             why = "equalized (its stored weight needs an input scale)"
         elif t.info.get("rotation", 1) > 1:
             why = "rotated"
         elif len(shape) != 2 or not name.endswith(".weight"):
             why = "not a 2-D layer weight"
-        elif (cols * p.bits) % 32:
-            why = f"rows of {cols} {p.bits}-bit codes do not fill whole int32 words"
+        elif (cols * bits) % 32:
+            why = f"rows of {cols} {bits}-bit codes do not fill whole int32 words"
         if why:
             refused.append(f"{name} ({why})")
             continue
         layer = name[: -len(".weight")]
-        gsize = p.group_size or 0
-        key = f"int{p.bits}_{'g' + str(gsize) if gsize else 'channel'}"
+        key = f"int{bits}_{'g' + str(gsize) if gsize else 'channel'}"
         g = groups.setdefault(key, {"targets": [], "weights": {
-            "num_bits": p.bits, "type": "int", "symmetric": True, "dynamic": False,
+            "num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
             "strategy": "group" if gsize else "channel", "group_size": gsize or None},
             "input_activations": None, "output_activations": None})
         g["targets"].append(layer)
-        words = cols * p.bits // 32
+        words = cols * bits // 32
         ngroups = cols // gsize if gsize else 1
         specs += [(f"{layer}.weight_packed", "I32", [rows, words]), (f"{layer}.weight_scale", "F32", [rows, ngroups]),
                   (f"{layer}.weight_shape", "I64", [2])]

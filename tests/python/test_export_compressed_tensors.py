@@ -72,7 +72,12 @@ def test_layers_compressed_tensors_cannot_hold_are_named(tmp_path):
         bit_width=4, group_size=32, enable_fallback=False, min_tensor_size=0))
     with pytest.raises(ConfigurationError, match=r"up_proj\.weight \(asymmetric codes"):
         export_compressed_tensors(out, tmp_path / "ct")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "src"]
+    rotated = tmp_path / "r"
+    aq.ArrowQuantV2().quantize_diffusion_model(src, rotated, aq.DiffusionQuantConfig(
+        bit_width=4, group_size=32, symmetric=True, rotate=True, enable_fallback=False, min_tensor_size=0))
+    with pytest.raises(ConfigurationError, match=r"up_proj\.weight \(rotated\)"):
+        export_compressed_tensors(rotated, tmp_path / "ct")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "r", "src"]
 
 
 def test_export_command_to_compressed_tensors(tmp_path, capsys):
