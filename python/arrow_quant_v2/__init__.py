@@ -25,11 +25,11 @@ from .errors import (
 from .loader import QuantizedModel, QuantizedTensor, load
 
 
-def export_gguf(quant_dir, out_path, component=None, requantize=None, overwrite=False):
+def export_gguf(quant_dir, out_path, **kwargs):
     """Writes one component of a quantized model as GGUF (see :func:`arrow_quant_v2.export.export_gguf`)."""
     from .export import export_gguf as _export
 
-    return _export(quant_dir, out_path, component=component, requantize=requantize, overwrite=overwrite)
+    return _export(quant_dir, out_path, **kwargs)
 
 __version__ = "0.1.0"
 FORMAT_VERSION = _core.FORMAT_VERSION

@@ -159,7 +159,8 @@ def cmd_export(a: argparse.Namespace) -> int:
             print(f"wrote {r['path']} ({r['bytes'] / 1e6:.1f} MB, {r['packed']} packed layers: {groups}) "
                   f"in {r['seconds']:.1f} s")
         return 0
-    r = export_gguf(a.path, a.output, component=a.component, requantize=a.requantize, overwrite=a.overwrite)
+    r = export_gguf(a.path, a.output, component=a.component, requantize=a.requantize, overwrite=a.overwrite,
+                    arch=a.arch)
     if a.json:
         json.dump(r, sys.stdout, indent=2)
         print()
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--component", help="the component to export (default: the denoiser)")
     e.add_argument("--requantize", metavar="TYPE",
                    help="encode layers not in a ggml type (affine, entropy, equalized) as this ggml type")
+    e.add_argument("--arch", choices=("diffusers", "dream", "llada"),
+                   help="GGUF layout: source names (diffusers), or llama.cpp's for a diffusion LM; default: "
+                        "detected from config.json")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_export)

@@ -75,20 +75,55 @@ def _requantize_type(path: str, name: str, cols: int, scheme: str) -> str:
     return "IQ4_NL" if scheme in ("q4_k", "q3_k", "q2_k", "iq4_xs") else "Q8_0"
 
 
+LM_ARCHS = ("dream", "llada")  # diffusion LMs: llama.cpp's names, hyper-parameters and tokenizer
+
+
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+    import json
+
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _detect_arch(config: Optional[Dict[str, Any]]) -> str:
+    if not config:
+        return "diffusers"
+    kind = str(config.get("model_type", "")).lower()
+    names = " ".join(config.get("architectures") or []).lower()
+    for arch in LM_ARCHS:
+        if kind.startswith(arch) or arch in names:
+            return arch
+    return "diffusers"
+
+
 def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str] = None,
-                requantize: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
+                requantize: Optional[str] = None, overwrite: bool = False,
+                arch: Optional[str] = None, tokenizer_pre: str = "qwen2") -> Dict[str, Any]:
     """Writes one component of the quantized model at ``quant_dir`` (default: the denoiser) to the
-    GGUF file ``out_path``, under its source tensor names. Returns ``path``, ``component``,
-    ``tensors``, ``bytes``, ``seconds``, ``types`` (tensors per GGUF type), ``copied`` (ggml layers
-    written as stored), ``requantized`` and ``dequantized`` (the names), and ``config_dir`` (the
-    component's directory holding config.json, for loaders that need it, or None)."""
+    GGUF file ``out_path``. ``arch``: ``"diffusers"`` keeps the source tensor names (image, video
+    and audio denoisers); ``"dream"`` or ``"llada"`` writes a diffusion LM as llama.cpp reads it
+    (its tensor names, hyper-parameters from config.json, non-causal attention, the tokenizer of
+    tokenizer.json with ``tokenizer_pre`` as its pre-tokenizer, the mask token id); None detects
+    it from config.json's ``model_type`` / ``architectures``. Returns ``path``, ``component``,
+    ``arch``, ``tensors``, ``bytes``, ``seconds``, ``types`` (tensors per GGUF type), ``copied``
+    (ggml layers written as stored), ``requantized`` and ``dequantized`` (the names), and
+    ``config_dir`` (the component's directory holding config.json, for loaders that need it, or
+    None)."""
     gguf = _gguf()
     if requantize is not None and requantize not in GGML_EXPORT_TYPES:
         raise ConfigurationError(f"requantize must be None or a ggml type ({', '.join(GGML_EXPORT_TYPES)}); "
                                  f"got {requantize!r}")
+    if arch is not None and arch not in ("diffusers",) + LM_ARCHS:
+        raise ConfigurationError(f"arch must be None (detect), 'diffusers', 'dream' or 'llada'; got {arch!r}")
     t0 = time.perf_counter()
     model = load(quant_dir)
     comp = _pick_component(model, component)
+    cfg_dir = os.path.join(model.path, comp) if comp else model.path
+    config = _read_json(os.path.join(cfg_dir, "config.json"))
+    arch = arch or _detect_arch(config)
+    rename = (lambda n: n) if arch == "diffusers" else _llama_names(gguf, arch, config, model.path)
     out_path = os.fspath(out_path)
     if os.path.exists(out_path) and not overwrite:
         raise ConfigurationError(f"{out_path} exists; pass overwrite=True to replace it")
@@ -106,7 +141,7 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
         name = q[prefix:]
         shape = tuple(int(d) for d in t.shape)
         numel = int(np.prod(shape)) if shape else 1
-        entry: Dict[str, Any] = {"q": q, "name": name, "shape": shape}
+        entry: Dict[str, Any] = {"q": q, "name": rename(name), "shape": shape}
         if not t.quantized:
             if t.dtype not in ("F32", "F16", "BF16", "F64"):
                 raise ConfigurationError(f"{model.path}: tensor {name!r} is {t.dtype}; GGUF export writes float "
@@ -140,11 +175,14 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
 
     types = {e["type"]: getattr(gguf.GGMLQuantizationType, e["type"]) for e in plan}
     tmp = f"{out_path}.tmp-{os.getpid()}"
-    writer = gguf.GGUFWriter(tmp, arch="diffusers")  # consumers of diffusers-named files read tensors only
-    result: Dict[str, Any] = {"path": out_path, "component": comp, "tensors": len(plan), "types": {},
+    # consumers of diffusers-named files read the tensors only; llama.cpp reads the architecture's keys
+    writer = gguf.GGUFWriter(tmp, arch=arch)
+    result: Dict[str, Any] = {"path": out_path, "component": comp, "arch": arch, "tensors": len(plan), "types": {},
                               "copied": 0, "requantized": [], "dequantized": []}
     try:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if arch in LM_ARCHS:
+            _add_lm_metadata(gguf, writer, config, cfg_dir, tokenizer_pre)
         manifest = model.manifest
         writer.add_string("arrowquant.source", str(manifest.get("source", "")))
         writer.add_string("arrowquant.component", comp)
@@ -184,11 +222,78 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
-    cfg_dir = os.path.join(model.path, comp) if comp else model.path
-    result["config_dir"] = cfg_dir if os.path.exists(os.path.join(cfg_dir, "config.json")) else None
+    result["config_dir"] = cfg_dir if config is not None else None
     result["bytes"] = os.path.getsize(out_path)
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _llama_names(gguf: Any, arch: str, config: Optional[Dict[str, Any]], where: str):
+    """Source (Hugging Face) tensor name -> llama.cpp's, by gguf-py's own name map of the arch."""
+    if not config or "num_hidden_layers" not in config:
+        raise ConfigurationError(f"{where}: arch {arch!r} needs the model's config.json (num_hidden_layers, "
+                                 f"hidden_size, ...) beside its weights")
+    table = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), int(config["num_hidden_layers"]))
+
+    def rename(name: str) -> str:
+        mapped = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise ConfigurationError(f"{where}: tensor {name!r} has no llama.cpp name in the {arch!r} architecture")
+        return mapped
+
+    return rename
+
+
+def _add_lm_metadata(gguf: Any, writer: Any, config: Dict[str, Any], cfg_dir: str, tokenizer_pre: str) -> None:
+    """llama.cpp's keys for a diffusion LM: hyper-parameters, non-causal attention, the BPE
+    tokenizer of tokenizer.json (tokens by id, types, merges, special ids) and the mask token."""
+    def need(key: str) -> Any:
+        if key not in config:
+            raise ConfigurationError(f"{cfg_dir}/config.json has no {key!r} (llama.cpp needs it)")
+        return config[key]
+
+    writer.add_context_length(int(config.get("max_position_embeddings", 4096)))
+    writer.add_embedding_length(int(need("hidden_size")))
+    writer.add_block_count(int(need("num_hidden_layers")))
+    writer.add_feed_forward_length(int(need("intermediate_size")))
+    heads = int(need("num_attention_heads"))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads", heads)))
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_causal_attention(False)
+    tok = _read_json(os.path.join(cfg_dir, "tokenizer.json"))
+    if tok is None or (tok.get("model") or {}).get("type") != "BPE":
+        raise ConfigurationError(f"{cfg_dir}: a diffusion LM's GGUF needs its BPE tokenizer.json beside the weights")
+    vocab: Dict[str, int] = dict(tok["model"]["vocab"])
+    added = {a["content"]: a for a in tok.get("added_tokens", [])}
+    for content, a in added.items():
+        vocab[content] = int(a["id"])
+    n = max(int(config.get("vocab_size", 0)), max(vocab.values()) + 1)
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(n):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif t in added:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL if added[t].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(t)
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer_pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(cfg_dir, load_merges=True, n_vocab=n)
+    if not special.merges:
+        raise ConfigurationError(f"{cfg_dir}/tokenizer.json has no merges (llama.cpp's BPE tokenizer needs them)")
+    mask = config.get("mask_token_id")
+    if mask is not None:  # the model's own (Dream's config.json), over a tokenizer's
+        special.special_token_ids["mask"] = int(mask)
+    special.add_to_gguf(writer, quiet=True)
 
 
 def _tensor_data(model: Any, e: Dict[str, Any], gguf: Any) -> np.ndarray:

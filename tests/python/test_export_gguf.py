@@ -200,3 +200,78 @@ def test_diffusers_loads_an_exported_unet(tmp_path):
     err, r = _diffusers_round_trip(tmp_path, UNet2DConditionModel, model, inputs)
     assert r["copied"] > 0 and len(r["dequantized"]) > 0  # 3x3 convolutions written F16
     assert err < 5e-3, err
+
+
+def _dream_checkpoint(root, rng):
+    """A Dream-architecture checkpoint (Qwen2 layout, Hugging Face names), with a byte-level BPE
+    tokenizer.json trained here."""
+    tokenizers = pytest.importorskip("tokenizers")
+    d, ff, layers, vocab = 256, 512, 2, 320
+    arrays = {"model.embed_tokens.weight": rng.normal(0, 0.02, (vocab, d)), "model.norm.weight": np.ones(d),
+              "lm_head.weight": rng.normal(0, 0.02, (vocab, d))}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n, shape in (("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (d // 2, d)), ("self_attn.v_proj", (d // 2, d)),
+                         ("self_attn.o_proj", (d, d)), ("mlp.gate_proj", (ff, d)), ("mlp.up_proj", (ff, d)),
+                         ("mlp.down_proj", (d, ff))):
+            arrays[p + n + ".weight"] = rng.normal(0, 0.02, shape)
+        for n in ("q_proj", "k_proj", "v_proj"):
+            arrays[p + f"self_attn.{n}.bias"] = rng.normal(0, 0.02, arrays[p + f"self_attn.{n}.weight"].shape[:1])
+        arrays[p + "input_layernorm.weight"] = np.ones(d)
+        arrays[p + "post_attention_layernorm.weight"] = np.ones(d)
+    src = root / "dream"
+    src.mkdir()
+    write_model_file(src / "model.safetensors", {k: v.astype(np.float32) for k, v in arrays.items()})
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|mask|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50 + ["diffusion models denoise"] * 50,
+                            trainer=trainer)
+    tok.save(str(src / "tokenizer.json"))
+    mask_id = tok.token_to_id("<|mask|>")
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["DreamModel"], "model_type": "Dream", "hidden_size": d, "num_hidden_layers": layers,
+        "intermediate_size": ff, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "max_position_embeddings": 128, "vocab_size": vocab, "mask_token_id": mask_id,
+        "bos_token_id": tok.token_to_id("<|endoftext|>"), "eos_token_id": tok.token_to_id("<|endoftext|>")}))
+    return arrays, src, tok
+
+
+def test_a_dream_model_is_written_as_llama_cpp_reads_it(tmp_path):
+    rng = np.random.default_rng(5)
+    arrays, src, tok = _dream_checkpoint(tmp_path, rng)
+    out = tmp_path / "q"
+    aq.ArrowQuantV2().quantize_diffusion_model(src, out, aq.DiffusionQuantConfig(scheme="q4_k", enable_fallback=False))
+    r = export_gguf(out, tmp_path / "dream.gguf")  # arch detected from config.json
+    assert r["arch"] == "dream"
+    reader = gguf.GGUFReader(tmp_path / "dream.gguf")
+    f = {k: v.contents() for k, v in reader.fields.items()}
+    assert f["general.architecture"] == "dream"
+    assert f["dream.block_count"] == 2 and f["dream.embedding_length"] == 256
+    assert f["dream.feed_forward_length"] == 512 and f["dream.attention.head_count_kv"] == 2
+    assert f["dream.attention.causal"] is False and f["dream.rope.freq_base"] == 1000000.0
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "qwen2"
+    tokens = f["tokenizer.ggml.tokens"]
+    word = tok.id_to_token(299)  # the trainer's last merge
+    assert len(tokens) == 320 and tokens[299] == word and tokens[310] == "[PAD310]"
+    types = f["tokenizer.ggml.token_type"]
+    assert types[tok.token_to_id("<|mask|>")] == gguf.TokenType.CONTROL and types[310] == gguf.TokenType.UNUSED
+    assert len(f["tokenizer.ggml.merges"]) > 0
+    assert f["tokenizer.ggml.mask_token_id"] == tok.token_to_id("<|mask|>")
+    assert f["tokenizer.ggml.eos_token_id"] == tok.token_to_id("<|endoftext|>")
+    names = {t.name: t for t in reader.tensors}
+    expected = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{n}" for i in range(2) for n in (
+            "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
+            "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "attn_norm.weight",
+            "ffn_norm.weight")}
+    assert set(names) == expected
+    q = aq.load(out)
+    assert bytes(names["blk.1.ffn_down.weight"].data.tobytes()) == q["model.layers.1.mlp.down_proj.weight"].packed().codes
+    with pytest.raises(ConfigurationError, match="arch .dream. needs the model.s config.json"):
+        export_gguf(aq.ArrowQuantV2().quantize_diffusion_model(
+            _small_model(tmp_path, rng)[1], tmp_path / "img", aq.DiffusionQuantConfig(scheme="q4_k"))["quantized_path"],
+            tmp_path / "x.gguf", arch="dream")
