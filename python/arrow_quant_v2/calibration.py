@@ -1641,12 +1641,8 @@ def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathL
     tmp = None
     try:
         if source_dir is None:
-            if not hasattr(denoiser, "save_pretrained"):
-                raise ConfigurationError(f"calibrate_and_quantize: {type(denoiser).__name__} has no save_pretrained; "
-                                         f"pass source_dir= (its checkpoint directory)")
             tmp = tempfile.mkdtemp(prefix=".aq-denoiser-", dir=parent)
-            denoiser.save_pretrained(tmp)
-            source_dir = tmp
+            source_dir = _save_denoiser(denoiser, tmp)
         config.calibration_path = os.fspath(calibration_path)
         quant_cb = stage("quantization", 0.5, 1.0)
         result = ArrowQuantV2().quantize_diffusion_model(source_dir, output_path, config, progress_callback=quant_cb)
@@ -1655,6 +1651,15 @@ def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathL
             shutil.rmtree(tmp, ignore_errors=True)
     result["calibration_recording"] = recording
     return result
+
+
+def _save_denoiser(denoiser: "nn.Module", path: str) -> str:
+    """``denoiser.save_pretrained(path)`` (the checkpoint calibrate_and_quantize quantizes); returns path."""
+    if not hasattr(denoiser, "save_pretrained"):
+        raise ConfigurationError(f"calibrate_and_quantize: {type(denoiser).__name__} has no save_pretrained; "
+                                 f"pass source_dir= (its checkpoint directory)")
+    denoiser.save_pretrained(path)
+    return path
 
 
 def _sequential_units(model: "nn.Module", names: Sequence[str]) -> Dict[str, Optional[str]]:
@@ -1769,12 +1774,9 @@ def _sequential_quantize(pipe: Any, denoiser: "nn.Module", runs: List[Any], num_
     bar = None
     try:
         if source_dir is None:
-            if not hasattr(denoiser, "save_pretrained"):
-                raise ConfigurationError(f"calibrate_and_quantize: {type(denoiser).__name__} has no save_pretrained; "
-                                         f"pass source_dir= (its checkpoint directory)")
             source_dir = os.path.join(work, "denoiser")
             os.makedirs(source_dir)
-            denoiser.save_pretrained(source_dir)
+            _save_denoiser(denoiser, source_dir)
         source_dir = os.fspath(source_dir)
         index = _safetensors_index(source_dir)
 

@@ -45,6 +45,17 @@ def _gguf():
     return gguf
 
 
+def _check_output(path: PathLike, overwrite: bool) -> "tuple[str, str]":
+    """The output path and its directory, checked before anything is read or written."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise ConfigurationError(f"{path} exists; pass overwrite=True to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigurationError(f"{path}: the directory {parent} does not exist")
+    return path, parent
+
+
 def _pick_component(model: Any, component: Optional[str]) -> str:
     comps = model.components
     if component is not None:
@@ -124,12 +135,7 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
     config = _read_json(os.path.join(cfg_dir, "config.json"))
     arch = arch or _detect_arch(config)
     rename = (lambda n: n) if arch == "diffusers" else _llama_names(gguf, arch, config, model.path)
-    out_path = os.fspath(out_path)
-    if os.path.exists(out_path) and not overwrite:
-        raise ConfigurationError(f"{out_path} exists; pass overwrite=True to replace it")
-    parent = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(parent):
-        raise ConfigurationError(f"{out_path}: the directory {parent} does not exist")
+    out_path, parent = _check_output(out_path, overwrite)
     names = model.tensor_names(comp)
     prefix = len(comp) + 1 if comp else 0
 
@@ -340,12 +346,7 @@ def export_compressed_tensors(quant_dir: PathLike, out_dir: PathLike, component:
     t0 = time.perf_counter()
     model = load(quant_dir)
     comp = _pick_component(model, component)
-    out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise ConfigurationError(f"{out_dir} exists; pass overwrite=True to replace it")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.path.isdir(parent):
-        raise ConfigurationError(f"{out_dir}: the directory {parent} does not exist")
+    out_dir, parent = _check_output(out_dir, overwrite)
     src_dir = os.path.join(model.path, comp) if comp else model.path
     if not os.path.exists(os.path.join(src_dir, "config.json")):
         raise ConfigurationError(f"{src_dir}: no config.json (compressed-tensors keeps its quantization_config there)")
