@@ -56,6 +56,13 @@ def _check_output(path: PathLike, overwrite: bool) -> "tuple[str, str]":
     return path, parent
 
 
+def _refuse(path: str, refused: List[str], what: str, advice: str) -> None:
+    """Raises, naming the first layers of ``refused`` (and how many more), when there are any."""
+    if refused:
+        more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
+        raise ConfigurationError(f"{path}: {len(refused)} {what}: {', '.join(refused[:8])}{more}. {advice}")
+
+
 def _pick_component(model: Any, component: Optional[str]) -> str:
     comps = model.components
     if component is not None:
@@ -172,12 +179,9 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
                 why = "equalized (its stored weight needs an input scale)" if equalized else f"scheme {t.scheme}"
                 refused.append(f"{name} ({why})")
         plan.append(entry)
-    if refused:
-        more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
-        raise ConfigurationError(
-            f"{model.path}: {len(refused)} layers are not in a ggml block type GGUF can hold as stored: "
-            f"{', '.join(refused[:8])}{more}. Quantize with a ggml scheme (scheme='q4_k', ...; "
-            f"enable_spatial=False keeps layers unequalized), or pass requantize='q4_k' (decode and encode again)")
+    _refuse(model.path, refused, "layers are not in a ggml block type GGUF can hold as stored",
+            "Quantize with a ggml scheme (scheme='q4_k', ...; enable_spatial=False keeps layers unequalized), or "
+            "pass requantize='q4_k' (decode and encode again)")
 
     types = {e["type"]: getattr(gguf.GGMLQuantizationType, e["type"]) for e in plan}
     tmp = f"{out_path}.tmp-{os.getpid()}"
@@ -403,12 +407,8 @@ def export_compressed_tensors(quant_dir: PathLike, out_dir: PathLike, component:
             np.float32).reshape(rows, ngroups))
         makers[f"{layer}.weight_shape"] = (lambda rows=rows, cols=cols: np.array([rows, cols], np.int64))
         packed_layers += 1
-    if refused:
-        more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
-        raise ConfigurationError(
-            f"{model.path}: {len(refused)} quantized layers cannot be written as compressed-tensors pack-quantized: "
-            f"{', '.join(refused[:8])}{more}. Quantize with scheme='affine', symmetric=True, rotate=False and "
-            f"enable_spatial=False")
+    _refuse(model.path, refused, "quantized layers cannot be written as compressed-tensors pack-quantized",
+            "Quantize with scheme='affine', symmetric=True, rotate=False and enable_spatial=False")
 
     with open(os.path.join(src_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
