@@ -7,7 +7,9 @@ tokenizer.json trained here, quantizes it (Q8_0 and Q4_K), exports each with
 llama-cpp-python's low-level API: the logits of one non-causal forward over a sequence with masked
 positions are compared with the torch model holding our dequantized weights, then a short
 masked-diffusion generation (unmask the most confident masked position per step) runs in
-llama.cpp and in torch from the same prompt.
+llama.cpp and in torch from the same prompt (a random-init model's logits are nearly flat, so its
+tokens agree only as far as near-ties allow: the logits are the check). Flash attention is off
+(on the CPU it holds K and V in float16).
 
     pip install llama-cpp-python      # builds llama.cpp from source (minutes; pip caches the wheel)
     python benchmarks/interop_llama_cpp.py [--work DIR]
@@ -68,7 +70,7 @@ def torch_logits(model, ids: list) -> np.ndarray:
 
 
 class LlamaCpp:
-    def __init__(self, path: str, n_ctx: int = 64) -> None:
+    def __init__(self, path: str, n_ctx: int = 64, flash_attn: bool = False) -> None:
         import llama_cpp as L
 
         self.L = L
@@ -81,6 +83,9 @@ class LlamaCpp:
         cp = L.llama_context_default_params()
         cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx
         cp.n_threads = cp.n_threads_batch = os.cpu_count() or 1
+        # flash attention on the CPU computes attention with K and V in float16; off, the
+        # comparison sees the weights' effect alone
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = L.llama_init_from_model(self.model, cp)
         L.llama_set_causal_attn(self.ctx, False)
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
@@ -128,10 +133,14 @@ def main() -> None:
     prompt = b["tok"].encode("the quick brown fox").ids
     ids = prompt + [b["mask_id"]] * 8
     rows = []
-    for scheme in ("q8_0", "q4_k"):
+    # f32: every tensor kept (the control: names, hyper-parameters, RoPE and non-causal attention
+    # alone); q8_0 / q4_k: our codes, where llama.cpp's CPU matmuls also round the activations to
+    # 8-bit blocks (Q8_0 / Q8_K) before the dot products
+    for scheme in ("f32", "q8_0", "q4_k"):
         q = os.path.join(root, scheme)
-        aq.ArrowQuantV2().quantize_diffusion_model(b["src"], q, aq.DiffusionQuantConfig(
-            scheme=scheme, enable_fallback=False, overwrite=True))
+        cfg = (aq.DiffusionQuantConfig(bit_overrides={".*": 16}, overwrite=True) if scheme == "f32" else
+               aq.DiffusionQuantConfig(scheme=scheme, enable_fallback=False, overwrite=True))
+        aq.ArrowQuantV2().quantize_diffusion_model(b["src"], q, cfg)
         r = aq.export_gguf(q, os.path.join(root, f"{scheme}.gguf"), overwrite=True)
         ours = Qwen2ForCausalLM(b["cfg"]).eval()
         ours.load_state_dict(aq.load(q).to_torch_state_dict(dtype=torch.float32))

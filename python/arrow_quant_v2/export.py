@@ -269,7 +269,12 @@ def _add_lm_metadata(gguf: Any, writer: Any, config: Dict[str, Any], cfg_dir: st
     heads = int(need("num_attention_heads"))
     writer.add_head_count(heads)
     writer.add_head_count_kv(int(config.get("num_key_value_heads", heads)))
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    # transformers 4 writes rope_theta at the top level, 5 inside rope_parameters
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in (None, "default"):
+        raise ConfigurationError(f"{cfg_dir}/config.json: RoPE scaling {kind!r} is not written to GGUF yet")
+    writer.add_rope_freq_base(float(config.get("rope_theta", rope.get("rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_causal_attention(False)
     tok = _read_json(os.path.join(cfg_dir, "tokenizer.json"))

@@ -271,6 +271,17 @@ def test_a_dream_model_is_written_as_llama_cpp_reads_it(tmp_path):
     assert set(names) == expected
     q = aq.load(out)
     assert bytes(names["blk.1.ffn_down.weight"].data.tobytes()) == q["model.layers.1.mlp.down_proj.weight"].packed().codes
+    # transformers 5 writes RoPE's base inside rope_parameters
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": cfg.pop("rope_theta"), "rope_type": "default"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    export_gguf(out, tmp_path / "dream5.gguf")
+    f5 = {k: v.contents() for k, v in gguf.GGUFReader(tmp_path / "dream5.gguf").fields.items()}
+    assert f5["dream.rope.freq_base"] == 1000000.0
+    cfg["rope_parameters"]["rope_type"] = "yarn"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigurationError, match="RoPE scaling 'yarn' is not written"):
+        export_gguf(out, tmp_path / "dream6.gguf")
     with pytest.raises(ConfigurationError, match="arch .dream. needs the model.s config.json"):
         export_gguf(aq.ArrowQuantV2().quantize_diffusion_model(
             _small_model(tmp_path, rng)[1], tmp_path / "img", aq.DiffusionQuantConfig(scheme="q4_k"))["quantized_path"],
