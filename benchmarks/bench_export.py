@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -72,8 +71,6 @@ def main() -> None:
     for step in a.steps.split(","):
         results[step] = run(step, *paths[step])
         print(step, json.dumps(results[step]), file=sys.stderr, flush=True)
-        if step == "gguf":
-            shutil.rmtree(paths["quantize-q4k"][1], ignore_errors=True)  # disk: keep the exported file only
     print("| step | seconds | peak RSS above baseline | output |\n|---|---|---|---|")
     for step, r in results.items():
         size = f"{r['bytes'] / 2 ** 30:.2f} GiB" if "bytes" in r else f"{r['bits_per_weight']:.3f} bits/weight"

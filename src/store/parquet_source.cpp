@@ -47,9 +47,12 @@ Result<ScaleMethod> parse_method(const std::string& s, const std::string& where)
 
 Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& path) {
   auto st = std::make_unique<State>();
-  std::shared_ptr<arrow::io::MemoryMappedFile> file;
+  // Read with pread, not a memory map: a map leaves every page read resident (and counted in the
+  // process's RSS) until the file is closed, so reading a 7B model's codes once would hold the
+  // whole file; read buffers are freed with the arrays that use them.
+  std::shared_ptr<arrow::io::ReadableFile> file;
   {
-    auto f = arrow::io::MemoryMappedFile::Open(path, arrow::io::FileMode::READ);
+    auto f = arrow::io::ReadableFile::Open(path);
     if (!f.ok()) {
       // Arrow's message does not always carry strerror's text ("Failed to open local file"), so
       // ask the file system whether the file is there.
