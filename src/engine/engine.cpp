@@ -677,7 +677,7 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
     json comp = {{"name", c.name}, {"weights", rel}, {"source_files", json::array()},
                  {"tensors", 0}, {"quantized", 0}, {"source_bytes", 0}, {"stored_bytes", 0}};
     const fs::path base = model.layout == ModelLayout::kSingleFile ? fs::path(model.root).parent_path() : fs::path(model.root);
-    for (const auto& f : c.weight_files) comp["source_files"].push_back(fs::relative(f, base).string());
+    for (const auto& f : c.weight_files) comp["source_files"].push_back(fs::path(f).lexically_relative(base).string());
     AQ_RETURN_IF_ERROR(run_component(c, refs[i], *sink, comp));
     AQ_RETURN_IF_ERROR(sink->Close());
     refs[i].clear();  // unmaps the component's files

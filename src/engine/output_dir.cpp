@@ -113,7 +113,10 @@ Status StagingDir::Commit() {
 
 Status copy_relative_file(const std::string& root, const std::string& relative, const std::string& dest) {
   std::error_code ec;
-  const fs::path to = fs::path(dest) / relative;
+  const fs::path rel = fs::path(relative).lexically_normal();
+  if (rel.is_absolute() || rel.empty() || *rel.begin() == "..")
+    return Internal(StrCat(relative, ": not a path inside ", root, "; nothing is copied outside the output"));
+  const fs::path to = fs::path(dest) / rel;
   fs::create_directories(to.parent_path(), ec);
   if (ec) return IoError(StrCat(to.parent_path().string(), ": cannot create: ", ec.message()));
   fs::copy_file(fs::path(root) / relative, to, fs::copy_options::overwrite_existing, ec);

@@ -117,7 +117,7 @@ void list_files(const fs::path& root, const fs::path& dir, std::vector<std::stri
     const std::string fname = p.filename().string();
     if (!fname.empty() && fname[0] == '.') continue;  // .git, .cache, editor files
     if (fs::is_directory(p)) list_files(root, p, out);
-    else if (fs::is_regular_file(p)) out->push_back(fs::relative(p, root).string());
+    else if (fs::is_regular_file(p)) out->push_back(p.lexically_relative(root).string());
   }
 }
 
@@ -224,8 +224,8 @@ Result<ModelSource> discover_model(const std::string& path, const std::vector<st
   std::vector<std::string> selected_dirs;
   for (const auto& c : m.components) {
     if (!c.selected) continue;
-    for (const auto& f : c.weight_files) skip.insert(fs::relative(f, p).string());
-    if (!c.index_file.empty()) skip.insert(fs::relative(c.index_file, p).string());
+    for (const auto& f : c.weight_files) skip.insert(fs::path(f).lexically_relative(p).string());
+    if (!c.index_file.empty()) skip.insert(fs::path(c.index_file).lexically_relative(p).string());
     selected_dirs.push_back(c.name);
   }
   std::vector<std::string> files;

@@ -199,3 +199,30 @@ def test_result_reports_threads_and_bits_per_weight(tmp_path, rng, quantizer):
     q = [l for l in result["layers"] if l["quantized"]]
     assert result["quantized_bits_per_weight"] == pytest.approx(
         8 * sum(l["stored_bytes"] for l in q) / sum(np.prod(l["shape"]) for l in q), rel=1e-12)
+
+
+def test_a_model_of_symlinks_is_copied_inside_the_output(tmp_path):
+    """Hugging Face cache snapshots are directories of symlinks into blobs/: the files they name
+    are copied into the output (as their content), and nothing is written beside it."""
+    import os
+
+    import numpy as np
+
+    from conftest import write_model_file
+
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    write_model_file(blobs / "w", {"a.weight": np.random.default_rng(0).normal(0, 1, (64, 256)).astype(np.float32)})
+    (blobs / "c").write_text('{"architectures": ["X"]}')
+    snap = tmp_path / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    os.symlink("../../blobs/w", snap / "model.safetensors")
+    os.symlink("../../blobs/c", snap / "config.json")
+    out = tmp_path / "out" / "q"
+    out.parent.mkdir()
+    r = aq.ArrowQuantV2().quantize_diffusion_model(snap, out, aq.DiffusionQuantConfig())
+    assert (out / "config.json").read_text() == '{"architectures": ["X"]}' and not (out / "config.json").is_symlink()
+    assert sorted(os.listdir(out)) == ["config.json", "manifest.json", "weights.parquet"]
+    assert sorted(os.listdir(tmp_path)) == ["blobs", "out", "snapshots"] and os.listdir(tmp_path / "out") == ["q"]
+    assert sorted(os.listdir(blobs)) == ["c", "w"]
+    assert r["layers"][0]["tensor"] == "a.weight"
