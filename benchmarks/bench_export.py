@@ -4,7 +4,7 @@ each step in a fresh process whose time and peak RSS above its baseline are repo
     python benchmarks/bench_export.py --model DIR [--work DIR]
 
 DIR is a Hugging Face checkpoint directory (benchmarks/bench_calib_large.py --model dream writes a
-Dream-7B-shaped one, bf16). Steps: quantize with the `local` profile (Q4_K, embeddings and head
+Dream-7B-shaped one, bf16), without a calibration.parquet (the engine would use it). Steps: quantize with the `local` profile (Q4_K, embeddings and head
 Q8_0) into WORK/q4k; export it to WORK/q4k.gguf; quantize with symmetric int4 g128 affine codes
 into WORK/int4; export that as compressed-tensors into WORK/int4-ct. The exported bytes of ggml
 layers are the stored ones (a change of container), so their output error is the quantizer's
