@@ -22,7 +22,8 @@ echo "==> Python tests"
 # gguf (gguf-py) and ggml-python: the independent decoders (and llama.cpp's encoder) that the
 # ggml-scheme tests hold our bytes against. ggml-python builds ggml from source the first time
 # (about a minute; pip caches the wheel). diffusers and compressed-tensors (pure Python): the
-# consumers whose own loader and decompressor the export tests read our files with.
+# consumers whose own loader and decompressor the export tests read our files with; diffusers'
+# GGUF loader needs accelerate (low_cpu_mem_usage).
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" "gguf>=0.10" "ggml-python>=0.0.40" \
-  "diffusers==0.42.1" "compressed-tensors==0.20.0" 2>&1 | grep -v "^WARNING: Location" || true
+  "diffusers==0.42.1" "accelerate==1.15.0" "compressed-tensors==0.20.0" 2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -m pytest -q tests/python "$@"
