@@ -1695,8 +1695,9 @@ def _sequential_segments(order: Sequence[str], units: Mapping[str, Optional[str]
     return segments
 
 
-def _safetensors_index(source: str) -> Dict[str, str]:
-    """tensor name -> the .safetensors file of ``source`` (a file, or a directory's files) holding it."""
+def _safetensors_index(source: str, shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Dict[str, str]:
+    """tensor name -> the .safetensors file of ``source`` (a file, or a directory's files) holding it;
+    each tensor's shape into ``shapes`` when given (one read of each file's header)."""
     from safetensors import safe_open
 
     files = [source] if os.path.isfile(source) else sorted(
@@ -1708,6 +1709,8 @@ def _safetensors_index(source: str) -> Dict[str, str]:
         with safe_open(f, "pt") as h:
             for k in h.keys():
                 index[k] = f
+                if shapes is not None:
+                    shapes[k] = tuple(h.get_slice(k).get_shape())
     return index
 
 
@@ -1778,7 +1781,8 @@ def _sequential_quantize(pipe: Any, denoiser: "nn.Module", runs: List[Any], num_
             os.makedirs(source_dir)
             _save_denoiser(denoiser, source_dir)
         source_dir = os.fspath(source_dir)
-        index = _safetensors_index(source_dir)
+        file_shapes: Dict[str, Tuple[int, ...]] = {}
+        index = _safetensors_index(source_dir, file_shapes)
 
         # 1. The pipeline once: activation ranges of every layer (they fix the timestep groups) and
         #    the denoiser's arguments of every recorded call.
@@ -1811,8 +1815,7 @@ def _sequential_quantize(pipe: Any, denoiser: "nn.Module", runs: List[Any], num_
         for n in list(order) + pre:
             if n in index:
                 p = layer_params.get(n, params.get(n))
-                with safe_open(index[n], "pt") as h:
-                    shape = tuple(h.get_slice(n).get_shape())
+                shape = file_shapes[n]
                 if shape != tuple(p.shape):
                     raise ConfigurationError(
                         f"calibrate_and_quantize(sequential=True): tensor {n!r} is {shape} in {index[n]} but "
