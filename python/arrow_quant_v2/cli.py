@@ -148,8 +148,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .export import export_compressed_tensors, export_gguf
 
     if a.to == "compressed-tensors":
-        if a.requantize:
-            raise ConfigurationError("--requantize applies to --to gguf")
+        if a.requantize or a.arch or a.packed_convs:
+            raise ConfigurationError("--requantize, --arch and --packed-convs apply to --to gguf")
         r = export_compressed_tensors(a.path, a.output, component=a.component, overwrite=a.overwrite)
         if a.json:
             json.dump(r, sys.stdout, indent=2)
@@ -160,7 +160,7 @@ def cmd_export(a: argparse.Namespace) -> int:
                   f"in {r['seconds']:.1f} s")
         return 0
     r = export_gguf(a.path, a.output, component=a.component, requantize=a.requantize, overwrite=a.overwrite,
-                    arch=a.arch)
+                    arch=a.arch, packed_convs=a.packed_convs)
     if a.json:
         json.dump(r, sys.stdout, indent=2)
         print()
@@ -426,9 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--component", help="the component to export (default: the denoiser)")
     e.add_argument("--requantize", metavar="TYPE",
                    help="encode layers not in a ggml type (affine, entropy, equalized) as this ggml type")
-    e.add_argument("--arch", choices=("diffusers", "dream", "llada"),
-                   help="GGUF layout: source names (diffusers), or llama.cpp's for a diffusion LM; default: "
-                        "detected from config.json")
+    e.add_argument("--arch", choices=("diffusers", "sd1", "sdxl", "flux", "dream", "llada"),
+                   help="GGUF layout: source names (diffusers); a UNet under the original checkpoint's names "
+                        "(sd1, sdxl; flux, its fused qkv: for stable-diffusion.cpp and ComfyUI-GGUF); llama.cpp's for a diffusion LM "
+                        "(dream, llada); default: detected from config.json")
+    e.add_argument("--packed-convs", dest="packed_convs", action="store_true",
+                   help="with --arch sd1/sdxl: ggml convolutions as stored, reshaped as ComfyUI-GGUF reads them")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_export)

@@ -94,6 +94,15 @@ def _requantize_type(path: str, name: str, cols: int, scheme: str) -> str:
 
 
 LM_ARCHS = ("dream", "llada")  # diffusion LMs: llama.cpp's names, hyper-parameters and tokenizer
+# UNets under their original (LDM / CompVis) checkpoint names, `general.architecture` as ComfyUI-GGUF
+# spells it; stable-diffusion.cpp, ComfyUI-GGUF and diffusers' single-file loader read these names
+ORIGINAL_ARCHS = ("sd1", "sdxl")
+ORIGINAL_PREFIX = "model.diffusion_model."
+# DiTs under their original (single-file) names, fused where the original fuses: Flux's
+# double_blocks.N.img_attn.qkv = rows of to_q, to_k, to_v; single_blocks.N.linear1 = to_q, to_k,
+# to_v, proj_mlp; final_layer.adaLN_modulation.1 = norm_out.linear with its halves swapped
+DIT_ARCHS = ("flux",)
+ARCHS = ("diffusers",) + LM_ARCHS + ORIGINAL_ARCHS + DIT_ARCHS
 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
@@ -118,13 +127,23 @@ def _detect_arch(config: Optional[Dict[str, Any]]) -> str:
 
 def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str] = None,
                 requantize: Optional[str] = None, overwrite: bool = False,
-                arch: Optional[str] = None, tokenizer_pre: str = "qwen2") -> Dict[str, Any]:
+                arch: Optional[str] = None, tokenizer_pre: str = "qwen2",
+                packed_convs: bool = False) -> Dict[str, Any]:
     """Writes one component of the quantized model at ``quant_dir`` (default: the denoiser) to the
     GGUF file ``out_path``. ``arch``: ``"diffusers"`` keeps the source tensor names (image, video
-    and audio denoisers); ``"dream"`` or ``"llada"`` writes a diffusion LM as llama.cpp reads it
+    and audio denoisers); ``"sd1"`` or ``"sdxl"`` writes a UNet2DConditionModel under the original
+    checkpoint's names (``model.diffusion_model.input_blocks.1.0.in_layers.2.weight``, ...) with
+    that ``general.architecture``, as stable-diffusion.cpp, ComfyUI-GGUF and diffusers'
+    single-file loader read them; ``"flux"`` a FluxTransformer2DModel in the single-file (Black
+    Forest Labs) layout ComfyUI-GGUF requires, with ``img_attn.qkv``, ``txt_attn.qkv`` and
+    ``linear1`` joined from their diffusers parts (as stored when the parts share a ggml type; else
+    refused unless ``requantize``); ``"dream"`` or ``"llada"`` writes a diffusion LM as llama.cpp reads it
     (its tensor names, hyper-parameters from config.json, non-causal attention, the tokenizer of
     tokenizer.json with ``tokenizer_pre`` as its pre-tokenizer, the mask token id); None detects
-    it from config.json's ``model_type`` / ``architectures``. Returns ``path``, ``component``,
+    it from config.json's ``model_type`` / ``architectures``. ``packed_convs`` (sd1/sdxl): ggml
+    convolution weights are written as their stored bytes, a 2-D tensor of rows ``in*kh*kw``, with
+    their shape in ``comfy.gguf.orig_shape.<name>``, which ComfyUI-GGUF's loader applies (other
+    consumers need the default: dense F16 convolutions). Returns ``path``, ``component``,
     ``arch``, ``tensors``, ``bytes``, ``seconds``, ``types`` (tensors per GGUF type), ``copied``
     (ggml layers written as stored), ``requantized`` and ``dequantized`` (the names), and
     ``config_dir`` (the component's directory holding config.json, for loaders that need it, or
@@ -133,52 +152,41 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
     if requantize is not None and requantize not in GGML_EXPORT_TYPES:
         raise ConfigurationError(f"requantize must be None or a ggml type ({', '.join(GGML_EXPORT_TYPES)}); "
                                  f"got {requantize!r}")
-    if arch is not None and arch not in ("diffusers",) + LM_ARCHS:
-        raise ConfigurationError(f"arch must be None (detect), 'diffusers', 'dream' or 'llada'; got {arch!r}")
+    if arch is not None and arch not in ARCHS:
+        raise ConfigurationError(f"arch must be None (detect) or one of {', '.join(ARCHS)}; got {arch!r}")
+    if packed_convs and arch not in ORIGINAL_ARCHS:
+        raise ConfigurationError(f"packed_convs is ComfyUI-GGUF's layout of UNet convolutions: it needs arch "
+                                 f"'sd1' or 'sdxl'; got arch {arch!r}")
     t0 = time.perf_counter()
     model = load(quant_dir)
     comp = _pick_component(model, component)
     cfg_dir = os.path.join(model.path, comp) if comp else model.path
     config = _read_json(os.path.join(cfg_dir, "config.json"))
     arch = arch or _detect_arch(config)
-    rename = (lambda n: n) if arch == "diffusers" else _llama_names(gguf, arch, config, model.path)
     out_path, parent = _check_output(out_path, overwrite)
-    names = model.tensor_names(comp)
-    prefix = len(comp) + 1 if comp else 0
+    prefix = f"{comp}/" if comp else ""
+    names = [q[len(prefix):] for q in model.tensor_names(comp)]
+    if arch == "diffusers":
+        layout = [(n, [n], False) for n in names]
+    elif arch in ORIGINAL_ARCHS:
+        rename = _unet_original_names(config, cfg_dir)
+        layout = [(rename(n), [n], False) for n in names]
+    elif arch in DIT_ARCHS:
+        layout = _flux_original_layout(names, cfg_dir)
+    else:
+        rename = _llama_names(gguf, arch, config, model.path)
+        layout = [(rename(n), [n], False) for n in names]
 
     # Plan every tensor before writing anything: the errors name every layer at once.
     plan: List[Dict[str, Any]] = []
     refused: List[str] = []
-    for q in names:
-        t = model[q]
-        name = q[prefix:]
-        shape = tuple(int(d) for d in t.shape)
-        numel = int(np.prod(shape)) if shape else 1
-        entry: Dict[str, Any] = {"q": q, "name": rename(name), "shape": shape}
-        if not t.quantized:
-            if t.dtype not in ("F32", "F16", "BF16", "F64"):
-                raise ConfigurationError(f"{model.path}: tensor {name!r} is {t.dtype}; GGUF export writes float "
-                                         f"tensors only")
-            small = len(shape) <= 1 or numel <= SMALL_TENSOR
-            entry["kind"] = "float"
-            entry["type"] = "F32" if small or t.dtype in ("F32", "F64") else t.dtype
-        else:
-            ggml_type = t.info.get("ggml_type")  # from the metadata columns: no codes read while planning
-            equalized = bool(t.info.get("equalized"))
-            if ggml_type and not equalized and len(shape) == 2:
-                entry["kind"], entry["type"] = "copy", ggml_type
-            elif ggml_type and not equalized:
-                entry["kind"], entry["type"] = "dequantize", "F16"
-            elif requantize is not None:
-                cols = int(np.prod(shape[1:]))
-                if len(shape) != 2:
-                    entry["kind"], entry["type"] = "dequantize", "F16"
-                else:
-                    entry["kind"], entry["type"] = "requantize", _requantize_type(model.path, name, cols, requantize)
-            else:
-                why = "equalized (its stored weight needs an input scale)" if equalized else f"scheme {t.scheme}"
-                refused.append(f"{name} ({why})")
-        plan.append(entry)
+    for out_name, sources, swap in layout:
+        parts = [_plan_part(model, prefix + n, n, requantize, packed_convs, refused) for n in sources]
+        if any(p is None for p in parts):
+            continue
+        entry = _merge_parts(model.path, out_name, parts, swap, requantize, refused)
+        if entry is not None:
+            plan.append(entry)
     _refuse(model.path, refused, "layers are not in a ggml block type GGUF can hold as stored",
             "Quantize with a ggml scheme (scheme='q4_k', ...; enable_spatial=False keeps layers unequalized), or "
             "pass requantize='q4_k' (decode and encode again)")
@@ -201,10 +209,12 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
             gtype = types[e["type"]]
             if e["kind"] in ("copy", "requantize"):
                 block, nbytes = gguf.GGML_QUANT_SIZES[gtype]
-                rows, cols = e["shape"]
+                rows, cols = e["shape"][0], int(np.prod(e["shape"][1:]))
                 byte_shape = (rows, cols // block * nbytes)
                 writer.add_tensor_info(e["name"], byte_shape, np.dtype(np.uint8), rows * byte_shape[1],
                                        raw_dtype=gtype)
+                if len(e["shape"]) > 2:  # packed convolution: ComfyUI-GGUF restores the shape
+                    writer.add_array(f"comfy.gguf.orig_shape.{e['name']}", list(e["shape"]))
             else:
                 np_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float32}[e["type"]]
                 numel = int(np.prod(e["shape"])) if e["shape"] else 1
@@ -250,6 +260,71 @@ def _llama_names(gguf: Any, arch: str, config: Optional[Dict[str, Any]], where: 
         if mapped is None:
             raise ConfigurationError(f"{where}: tensor {name!r} has no llama.cpp name in the {arch!r} architecture")
         return mapped
+
+    return rename
+
+
+# diffusers ResnetBlock2D -> the original ResBlock
+_RESNET_ORIGINAL = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
+                    "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def _unet_original_names(config: Optional[Dict[str, Any]], where: str):
+    """diffusers UNet2DConditionModel tensor name -> the original (LDM) checkpoint's, from the
+    block layout in config.json: level ``i`` of the down path holds ``input_blocks``
+    ``1 + i*(L+1) .. i*(L+1) + L`` (resnet ``.0``, its attention ``.1``) and its downsampler at
+    ``1 + i*(L+1) + L``; level ``i`` of the up path ``output_blocks`` ``i*(L+1) ..`` with the upsampler
+    after the attention of the level's last block. Transformer internals keep their names."""
+    if not config or config.get("_class_name") not in (None, "UNet2DConditionModel"):
+        raise ConfigurationError(f"{where}: original checkpoint names are those of a UNet2DConditionModel; "
+                                 f"config.json has {config and config.get('_class_name')!r}")
+    lpb = config.get("layers_per_block", 2)
+    if not isinstance(lpb, int):
+        raise ConfigurationError(f"{where}: layers_per_block {lpb!r} differs per level; the original layout has "
+                                 f"one count")
+    down, up = list(config.get("down_block_types", [])), list(config.get("up_block_types", []))
+    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if not down or len(down) != len(up) or mid != "UNetMidBlock2DCrossAttn":
+        raise ConfigurationError(f"{where}: no original layout for down blocks {down}, up blocks {up}, mid block "
+                                 f"{mid!r}")
+    blocks: Dict[str, tuple] = {  # diffusers prefix -> (original prefix, is a resnet)
+        "time_embedding.linear_1.": ("time_embed.0.", False), "time_embedding.linear_2.": ("time_embed.2.", False),
+        "add_embedding.linear_1.": ("label_emb.0.0.", False), "add_embedding.linear_2.": ("label_emb.0.2.", False),
+        "conv_in.": ("input_blocks.0.0.", False), "conv_norm_out.": ("out.0.", False), "conv_out.": ("out.2.", False),
+        "mid_block.resnets.0.": ("middle_block.0.", True), "mid_block.attentions.0.": ("middle_block.1.", False),
+        "mid_block.resnets.1.": ("middle_block.2.", True)}
+    for i, kind in enumerate(down):
+        for j in range(lpb):
+            k = 1 + i * (lpb + 1) + j
+            blocks[f"down_blocks.{i}.resnets.{j}."] = (f"input_blocks.{k}.0.", True)
+            blocks[f"down_blocks.{i}.attentions.{j}."] = (f"input_blocks.{k}.1.", False)
+        blocks[f"down_blocks.{i}.downsamplers.0.conv."] = (f"input_blocks.{1 + i * (lpb + 1) + lpb}.0.op.", False)
+    for i, kind in enumerate(up):
+        for j in range(lpb + 1):
+            k = i * (lpb + 1) + j
+            blocks[f"up_blocks.{i}.resnets.{j}."] = (f"output_blocks.{k}.0.", True)
+            blocks[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{k}.1.", False)
+        last = i * (lpb + 1) + lpb
+        blocks[f"up_blocks.{i}.upsamplers.0.conv."] = (
+            f"output_blocks.{last}.{2 if 'CrossAttn' in kind else 1}.conv.", False)
+
+    def rename(name: str) -> str:
+        head = name
+        while True:  # the longest prefix of the name that is a block (every prefix ends in ".")
+            cut = head.rfind(".", 0, len(head) - 1)
+            head = name[:cut + 1] if cut >= 0 else ""
+            if not head or head in blocks:
+                break
+        if not head:
+            raise ConfigurationError(f"{where}: tensor {name!r} has no name in the original UNet layout")
+        original, resnet = blocks[head]
+        rest = name[len(head):]
+        if resnet:
+            layer, _, param = rest.partition(".")
+            if layer not in _RESNET_ORIGINAL:
+                raise ConfigurationError(f"{where}: tensor {name!r}: no original name for resnet part {layer!r}")
+            rest = f"{_RESNET_ORIGINAL[layer]}.{param}"
+        return ORIGINAL_PREFIX + original + rest
 
     return rename
 
@@ -311,22 +386,170 @@ def _add_lm_metadata(gguf: Any, writer: Any, config: Dict[str, Any], cfg_dir: st
     special.add_to_gguf(writer, quiet=True)
 
 
+def _plan_part(model: Any, q: str, name: str, requantize: Optional[str], packed_convs: bool,
+               refused: List[str]) -> Optional[Dict[str, Any]]:
+    """How one stored tensor is written: kind (float, copy, dequantize, requantize) and GGUF type,
+    from the metadata columns (no codes read while planning); None (and a line in ``refused``) if
+    it cannot be written as asked."""
+    t = model[q]
+    shape = tuple(int(d) for d in t.shape)
+    part: Dict[str, Any] = {"q": q, "name": name, "shape": shape, "dtype": t.dtype}
+    if not t.quantized:
+        if t.dtype not in ("F32", "F16", "BF16", "F64"):
+            raise ConfigurationError(f"{model.path}: tensor {name!r} is {t.dtype}; GGUF export writes float "
+                                     f"tensors only")
+        part["kind"], part["type"] = "float", None  # the type follows the written tensor's size
+        return part
+    ggml_type = t.info.get("ggml_type")
+    equalized = bool(t.info.get("equalized"))
+    if ggml_type and not equalized and (len(shape) == 2 or (packed_convs and len(shape) > 2)):
+        part["kind"], part["type"] = "copy", ggml_type
+    elif ggml_type and not equalized:
+        part["kind"], part["type"] = "dequantize", "F16"
+    elif requantize is not None:
+        part["kind"], part["type"] = ("requantize", None) if len(shape) == 2 else ("dequantize", "F16")
+    else:
+        why = "equalized (its stored weight needs an input scale)" if equalized else f"scheme {t.scheme}"
+        refused.append(f"{name} ({why})")
+        return None
+    return part
+
+
+def _merge_parts(path: str, out_name: str, parts: List[Dict[str, Any]], swap: bool,
+                 requantize: Optional[str], refused: List[str]) -> Optional[Dict[str, Any]]:
+    """The written tensor: its parts' rows one after the other (a single part: the tensor itself),
+    the halves of its rows exchanged if ``swap``. Parts in one ggml type are concatenated as
+    stored (a row's blocks are independent of other rows); parts in different types are
+    encoded again as ``requantize``, or refused."""
+    rest = {p["shape"][1:] for p in parts}
+    if len(rest) != 1:
+        raise ConfigurationError(f"{path}: {out_name!r} joins {[p['name'] for p in parts]} whose shapes "
+                                 f"{[p['shape'] for p in parts]} differ beyond the first dimension")
+    shape = (sum(p["shape"][0] for p in parts),) + rest.pop() if parts[0]["shape"] else ()
+    if swap and (len(shape) == 0 or shape[0] % 2):
+        raise ConfigurationError(f"{path}: {out_name!r} exchanges the halves of {shape[0] if shape else 0} rows")
+    entry: Dict[str, Any] = {"name": out_name, "parts": [p["q"] for p in parts], "shape": shape, "swap": swap}
+    kinds = {(p["kind"], p["type"]) for p in parts}
+    numel = int(np.prod(shape)) if shape else 1
+    if kinds == {("float", None)}:
+        dtypes = {p["dtype"] for p in parts}
+        small = len(shape) <= 1 or numel <= SMALL_TENSOR
+        entry["kind"] = "float"
+        entry["type"] = "F32" if small or len(dtypes) > 1 or dtypes & {"F32", "F64"} else dtypes.pop()
+    elif len(kinds) == 1 and next(iter(kinds))[0] != "requantize":
+        entry["kind"], entry["type"] = next(iter(kinds))
+    elif requantize is not None and len(shape) == 2:
+        entry["kind"], entry["type"] = "requantize", _requantize_type(path, out_name, shape[1], requantize)
+    else:
+        stored = ", ".join(f"{p['name']} {p['type'] or p['dtype']}" for p in parts)
+        refused.append(f"{out_name} (joins {stored}: one GGUF tensor holds one type)")
+        return None
+    return entry
+
+
+def _rows(arrays: List[np.ndarray], swap: bool) -> np.ndarray:
+    a = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+    if swap:
+        half = a.shape[0] // 2
+        a = np.concatenate([a[half:], a[:half]], axis=0)
+    return a
+
+
 def _tensor_data(model: Any, e: Dict[str, Any], gguf: Any) -> np.ndarray:
-    t = model[e["q"]]
-    if e["kind"] == "copy":
-        codes = np.frombuffer(t.packed().codes, dtype=np.uint8)
-        return codes.reshape(e["shape"][0], -1)
-    if e["kind"] == "requantize":
-        w = np.ascontiguousarray(t.numpy(), dtype=np.float32)
+    kind, shape = e["kind"], e["shape"] or (1,)
+    if kind == "requantize":
+        w = _rows([np.ascontiguousarray(model[q].numpy(), dtype=np.float32) for q in e["parts"]], e["swap"])
         scheme = next(k for k, v in GGML_EXPORT_TYPES.items() if v == e["type"])
-        enc = _core.encode_array(w, 0, scheme=scheme, name=e["name"])
-        return np.frombuffer(enc.codes, dtype=np.uint8).reshape(e["shape"][0], -1)
-    if e["kind"] == "dequantize":
-        return t.numpy().astype(np.float16)
-    if e["type"] == "BF16":
-        bits = np.frombuffer(t.packed().codes, dtype="<u2")
-        return bits.reshape(e["shape"] or (1,))
-    return t.numpy().astype(np.float16 if e["type"] == "F16" else np.float32).reshape(e["shape"] or (1,))
+        enc = _core.encode_array(np.ascontiguousarray(w), 0, scheme=scheme, name=e["name"])
+        return np.frombuffer(enc.codes, dtype=np.uint8).reshape(shape[0], -1)
+    arrays = []
+    for q in e["parts"]:
+        t = model[q]
+        part_shape = tuple(int(d) for d in t.shape) or (1,)
+        if kind == "copy":
+            arrays.append(np.frombuffer(t.packed().codes, dtype=np.uint8).reshape(part_shape[0], -1))
+        elif kind == "dequantize":
+            arrays.append(t.numpy().astype(np.float16))
+        elif e["type"] == "BF16":
+            arrays.append(np.frombuffer(t.packed().codes, dtype="<u2").reshape(part_shape))
+        else:
+            arrays.append(t.numpy().astype(np.float16 if e["type"] == "F16" else np.float32).reshape(part_shape))
+    a = _rows(arrays, e["swap"])
+    return a.reshape(shape[0], -1) if kind == "copy" else a.reshape(shape)
+
+
+# DiT name maps: diffusers module -> (original module, position among the fused parts)
+_FLUX_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
+             "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+             "norm_out.linear": "final_layer.adaLN_modulation.1", "proj_out": "final_layer.linear"}
+_FLUX_DOUBLE = {"norm1.linear": ("img_mod.lin", 0), "norm1_context.linear": ("txt_mod.lin", 0),
+                "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1),
+                "attn.to_v": ("img_attn.qkv", 2), "attn.add_q_proj": ("txt_attn.qkv", 0),
+                "attn.add_k_proj": ("txt_attn.qkv", 1), "attn.add_v_proj": ("txt_attn.qkv", 2),
+                "attn.to_out.0": ("img_attn.proj", 0), "attn.to_add_out": ("txt_attn.proj", 0),
+                "ff.net.0.proj": ("img_mlp.0", 0), "ff.net.2": ("img_mlp.2", 0),
+                "ff_context.net.0.proj": ("txt_mlp.0", 0), "ff_context.net.2": ("txt_mlp.2", 0)}
+_FLUX_DOUBLE_NORMS = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+                      "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+                      "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+                      "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale"}
+_FLUX_SINGLE = {"norm.linear": ("modulation.lin", 0), "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1),
+                "attn.to_v": ("linear1", 2), "proj_mlp": ("linear1", 3), "proj_out": ("linear2", 0)}
+_FLUX_SINGLE_NORMS = {"attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
+_FLUX_PARTS = {"img_attn.qkv": 3, "txt_attn.qkv": 3, "linear1": 4}
+
+
+def _flux_original_layout(names: List[str], where: str) -> List[tuple]:
+    """(original name, diffusers names whose rows it joins, swap halves) for a FluxTransformer2DModel
+    in the single-file (Black Forest Labs) layout, each name prefixed ``model.diffusion_model.``."""
+    import re
+
+    fused: Dict[str, Dict[int, str]] = {}
+    order: List[str] = []
+
+    def put(out: str, pos: int, src: str) -> None:
+        if out not in fused:
+            fused[out] = {}
+            order.append(out)
+        fused[out][pos] = src
+
+    for n in names:
+        m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", n)
+        if m:
+            double = m.group(1) == "transformer_blocks"
+            head = f"{'double_blocks' if double else 'single_blocks'}.{m.group(2)}."
+            rest = m.group(3)
+            norms = _FLUX_DOUBLE_NORMS if double else _FLUX_SINGLE_NORMS
+            if rest in norms:
+                put(head + norms[rest], 0, n)
+                continue
+            module, _, param = rest.rpartition(".")
+            table = _FLUX_DOUBLE if double else _FLUX_SINGLE
+            if module not in table or param not in ("weight", "bias"):
+                raise ConfigurationError(f"{where}: tensor {n!r} has no name in the original Flux layout")
+            original, pos = table[module]
+            put(f"{head}{original}.{param}", pos, n)
+            continue
+        module, _, param = n.rpartition(".")
+        if module not in _FLUX_TOP or param not in ("weight", "bias"):
+            raise ConfigurationError(f"{where}: tensor {n!r} has no name in the original Flux layout")
+        put(f"{_FLUX_TOP[module]}.{param}", 0, n)
+
+    layout = []
+    for out in order:
+        module = out.rsplit(".", 1)[0].split(".", 2)[-1] if out.startswith(("double_blocks", "single_blocks")) else ""
+        want = _FLUX_PARTS.get(module, 1)
+        got = fused[out]
+        if sorted(got) != list(range(want)):
+            raise ConfigurationError(f"{where}: {out!r} joins {want} tensors; the model has {sorted(got.values())}")
+        layout.append((ORIGINAL_PREFIX + out, [got[i] for i in range(want)],
+                       out.startswith("final_layer.adaLN_modulation")))
+    return layout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,4 +91,4 @@ def test_export_command_to_compressed_tensors(tmp_path, capsys):
     assert main(["export", str(out), str(tmp_path / "ct"), "--to", "compressed-tensors"]) == 0
     assert "packed layers: 3 int4_g32" in capsys.readouterr().out
     assert main(["export", str(out), str(tmp_path / "ct2"), "--to", "compressed-tensors", "--requantize", "q4_k"]) == 2
-    assert "--requantize applies to --to gguf" in capsys.readouterr().err
+    assert "--requantize, --arch and --packed-convs apply to --to gguf" in capsys.readouterr().err

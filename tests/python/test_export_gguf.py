@@ -142,9 +142,17 @@ def test_export_command(tmp_path, capsys):
     assert "exists; pass overwrite=True" in capsys.readouterr().err
     assert main(["export", str(out), str(tmp_path / "m.gguf"), "--overwrite", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tensors"] == 5
+    # original names need a UNet's (or Flux's) layout: a model without one is refused, by name
+    assert main(["export", str(out), str(tmp_path / "o.gguf"), "--arch", "sd1"]) == 2
+    assert "UNet2DConditionModel; config.json has None" in capsys.readouterr().err
+    assert main(["export", str(out), str(tmp_path / "o.gguf"), "--arch", "flux"]) == 2
+    assert "'blocks.0.attn.to_q.weight' has no name in the original Flux layout" in capsys.readouterr().err
+    assert main(["export", str(out), str(tmp_path / "o.gguf"), "--packed-convs"]) == 2
+    assert "packed_convs is ComfyUI-GGUF's layout" in capsys.readouterr().err
+    assert not (tmp_path / "o.gguf").exists()
 
 
-def _diffusers_round_trip(tmp_path, cls, model, inputs, scheme="q4_k"):
+def _diffusers_round_trip(tmp_path, cls, model, inputs, scheme="q4_k", **export_kw):
     """Quantizes `model` (saved with save_pretrained), exports it and loads the GGUF with diffusers'
     loader; returns (relative forward error against our dequantized weights, the export result)."""
     torch = pytest.importorskip("torch")
@@ -155,7 +163,7 @@ def _diffusers_round_trip(tmp_path, cls, model, inputs, scheme="q4_k"):
     out = tmp_path / "q"
     aq.ArrowQuantV2().quantize_diffusion_model(
         src, out, aq.DiffusionQuantConfig(scheme=scheme, enable_fallback=False, sensitive_patterns=[]))
-    r = export_gguf(out, tmp_path / "m.gguf")
+    r = export_gguf(out, tmp_path / "m.gguf", **export_kw)
     loaded = cls.from_single_file(str(tmp_path / "m.gguf"), config=r["config_dir"], torch_dtype=torch.float32,
                                   quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))
     ours = cls.from_config(model.config).eval()
@@ -199,6 +207,174 @@ def test_diffusers_loads_an_exported_unet(tmp_path):
                   encoder_hidden_states=torch.randn(1, 8, 256, generator=g))
     err, r = _diffusers_round_trip(tmp_path, UNet2DConditionModel, model, inputs)
     assert r["copied"] > 0 and len(r["dequantized"]) > 0  # 3x3 convolutions written F16
+    assert err < 5e-3, err
+
+
+def _unet(sdxl=False):
+    """A UNet2DConditionModel with SD's layout at small width: three levels of two resnets, attention
+    on the down path's first two and the up path's last two levels (SDXL: the other way round, and
+    the text-time embedding)."""
+    from diffusers import UNet2DConditionModel
+
+    kw = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+              cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+    if sdxl:
+        kw.update(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 1, 2), addition_embed_type="text_time",
+                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=64 + 6 * 8,
+                  use_linear_projection=True)
+    else:
+        kw.update(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    return UNet2DConditionModel(**kw).eval()
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_unets_under_original_names_load_in_diffusers(tmp_path, arch):
+    """diffusers' single-file loader converts the original (LDM) names back with its own converter:
+    every name must be the one it expects, or the state dict does not load."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = _unet(sdxl=arch == "sdxl")
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 8, 64, generator=g))
+    if arch == "sdxl":
+        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(1, 64, generator=g),
+                                           time_ids=torch.tensor([[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]]))
+    err, r = _diffusers_round_trip(tmp_path, UNet2DConditionModel, model, inputs, arch=arch)
+    assert r["arch"] == arch and r["copied"] > 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    names = {t.name for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == arch
+    assert all(n.startswith("model.diffusion_model.") for n in names)
+    assert "model.diffusion_model.input_blocks.1.0.in_layers.2.weight" in names
+    upsample = "output_blocks.2.1.conv.weight" if arch == "sd1" else "output_blocks.2.2.conv.weight"
+    assert f"model.diffusion_model.{upsample}" in names
+    if arch == "sdxl":
+        assert "model.diffusion_model.label_emb.0.0.weight" in names
+    assert err < 5e-3, err
+
+
+def test_packed_convolutions_follow_comfyui_gguf(tmp_path):
+    """With packed_convs, ggml convolutions keep their stored bytes as a 2-D tensor and their shape
+    in comfy.gguf.orig_shape.<name> (an INT32 array, torch order), which ComfyUI-GGUF's loader
+    reshapes the decoded tensor to."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    _unet().save_pretrained(src)
+    out = tmp_path / "q"
+    aq.ArrowQuantV2().quantize_diffusion_model(
+        src, out, aq.DiffusionQuantConfig(scheme="q4_k", enable_fallback=False, sensitive_patterns=[]))
+    r = export_gguf(out, tmp_path / "m.gguf", arch="sd1", packed_convs=True)
+    assert r["dequantized"] == []
+    q = aq.load(out)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    packed = 0
+    for t in reader.tensors:
+        field = reader.get_field(f"comfy.gguf.orig_shape.{t.name}")
+        if field is None:
+            continue
+        assert field.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32]
+        shape = tuple(int(field.parts[i][0]) for i in field.data)
+        w = gguf_dequantize(t.data, t.tensor_type).reshape(shape)
+        packed += 1
+        if t.name == "model.diffusion_model.input_blocks.1.0.in_layers.2.weight":
+            ours = q["unet/down_blocks.0.resnets.0.conv1.weight" if "unet/" in q.tensor_names()[0]
+                     else "down_blocks.0.resnets.0.conv1.weight"]
+            assert shape == tuple(ours.shape) and np.array_equal(w, ours.numpy())
+            assert bytes(t.data.tobytes()) == ours.packed().codes
+    convs = [n for n in q.tensor_names() if len(q[n].shape) == 4 and q[n].quantized]
+    assert packed == len(convs) > 10
+    with pytest.raises(ConfigurationError, match="packed_convs"):
+        export_gguf(out, tmp_path / "x.gguf", packed_convs=True)
+
+
+def _flux(width_heads, head_dim, joint=64):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=head_dim, num_attention_heads=width_heads,
+                                  joint_attention_dim=joint, pooled_projection_dim=joint,
+                                  guidance_embeds=True).eval()
+
+
+def _flux_inputs(torch, joint=64):
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(1, 16, 16, generator=g),
+                encoder_hidden_states=torch.randn(1, 8, joint, generator=g),
+                pooled_projections=torch.randn(1, joint, generator=g), timestep=torch.tensor([0.5]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
+
+
+def test_flux_original_layout_joins_parts_as_stored(tmp_path):
+    """img_attn.qkv / linear1 are their diffusers parts' rows one after the other, bytes as stored;
+    final_layer.adaLN_modulation.1 has norm_out.linear's halves exchanged; a part in another type is
+    refused unless requantized."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    _flux(2, 128).save_pretrained(src)  # width 256: Q4_K rows
+    out = tmp_path / "q"
+    aq.ArrowQuantV2().quantize_diffusion_model(
+        src, out, aq.DiffusionQuantConfig(scheme="q4_k", enable_fallback=False, sensitive_patterns=[]))
+    r = export_gguf(out, tmp_path / "m.gguf", arch="flux")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    got = {t.name: t for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == "flux"
+    p = "model.diffusion_model."
+    assert {p + "double_blocks.0.img_attn.qkv.weight", p + "double_blocks.0.txt_attn.qkv.weight",
+            p + "single_blocks.0.linear1.weight", p + "single_blocks.0.linear2.weight", p + "img_in.weight",
+            p + "final_layer.adaLN_modulation.1.weight", p + "double_blocks.0.img_attn.norm.query_norm.scale",
+            p + "guidance_in.in_layer.weight"} <= set(got)
+    q = aq.load(out)
+    n = lambda name: q[name].numpy()  # noqa: E731
+    qkv = got[p + "single_blocks.0.linear1.weight"]
+    parts = ["single_transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.attn.to_k.weight",
+             "single_transformer_blocks.0.attn.to_v.weight", "single_transformer_blocks.0.proj_mlp.weight"]
+    assert bytes(qkv.data.tobytes()) == b"".join(q[x].packed().codes for x in parts)
+    w = gguf_dequantize(qkv.data, qkv.tensor_type).reshape(-1, 256)
+    assert np.array_equal(w, np.concatenate([n(x) for x in parts]))
+    bias = np.asarray(got[p + "double_blocks.0.img_attn.qkv.bias"].data)
+    assert np.array_equal(bias, np.concatenate([n(f"transformer_blocks.0.attn.to_{c}.bias") for c in "qkv"]))
+    mod = got[p + "final_layer.adaLN_modulation.1.weight"]
+    ref = n("norm_out.linear.weight")
+    w = gguf_dequantize(mod.data, mod.tensor_type).reshape(ref.shape)
+    half = ref.shape[0] // 2
+    assert np.array_equal(w, np.concatenate([ref[half:], ref[:half]]))
+    assert r["tensors"] == len(q.tensor_names()) - 2 * (2 * 2 + 3)  # weights and biases: two qkv of 3, linear1 of 4
+
+    # one part in another type: refused, naming the joined tensor; requantize joins them
+    out2 = tmp_path / "q2"
+    aq.ArrowQuantV2().quantize_diffusion_model(
+        src, out2, aq.DiffusionQuantConfig(scheme="q4_k", enable_fallback=False, sensitive_patterns=[],
+                                           bit_overrides={r"transformer_blocks\.0\.attn\.to_v\.weight$": 8}))
+    with pytest.raises(ConfigurationError, match=r"img_attn\.qkv\.weight \(joins"):
+        export_gguf(out2, tmp_path / "m2.gguf", arch="flux")
+    r2 = export_gguf(out2, tmp_path / "m2.gguf", arch="flux", requantize="q4_k")
+    assert p + "double_blocks.0.img_attn.qkv.weight" in r2["requantized"]
+
+
+@pytest.mark.parametrize("scheme", ["q8_0"])
+def test_diffusers_converts_our_flux_original_layout(tmp_path, scheme):
+    """diffusers' own Flux converter (which assumes Flux's width, 3072) splits our joined tensors back:
+    one block of each kind at full width (about 0.5 B weights), Q8_0 for a fast encode."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = _flux(24, 128).to(torch.bfloat16)
+    err, r = _diffusers_round_trip(tmp_path, FluxTransformer2DModel, model, _flux_inputs(torch), scheme=scheme,
+                                   arch="flux")
+    assert r["arch"] == "flux" and r["copied"] > 0
     assert err < 5e-3, err
 
 
