@@ -242,6 +242,14 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
+    if result["dequantized"]:
+        import warnings
+
+        warnings.warn(f"{out_path}: {len(result['dequantized'])} tensors of more than two dimensions (convolution "
+                      f"weights) in ggml types were decoded and written as F16 (e.g. {result['dequantized'][0]}): they keep their quantization error at "
+                      f"float16 size. For consumers that run convolutions from F16 (stable-diffusion.cpp, "
+                      f"diffusers) quantize with convolutions kept (skip_patterns); for ComfyUI-GGUF pass "
+                      f"packed_convs=True", stacklevel=2)
     result["config_dir"] = cfg_dir if config is not None else None
     result["bytes"] = os.path.getsize(out_path)
     result["seconds"] = time.perf_counter() - t0
@@ -588,6 +596,15 @@ def export_compressed_tensors(quant_dir: PathLike, out_dir: PathLike, component:
     makers: Dict[str, Any] = {}
     refused: List[str] = []
     groups: Dict[str, Dict[str, Any]] = {}
+    last: Dict[str, Any] = {}
+
+    def packed_of(t: Any) -> Any:
+        """The layer's codes and scales, read once for its two tensors (written one after the other)."""
+        if last.get("tensor") is not t:
+            last.clear()
+            last.update(tensor=t, packed=t.packed())
+        return last["packed"]
+
     packed_layers = 0
     for q in model.tensor_names(comp):
         t = model[q]
@@ -630,8 +647,8 @@ def export_compressed_tensors(quant_dir: PathLike, out_dir: PathLike, component:
         specs += [(f"{layer}.weight_packed", "I32", [rows, words]), (f"{layer}.weight_scale", "F32", [rows, ngroups]),
                   (f"{layer}.weight_shape", "I64", [2])]
         makers[f"{layer}.weight_packed"] = (lambda t=t, rows=rows, words=words: np.frombuffer(
-            t.packed().codes, dtype="<i4").reshape(rows, words))
-        makers[f"{layer}.weight_scale"] = (lambda t=t, rows=rows, ngroups=ngroups: t.packed().scales.astype(
+            packed_of(t).codes, dtype="<i4").reshape(rows, words))
+        makers[f"{layer}.weight_scale"] = (lambda t=t, rows=rows, ngroups=ngroups: packed_of(t).scales.astype(
             np.float32).reshape(rows, ngroups))
         makers[f"{layer}.weight_shape"] = (lambda rows=rows, cols=cols: np.array([rows, cols], np.int64))
         packed_layers += 1
