@@ -426,10 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--component", help="the component to export (default: the denoiser)")
     e.add_argument("--requantize", metavar="TYPE",
                    help="encode layers not in a ggml type (affine, entropy, equalized) as this ggml type")
-    e.add_argument("--arch", choices=("diffusers", "sd1", "sdxl", "flux", "dream", "llada"),
-                   help="GGUF layout: source names (diffusers); a UNet under the original checkpoint's names "
-                        "(sd1, sdxl; flux, its fused qkv: for stable-diffusion.cpp and ComfyUI-GGUF); llama.cpp's for a diffusion LM "
-                        "(dream, llada); default: detected from config.json")
+    e.add_argument("--arch", choices=("diffusers", "sd1", "sdxl", "flux", "sd3", "dream", "llada"),
+                   help="GGUF layout: source names (diffusers); the original checkpoint's names (sd1, sdxl "
+                        "UNets; flux, sd3 with their fused qkv: for stable-diffusion.cpp and ComfyUI-GGUF); "
+                        "llama.cpp's for a diffusion LM (dream, llada); default: detected from config.json")
     e.add_argument("--packed-convs", dest="packed_convs", action="store_true",
                    help="with --arch sd1/sdxl: ggml convolutions as stored, reshaped as ComfyUI-GGUF reads them")
     e.add_argument("--overwrite", action="store_true")

@@ -100,8 +100,9 @@ ORIGINAL_ARCHS = ("sd1", "sdxl")
 ORIGINAL_PREFIX = "model.diffusion_model."
 # DiTs under their original (single-file) names, fused where the original fuses: Flux's
 # double_blocks.N.img_attn.qkv = rows of to_q, to_k, to_v; single_blocks.N.linear1 = to_q, to_k,
-# to_v, proj_mlp; final_layer.adaLN_modulation.1 = norm_out.linear with its halves swapped
-DIT_ARCHS = ("flux",)
+# to_v, proj_mlp; SD3's joint_blocks.N.x_block.attn.qkv; final_layer.adaLN_modulation.1 =
+# norm_out.linear with its halves swapped
+DIT_ARCHS = ("flux", "sd3")
 ARCHS = ("diffusers",) + LM_ARCHS + ORIGINAL_ARCHS + DIT_ARCHS
 
 
@@ -137,7 +138,9 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
     single-file loader read them; ``"flux"`` a FluxTransformer2DModel in the single-file (Black
     Forest Labs) layout ComfyUI-GGUF requires, with ``img_attn.qkv``, ``txt_attn.qkv`` and
     ``linear1`` joined from their diffusers parts (as stored when the parts share a ggml type; else
-    refused unless ``requantize``); ``"dream"`` or ``"llada"`` writes a diffusion LM as llama.cpp reads it
+    refused unless ``requantize``); ``"sd3"`` an SD3Transformer2DModel in its single-file layout
+    (``joint_blocks``, ``x_block.attn.qkv``, ...); ``"dream"`` or ``"llada"`` writes a diffusion LM
+    as llama.cpp reads it
     (its tensor names, hyper-parameters from config.json, non-causal attention, the tokenizer of
     tokenizer.json with ``tokenizer_pre`` as its pre-tokenizer, the mask token id); None detects
     it from config.json's ``model_type`` / ``architectures``. ``packed_convs`` (sd1/sdxl): ggml
@@ -172,7 +175,7 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
         rename = _unet_original_names(config, cfg_dir)
         layout = [(rename(n), [n], False) for n in names]
     elif arch in DIT_ARCHS:
-        layout = _flux_original_layout(names, cfg_dir)
+        layout = _dit_original_layout(arch, names, cfg_dir)
     else:
         rename = _llama_names(gguf, arch, config, model.path)
         layout = [(rename(n), [n], False) for n in names]
@@ -245,11 +248,12 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
     if result["dequantized"]:
         import warnings
 
+        first = result["dequantized"][0]
         warnings.warn(f"{out_path}: {len(result['dequantized'])} tensors of more than two dimensions (convolution "
-                      f"weights) in ggml types were decoded and written as F16 (e.g. {result['dequantized'][0]}): they keep their quantization error at "
-                      f"float16 size. For consumers that run convolutions from F16 (stable-diffusion.cpp, "
-                      f"diffusers) quantize with convolutions kept (skip_patterns); for ComfyUI-GGUF pass "
-                      f"packed_convs=True", stacklevel=2)
+                      f"weights, positional tables) in ggml types were decoded and written as F16 (e.g. {first}): "
+                      f"they keep their quantization error at float16 size. For consumers that run convolutions "
+                      f"from F16 (stable-diffusion.cpp, diffusers) quantize with convolutions kept "
+                      f"(skip_patterns); for ComfyUI-GGUF pass packed_convs=True", stacklevel=2)
     result["config_dir"] = cfg_dir if config is not None else None
     result["bytes"] = os.path.getsize(out_path)
     result["seconds"] = time.perf_counter() - t0
@@ -486,15 +490,16 @@ def _tensor_data(model: Any, e: Dict[str, Any], gguf: Any) -> np.ndarray:
     return a.reshape(shape[0], -1) if kind == "copy" else a.reshape(shape)
 
 
-# DiT name maps: diffusers module -> (original module, position among the fused parts)
-_FLUX_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
-             "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-             "norm_out.linear": "final_layer.adaLN_modulation.1", "proj_out": "final_layer.linear"}
+# DiT name maps. Modules: diffusers module -> (original module, position among the parts it joins
+# with); full names: diffusers tensor -> original tensor (where the parameter is renamed too).
+_FLUX_TOP = {"x_embedder": ("img_in", 0), "context_embedder": ("txt_in", 0),
+             "time_text_embed.timestep_embedder.linear_1": ("time_in.in_layer", 0),
+             "time_text_embed.timestep_embedder.linear_2": ("time_in.out_layer", 0),
+             "time_text_embed.text_embedder.linear_1": ("vector_in.in_layer", 0),
+             "time_text_embed.text_embedder.linear_2": ("vector_in.out_layer", 0),
+             "time_text_embed.guidance_embedder.linear_1": ("guidance_in.in_layer", 0),
+             "time_text_embed.guidance_embedder.linear_2": ("guidance_in.out_layer", 0),
+             "norm_out.linear": ("final_layer.adaLN_modulation.1", 0), "proj_out": ("final_layer.linear", 0)}
 _FLUX_DOUBLE = {"norm1.linear": ("img_mod.lin", 0), "norm1_context.linear": ("txt_mod.lin", 0),
                 "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1),
                 "attn.to_v": ("img_attn.qkv", 2), "attn.add_q_proj": ("txt_attn.qkv", 0),
@@ -502,61 +507,94 @@ _FLUX_DOUBLE = {"norm1.linear": ("img_mod.lin", 0), "norm1_context.linear": ("tx
                 "attn.to_out.0": ("img_attn.proj", 0), "attn.to_add_out": ("txt_attn.proj", 0),
                 "ff.net.0.proj": ("img_mlp.0", 0), "ff.net.2": ("img_mlp.2", 0),
                 "ff_context.net.0.proj": ("txt_mlp.0", 0), "ff_context.net.2": ("txt_mlp.2", 0)}
-_FLUX_DOUBLE_NORMS = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale",
-                      "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
-                      "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
-                      "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale"}
+_FLUX_DOUBLE_FULL = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+                     "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+                     "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+                     "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale"}
 _FLUX_SINGLE = {"norm.linear": ("modulation.lin", 0), "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1),
                 "attn.to_v": ("linear1", 2), "proj_mlp": ("linear1", 3), "proj_out": ("linear2", 0)}
-_FLUX_SINGLE_NORMS = {"attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
-_FLUX_PARTS = {"img_attn.qkv": 3, "txt_attn.qkv": 3, "linear1": 4}
+_FLUX_SINGLE_FULL = {"attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
+_SD3_TOP = {"pos_embed.proj": ("x_embedder.proj", 0), "context_embedder": ("context_embedder", 0),
+            "time_text_embed.timestep_embedder.linear_1": ("t_embedder.mlp.0", 0),
+            "time_text_embed.timestep_embedder.linear_2": ("t_embedder.mlp.2", 0),
+            "time_text_embed.text_embedder.linear_1": ("y_embedder.mlp.0", 0),
+            "time_text_embed.text_embedder.linear_2": ("y_embedder.mlp.2", 0),
+            "norm_out.linear": ("final_layer.adaLN_modulation.1", 0), "proj_out": ("final_layer.linear", 0)}
+_SD3_BLOCK = {"norm1.linear": ("x_block.adaLN_modulation.1", 0),
+              "norm1_context.linear": ("context_block.adaLN_modulation.1", 0),
+              "attn.to_q": ("x_block.attn.qkv", 0), "attn.to_k": ("x_block.attn.qkv", 1),
+              "attn.to_v": ("x_block.attn.qkv", 2), "attn.add_q_proj": ("context_block.attn.qkv", 0),
+              "attn.add_k_proj": ("context_block.attn.qkv", 1), "attn.add_v_proj": ("context_block.attn.qkv", 2),
+              "attn.norm_q": ("x_block.attn.ln_q", 0), "attn.norm_k": ("x_block.attn.ln_k", 0),
+              "attn.norm_added_q": ("context_block.attn.ln_q", 0), "attn.norm_added_k": ("context_block.attn.ln_k", 0),
+              "attn.to_out.0": ("x_block.attn.proj", 0), "attn.to_add_out": ("context_block.attn.proj", 0),
+              "attn2.to_q": ("x_block.attn2.qkv", 0), "attn2.to_k": ("x_block.attn2.qkv", 1),
+              "attn2.to_v": ("x_block.attn2.qkv", 2), "attn2.norm_q": ("x_block.attn2.ln_q", 0),
+              "attn2.norm_k": ("x_block.attn2.ln_k", 0), "attn2.to_out.0": ("x_block.attn2.proj", 0),
+              "ff.net.0.proj": ("x_block.mlp.fc1", 0), "ff.net.2": ("x_block.mlp.fc2", 0),
+              "ff_context.net.0.proj": ("context_block.mlp.fc1", 0), "ff_context.net.2": ("context_block.mlp.fc2", 0)}
+# arch -> (top modules, top full names, {diffusers block list: (original list, modules, full names)},
+#          original modules whose rows' halves are exchanged, the same in the last block only)
+_DIT_LAYOUTS = {
+    "flux": (_FLUX_TOP, {}, {"transformer_blocks": ("double_blocks", _FLUX_DOUBLE, _FLUX_DOUBLE_FULL),
+                             "single_transformer_blocks": ("single_blocks", _FLUX_SINGLE, _FLUX_SINGLE_FULL)},
+             {"final_layer.adaLN_modulation.1"}, set()),
+    # SD3's last block has no context output: diffusers' AdaLayerNormContinuous orders its
+    # modulation scale, shift; the original shift, scale
+    "sd3": (_SD3_TOP, {"pos_embed.pos_embed": "pos_embed"}, {"transformer_blocks": ("joint_blocks", _SD3_BLOCK, {})},
+            {"final_layer.adaLN_modulation.1"}, {"context_block.adaLN_modulation.1"}),
+}
 
 
-def _flux_original_layout(names: List[str], where: str) -> List[tuple]:
-    """(original name, diffusers names whose rows it joins, swap halves) for a FluxTransformer2DModel
-    in the single-file (Black Forest Labs) layout, each name prefixed ``model.diffusion_model.``."""
+def _dit_original_layout(arch: str, names: List[str], where: str) -> List[tuple]:
+    """(original name, diffusers names whose rows it joins, swap halves) for a Flux or SD3
+    transformer in its single-file layout, each name prefixed ``model.diffusion_model.``."""
     import re
 
+    top, top_full, block_lists, swap_top, swap_last = _DIT_LAYOUTS[arch]
+    lists = "|".join(re.escape(k) for k in block_lists)
+    last = {k: max((int(m.group(2)) for n in names if (m := re.match(rf"({re.escape(k)})\.(\d+)\.", n))),
+                   default=-1) for k in block_lists}
     fused: Dict[str, Dict[int, str]] = {}
+    want: Dict[str, int] = {}
+    swap: Dict[str, bool] = {}
     order: List[str] = []
 
-    def put(out: str, pos: int, src: str) -> None:
+    def put(out: str, pos: int, src: str, parts: int, exchange: bool) -> None:
         if out not in fused:
             fused[out] = {}
             order.append(out)
         fused[out][pos] = src
+        want[out], swap[out] = parts, exchange
+
+    def parts_of(table: Dict[str, tuple], original: str) -> int:
+        return 1 + max(p for o, p in table.values() if o == original)
 
     for n in names:
-        m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", n)
+        m = re.match(rf"({lists})\.(\d+)\.(.+)$", n)
         if m:
-            double = m.group(1) == "transformer_blocks"
-            head = f"{'double_blocks' if double else 'single_blocks'}.{m.group(2)}."
-            rest = m.group(3)
-            norms = _FLUX_DOUBLE_NORMS if double else _FLUX_SINGLE_NORMS
-            if rest in norms:
-                put(head + norms[rest], 0, n)
-                continue
-            module, _, param = rest.rpartition(".")
-            table = _FLUX_DOUBLE if double else _FLUX_SINGLE
-            if module not in table or param not in ("weight", "bias"):
-                raise ConfigurationError(f"{where}: tensor {n!r} has no name in the original Flux layout")
-            original, pos = table[module]
-            put(f"{head}{original}.{param}", pos, n)
+            head_name, modules, full = block_lists[m.group(1)]
+            head, rest = f"{head_name}.{m.group(2)}.", m.group(3)
+            in_last = int(m.group(2)) == last[m.group(1)]
+        else:
+            modules, full, head, rest, in_last = top, top_full, "", n, False
+        if rest in full:
+            put(head + full[rest], 0, n, 1, False)
             continue
-        module, _, param = n.rpartition(".")
-        if module not in _FLUX_TOP or param not in ("weight", "bias"):
-            raise ConfigurationError(f"{where}: tensor {n!r} has no name in the original Flux layout")
-        put(f"{_FLUX_TOP[module]}.{param}", 0, n)
+        module, _, param = rest.rpartition(".")
+        if module not in modules or param not in ("weight", "bias"):
+            raise ConfigurationError(f"{where}: tensor {n!r} has no name in the original {arch} layout")
+        original, pos = modules[module]
+        exchange = (not head and original in swap_top) or (bool(head) and in_last and original in swap_last)
+        put(f"{head}{original}.{param}", pos, n, parts_of(modules, original), exchange)
 
     layout = []
     for out in order:
-        module = out.rsplit(".", 1)[0].split(".", 2)[-1] if out.startswith(("double_blocks", "single_blocks")) else ""
-        want = _FLUX_PARTS.get(module, 1)
         got = fused[out]
-        if sorted(got) != list(range(want)):
-            raise ConfigurationError(f"{where}: {out!r} joins {want} tensors; the model has {sorted(got.values())}")
-        layout.append((ORIGINAL_PREFIX + out, [got[i] for i in range(want)],
-                       out.startswith("final_layer.adaLN_modulation")))
+        if sorted(got) != list(range(want[out])):
+            raise ConfigurationError(f"{where}: {out!r} joins {want[out]} tensors; the model has "
+                                     f"{sorted(got.values())}")
+        layout.append((ORIGINAL_PREFIX + out, [got[i] for i in range(want[out])], swap[out]))
     return layout
 
 

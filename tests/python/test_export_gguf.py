@@ -147,7 +147,7 @@ def test_export_command(tmp_path, capsys):
     assert main(["export", str(out), str(tmp_path / "o.gguf"), "--arch", "sd1"]) == 2
     assert "UNet2DConditionModel; config.json has None" in capsys.readouterr().err
     assert main(["export", str(out), str(tmp_path / "o.gguf"), "--arch", "flux"]) == 2
-    assert "'blocks.0.attn.to_q.weight' has no name in the original Flux layout" in capsys.readouterr().err
+    assert "'blocks.0.attn.to_q.weight' has no name in the original flux layout" in capsys.readouterr().err
     assert main(["export", str(out), str(tmp_path / "o.gguf"), "--packed-convs"]) == 2
     assert "packed_convs is ComfyUI-GGUF's layout" in capsys.readouterr().err
     assert not (tmp_path / "o.gguf").exists()
@@ -208,6 +208,35 @@ def test_diffusers_loads_an_exported_unet(tmp_path):
                   encoder_hidden_states=torch.randn(1, 8, 256, generator=g))
     err, r = _diffusers_round_trip(tmp_path, UNet2DConditionModel, model, inputs)
     assert r["copied"] > 0 and len(r["dequantized"]) > 0  # 3x3 convolutions written F16
+    assert err < 5e-3, err
+
+
+@pytest.mark.parametrize("sd35", [False, True])
+def test_diffusers_converts_our_sd3_original_layout(tmp_path, sd35):
+    """SD3 in its single-file layout (joint_blocks, x_block.attn.qkv joined as stored, the last
+    block's context modulation with its halves exchanged), converted back by diffusers' own
+    converter; SD 3.5's q/k norms and dual attention (attn2) too."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    extra = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if sd35 else {}
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64,
+                                  num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=256,
+                                  pooled_projection_dim=256, out_channels=4, pos_embed_max_size=16, **extra).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, 256, generator=g),
+                  pooled_projections=torch.randn(1, 256, generator=g), timestep=torch.tensor([500.0]))
+    err, r = _diffusers_round_trip(tmp_path, SD3Transformer2DModel, model, inputs, arch="sd3")
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    p = "model.diffusion_model."
+    assert {p + "joint_blocks.1.x_block.attn.qkv.weight", p + "joint_blocks.1.context_block.adaLN_modulation.1.weight",
+            p + "pos_embed", p + "final_layer.linear.weight"} <= names
+    if sd35:
+        assert {p + "joint_blocks.0.x_block.attn2.qkv.weight", p + "joint_blocks.0.x_block.attn.ln_q.weight"} <= names
+    assert r["arch"] == "sd3" and r["copied"] > 0
     assert err < 5e-3, err
 
 
