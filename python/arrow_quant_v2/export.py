@@ -169,15 +169,15 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
     out_path, parent = _check_output(out_path, overwrite)
     prefix = f"{comp}/" if comp else ""
     names = [q[len(prefix):] for q in model.tensor_names(comp)]
-    if arch == "diffusers":
-        layout = [(n, [n], False) for n in names]
-    elif arch in ORIGINAL_ARCHS:
-        rename = _unet_original_names(config, cfg_dir)
-        layout = [(rename(n), [n], False) for n in names]
-    elif arch in DIT_ARCHS:
+    if arch in DIT_ARCHS:  # several stored tensors to one written tensor
         layout = _dit_original_layout(arch, names, cfg_dir)
-    else:
-        rename = _llama_names(gguf, arch, config, model.path)
+    else:  # one to one
+        if arch == "diffusers":
+            rename = lambda n: n  # noqa: E731
+        elif arch in ORIGINAL_ARCHS:
+            rename = _unet_original_names(config, cfg_dir)
+        else:
+            rename = _llama_names(gguf, arch, config, model.path)
         layout = [(rename(n), [n], False) for n in names]
 
     # Plan every tensor before writing anything: the errors name every layer at once.
@@ -305,7 +305,7 @@ def _unet_original_names(config: Optional[Dict[str, Any]], where: str):
         "conv_in.": ("input_blocks.0.0.", False), "conv_norm_out.": ("out.0.", False), "conv_out.": ("out.2.", False),
         "mid_block.resnets.0.": ("middle_block.0.", True), "mid_block.attentions.0.": ("middle_block.1.", False),
         "mid_block.resnets.1.": ("middle_block.2.", True)}
-    for i, kind in enumerate(down):
+    for i in range(len(down)):
         for j in range(lpb):
             k = 1 + i * (lpb + 1) + j
             blocks[f"down_blocks.{i}.resnets.{j}."] = (f"input_blocks.{k}.0.", True)
@@ -567,8 +567,10 @@ def _dit_original_layout(arch: str, names: List[str], where: str) -> List[tuple]
         fused[out][pos] = src
         want[out], swap[out] = parts, exchange
 
-    def parts_of(table: Dict[str, tuple], original: str) -> int:
-        return 1 + max(p for o, p in table.values() if o == original)
+    parts_of: Dict[str, int] = {}  # original module -> how many diffusers modules it joins
+    for table in [top] + [modules for _, modules, _ in block_lists.values()]:
+        for original, pos in table.values():
+            parts_of[original] = max(parts_of.get(original, 0), pos + 1)
 
     for n in names:
         m = re.match(rf"({lists})\.(\d+)\.(.+)$", n)
@@ -586,7 +588,7 @@ def _dit_original_layout(arch: str, names: List[str], where: str) -> List[tuple]
             raise ConfigurationError(f"{where}: tensor {n!r} has no name in the original {arch} layout")
         original, pos = modules[module]
         exchange = (not head and original in swap_top) or (bool(head) and in_last and original in swap_last)
-        put(f"{head}{original}.{param}", pos, n, parts_of(modules, original), exchange)
+        put(f"{head}{original}.{param}", pos, n, parts_of[original], exchange)
 
     layout = []
     for out in order:
