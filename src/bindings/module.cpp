@@ -13,6 +13,7 @@
 #include <regex>
 #include <stdexcept>
 
+#include "common/strcat.h"
 #include "common/thread_pool.h"
 #include "engine/array_quantizer.h"
 #include "engine/config.h"
@@ -21,6 +22,7 @@
 #include "engine/tensor_job.h"
 #include "io/modality.h"
 #include "io/model_source.h"
+#include "quant/decode_into.h"
 #include "quant/hadamard.h"
 #include "quant/pack.h"
 #include "quant/rans.h"
@@ -250,6 +252,60 @@ nb::dict info_dict(const aq::StoredTensorInfo& t) {
   return d;
 }
 
+// The worker threads the runtime decodes layers on (one per hardware thread; the calling thread
+// takes a share too). Created on first use, never torn down while the module lives.
+aq::ThreadPool& runtime_pool() {
+  static aq::ThreadPool* pool = new aq::ThreadPool(0);
+  return *pool;
+}
+
+// One quantized layer's stored bytes, kept in memory for the PyTorch runtime, which decodes
+// them into a scratch tensor before every dense op (arrow_quant_v2.runtime).
+class PackedLayer {
+ public:
+  PackedLayer(aq::LoadedTensor t, const aq::StoredTensorInfo& info, std::string where)
+      : t_(std::move(t)), scheme_(info.scheme), rows_(info.rows()), cols_(info.cols()), where_(std::move(where)) {
+    if (auto st = aq::check_encoded(scheme_, rows_, cols_, view()); !st.ok()) raise(st.WithPrefix(where_ + ": "));
+    if (scheme_.kind == aq::SchemeKind::kEntropy && !t_.table) t_.table = unwrap(aq::make_decode_table(t_.payload));
+  }
+  uint64_t rows() const { return rows_; }
+  uint64_t cols() const { return cols_; }
+  // Bytes held: codes, scales and zero points (entropy side tables not counted).
+  uint64_t nbytes() const { return t_.payload.codes.size() + t_.payload.scales.size() + t_.payload.zero_points.size(); }
+
+  // Decodes every value into out: a C-contiguous CPU array (numpy or torch) of rows * cols
+  // float32, float16 or bfloat16 values, on `threads` threads (<= 1: this thread only).
+  void decode_into(nb::ndarray<nb::device::cpu, nb::c_contig> out, int threads) const {
+    const auto dt = out.dtype();
+    aq::OutType t;
+    if (dt == nb::dtype<float>()) t = aq::OutType::kF32;
+    else if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16 && dt.lanes == 1) t = aq::OutType::kF16;
+    else if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16 && dt.lanes == 1) t = aq::OutType::kBF16;
+    else raise(aq::InvalidConfig(where_ + ": decode_into: out must be float32, float16 or bfloat16"));
+    if (out.size() != rows_ * cols_)
+      raise(aq::InvalidConfig(aq::StrCat(where_, ": decode_into: out holds ", out.size(), " values, the tensor ", rows_ * cols_)));
+    aq::Status st;
+    {
+      nb::gil_scoped_release release;
+      st = aq::decode_into(scheme_, rows_, cols_, view(), t, out.data(), threads > 1 ? &runtime_pool() : nullptr,
+                           threads);
+    }
+    if (!st.ok()) raise(st.WithPrefix(where_ + ": "));
+  }
+
+ private:
+  aq::EncodedView view() const {
+    aq::EncodedView v = t_.payload;
+    v.entropy = t_.entropy.get();
+    v.table = t_.table.get();
+    return v;
+  }
+  aq::LoadedTensor t_;
+  aq::QuantScheme scheme_;
+  uint64_t rows_, cols_;
+  std::string where_;
+};
+
 class WeightsReader {
  public:
   explicit WeightsReader(const std::string& path) : src_(unwrap(aq::ParquetSource::Open(path))) {}
@@ -293,6 +349,22 @@ class WeightsReader {
     if (scale.empty()) d["input_scale"] = nb::none();
     else d["input_scale"] = float_array(std::vector<float>(scale), {scale.size()});
     return d;
+  }
+
+  // The stored bytes of a quantized tensor, for the runtime (ModelFormatError when they do not
+  // match its scheme and shape).
+  PackedLayer layer(size_t index) const {
+    check(index);
+    const auto& info = src_->tensors()[index];
+    const std::string where = src_->path() + ": tensor '" + info.name + "'";
+    if (!info.quantized) raise(aq::InvalidConfig(where + " is not quantized (kept as it was)"));
+    std::optional<aq::Result<aq::LoadedTensor>> r;
+    {
+      nb::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mu_);
+      r.emplace(src_->read(index));
+    }
+    return PackedLayer(unwrap(std::move(*r)), info, where);
   }
 
   size_t size() const { return src_->tensors().size(); }
@@ -534,11 +606,18 @@ NB_MODULE(_core, m) {
       .def("decode", &Encoded::decode)
       .def("decode_rows", &Encoded::decode_rows, nb::arg("r0"), nb::arg("nr"), nb::arg("out"));
 
+  nb::class_<PackedLayer>(m, "PackedLayer")
+      .def_prop_ro("rows", &PackedLayer::rows)
+      .def_prop_ro("cols", &PackedLayer::cols)
+      .def_prop_ro("nbytes", &PackedLayer::nbytes)
+      .def("decode_into", &PackedLayer::decode_into, nb::arg("out"), nb::arg("threads") = 1);
+
   nb::class_<WeightsReader>(m, "WeightsReader")
       .def(nb::init<const std::string&>(), nb::arg("path"))
       .def("tensors", &WeightsReader::tensors)
       .def("dequantize", &WeightsReader::dequantize, nb::arg("index"))
       .def("packed", &WeightsReader::packed, nb::arg("index"))
+      .def("layer", &WeightsReader::layer, nb::arg("index"))
       .def("__len__", &WeightsReader::size)
       .def_prop_ro("path", &WeightsReader::path);
 }
