@@ -276,12 +276,7 @@ class PackedLayer {
   // Decodes every value into out: a C-contiguous CPU array (numpy or torch) of rows * cols
   // float32, float16 or bfloat16 values, on `threads` threads (<= 1: this thread only).
   void decode_into(nb::ndarray<nb::device::cpu, nb::c_contig> out, int threads) const {
-    const auto dt = out.dtype();
-    aq::OutType t;
-    if (dt == nb::dtype<float>()) t = aq::OutType::kF32;
-    else if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16 && dt.lanes == 1) t = aq::OutType::kF16;
-    else if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16 && dt.lanes == 1) t = aq::OutType::kBF16;
-    else raise(aq::InvalidConfig(where_ + ": decode_into: out must be float32, float16 or bfloat16"));
+    const aq::OutType t = out_type(out, "decode_into");
     if (out.size() != rows_ * cols_)
       raise(aq::InvalidConfig(aq::StrCat(where_, ": decode_into: out holds ", out.size(), " values, the tensor ", rows_ * cols_)));
     aq::Status st;
@@ -293,7 +288,29 @@ class PackedLayer {
     if (!st.ok()) raise(st.WithPrefix(where_ + ": "));
   }
 
+  // Rows [r0, r0 + nr) into out (nr * cols values), on this thread: embedding lookups.
+  void decode_rows_into(nb::ndarray<nb::device::cpu, nb::c_contig> out, uint64_t r0, uint64_t nr) const {
+    const aq::OutType t = out_type(out, "decode_rows_into");
+    if (out.size() != nr * cols_)
+      raise(aq::InvalidConfig(aq::StrCat(where_, ": decode_rows_into: out holds ", out.size(), " values, ", nr,
+                                         " rows ", nr * cols_)));
+    aq::Status st;
+    {
+      nb::gil_scoped_release release;
+      st = aq::decode_rows_into(scheme_, rows_, cols_, view(), t, r0, nr, out.data());
+    }
+    if (!st.ok()) raise(st.WithPrefix(where_ + ": "));
+  }
+  uint64_t decode_granularity() const { return aq::decode_granularity(scheme_, view()); }
+
  private:
+  aq::OutType out_type(const nb::ndarray<nb::device::cpu, nb::c_contig>& out, const char* what) const {
+    const auto dt = out.dtype();
+    if (dt == nb::dtype<float>()) return aq::OutType::kF32;
+    if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16 && dt.lanes == 1) return aq::OutType::kF16;
+    if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16 && dt.lanes == 1) return aq::OutType::kBF16;
+    raise(aq::InvalidConfig(where_ + ": " + what + ": out must be float32, float16 or bfloat16"));
+  }
   aq::EncodedView view() const {
     aq::EncodedView v = t_.payload;
     v.entropy = t_.entropy.get();
@@ -610,7 +627,9 @@ NB_MODULE(_core, m) {
       .def_prop_ro("rows", &PackedLayer::rows)
       .def_prop_ro("cols", &PackedLayer::cols)
       .def_prop_ro("nbytes", &PackedLayer::nbytes)
-      .def("decode_into", &PackedLayer::decode_into, nb::arg("out"), nb::arg("threads") = 1);
+      .def_prop_ro("decode_granularity", &PackedLayer::decode_granularity)
+      .def("decode_into", &PackedLayer::decode_into, nb::arg("out"), nb::arg("threads") = 1)
+      .def("decode_rows_into", &PackedLayer::decode_rows_into, nb::arg("out"), nb::arg("r0"), nb::arg("nr"));
 
   nb::class_<WeightsReader>(m, "WeightsReader")
       .def(nb::init<const std::string&>(), nb::arg("path"))

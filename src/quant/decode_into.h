@@ -23,4 +23,9 @@ enum class OutType { kF32, kF16, kBF16 };
 Status decode_into(const QuantScheme& scheme, uint64_t rows, uint64_t cols, const EncodedView& v, OutType t, void* out,
                    ThreadPool* pool, int tasks);
 
+// Rows [r0, r0 + nr) into out (nr x cols values of type t), on this thread: an embedding's
+// looked-up rows. r0 and nr in whole decoding units (decode_granularity), else InvalidConfig.
+Status decode_rows_into(const QuantScheme& scheme, uint64_t rows, uint64_t cols, const EncodedView& v, OutType t,
+                        uint64_t r0, uint64_t nr, void* out);
+
 }  // namespace aq

@@ -20,6 +20,9 @@ namespace aq {
 // Decodes `nblocks` consecutive blocks of type t from `in` into `out` (nblocks * block floats).
 void ggml_decode(GgmlType t, const uint8_t* in, uint64_t nblocks, float* out);
 void ggml_decode_reference(GgmlType t, const uint8_t* in, uint64_t nblocks, float* out);
+// The same values rounded to bfloat16 (round to nearest even, as f32_to_bf16), written directly:
+// false, writing nothing, where this CPU or type has no such path (decode, then convert).
+bool ggml_decode_bf16(GgmlType t, const uint8_t* in, uint64_t nblocks, uint16_t* out);
 
 // The decoded value of weight p of an integer block (exactly what the decoders compute).
 float ggml_block_value(GgmlType t, const GgmlBlock& b, int p);

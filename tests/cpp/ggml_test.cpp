@@ -77,6 +77,24 @@ TEST_P(GgmlTypes, fast_decoder_equals_the_reference_bit_for_bit) {
   ASSERT_EQ(0, std::memcmp(fast.data(), ref.data(), fast.size() * sizeof(float)));
 }
 
+TEST_P(GgmlTypes, bfloat16_decoder_equals_the_float_decoder_rounded) {
+  // the runtime's direct path (where the CPU and type have one) against decode-then-round
+  const GgmlType t = GetParam();
+  const GgmlTraits& tr = ggml_traits(t);
+  std::mt19937 g(5);
+  const int blocks = 41;
+  std::vector<uint8_t> bytes(static_cast<size_t>(blocks * tr.bytes));
+  for (int i = 0; i < blocks; ++i) ggml_pack_block(t, random_block(t, g), bytes.data() + i * tr.bytes);
+  std::vector<float> ref(static_cast<size_t>(blocks * tr.block));
+  ggml_decode_reference(t, bytes.data(), blocks, ref.data());
+  std::vector<uint16_t> out(ref.size(), 0xffff);
+  if (!ggml_decode_bf16(t, bytes.data(), blocks, out.data())) {
+    EXPECT_EQ(out[0], 0xffff);  // nothing written
+    GTEST_SKIP() << "no direct bfloat16 path for " << tr.name << " on this CPU";
+  }
+  for (size_t i = 0; i < ref.size(); ++i) ASSERT_EQ(out[i], f32_to_bf16(ref[i])) << i;
+}
+
 TEST_P(GgmlTypes, the_search_is_never_worse_than_the_llama_start_nor_all_zeros_on_any_block) {
   const GgmlType t = GetParam();
   const int n = ggml_traits(t).block;

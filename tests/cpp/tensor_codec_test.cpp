@@ -7,7 +7,11 @@
 #include <string>
 #include <vector>
 
+#include "common/half.h"
+#include "common/thread_pool.h"
 #include "engine/tensor_job.h"
+#include "quant/decode_into.h"
+#include "quant/ggml_types.h"
 #include "quant/pack.h"
 #include "quant/tensor_codec.h"
 #include "test_util.h"
@@ -316,6 +320,43 @@ TEST(Scheme, names_and_sizes_follow_the_layout) {
   EXPECT_EQ(r.code_bytes, 8u);
   EXPECT_EQ(r.scale_bytes, 12u);
   EXPECT_EQ(r.zero_point_bytes, 0u);
+}
+
+TEST(DecodeInto, every_output_type_and_thread_count_gives_the_decoded_values_rounded) {
+  // the PyTorch runtime's decoder (quant/decode_into.h) against decode_tensor
+  const size_t rows = 37, cols = 512;
+  const std::vector<float> w = testing::gaussian(rows * cols, 21, 0.05f);
+  std::vector<QuantScheme> schemes;
+  for (int bits : {3, 4, 8}) {
+    QuantScheme s;
+    s.bits = bits;
+    s.group_size = 64;
+    schemes.push_back(s);
+  }
+  for (GgmlType t : {GgmlType::kQ4_K, GgmlType::kQ8_0, GgmlType::kIQ4_NL, GgmlType::kQ6_K, GgmlType::kQ2_K})
+    schemes.push_back(ggml_scheme(t));
+  ThreadPool pool(3);
+  for (const QuantScheme& s : schemes) {
+    ASSERT_OK_AND_ASSIGN(EncodedTensor e, encode(Matrix{w, rows, cols}, s));
+    const std::vector<float> ref = decode(e);
+    for (int tasks : {1, 2, 4, 64}) {
+      std::vector<float> f(rows * cols, -1.0f);
+      ASSERT_OK(decode_into(s, rows, cols, e.view(), OutType::kF32, f.data(), &pool, tasks));
+      ASSERT_EQ(f, ref) << scheme_name(s) << " tasks " << tasks;
+      std::vector<uint16_t> b(rows * cols), h(rows * cols);
+      ASSERT_OK(decode_into(s, rows, cols, e.view(), OutType::kBF16, b.data(), &pool, tasks));
+      ASSERT_OK(decode_into(s, rows, cols, e.view(), OutType::kF16, h.data(), &pool, tasks));
+      for (size_t i = 0; i < ref.size(); ++i) {
+        ASSERT_EQ(b[i], f32_to_bf16(ref[i])) << scheme_name(s) << " " << i;
+        ASSERT_EQ(h[i], f32_to_f16(ref[i])) << scheme_name(s) << " " << i;
+      }
+    }
+    std::vector<uint16_t> part(7 * cols);
+    ASSERT_OK(decode_rows_into(s, rows, cols, e.view(), OutType::kBF16, 5, 7, part.data()));
+    for (size_t i = 0; i < part.size(); ++i) ASSERT_EQ(part[i], f32_to_bf16(ref[5 * cols + i])) << scheme_name(s);
+    EXPECT_EQ(decode_rows_into(s, rows, cols, e.view(), OutType::kBF16, 35, 3, part.data()).code(),
+              StatusCode::kInvalidConfig);
+  }
 }
 
 }  // namespace
