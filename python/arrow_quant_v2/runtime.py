@@ -13,9 +13,9 @@ only the instance's ``forward`` and its ``weight`` are replaced (``weight`` beco
 placeholder of the right shape, dtype and device whose values are NaN, so code that reads
 weights directly fails loudly; ``state_dict()`` returns the decoded values).
 
-Entropy-coded layers cannot be decoded in row blocks fast enough for every call and are decoded
-once at load (a warning says how many bytes that costs). Layers of other kinds holding a
-quantized weight (ConvTranspose, embeddings) get their decoded values too.
+Embeddings keep their bytes too and decode only the rows looked up. Entropy-coded layers cannot
+be decoded fast enough for every call and are decoded once at load (a warning says how many
+bytes that costs); so are quantized weights of other layer kinds (ConvTranspose, ...).
 
 With activation parameters in the model (quantized with ``activation_bits`` and calibration,
 ``activations.parquet``), each quantized layer's input is fake-quantized on the fly with the
@@ -52,7 +52,7 @@ from .loader import _NUMPY_RAW, _TORCH_DTYPES, QuantizedModel, QuantizedTensor, 
 
 __all__ = ["apply", "load_model", "load_pipeline", "step", "resident_bytes", "PackedLayerState"]
 
-_PACKED_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PACKED_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # ConvTranspose is not a subclass of these
 _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 
@@ -205,6 +205,21 @@ def _conv_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self._conv_forward(x, st.weight(x.dtype, _needs_fresh(x)), self.bias)
 
 
+def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    # only the looked-up rows are decoded (each distinct index once)
+    st: PackedLayerState = self._aq_state
+    flat = ids.reshape(-1)
+    rows, dim = st.shape
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
+        raise IndexError(f"{st.name}: index out of range for an embedding of {rows} rows "
+                         f"(got {int(flat.min())} .. {int(flat.max())})")
+    uniq, inverse = torch.unique(flat, return_inverse=True)
+    table = torch.empty(uniq.numel(), dim, dtype=self.weight.dtype)
+    for i, r in enumerate(uniq.tolist()):
+        st.packed.decode_rows_into(table[i], r, 1)
+    return table[inverse].reshape(*ids.shape, dim)
+
+
 def _state_dict_hook(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
     st: Optional[PackedLayerState] = getattr(module, "_aq_state", None)
     key = prefix + "weight"
@@ -301,7 +316,8 @@ def apply(module: nn.Module, quant_dir: Union[str, os.PathLike, QuantizedModel],
     """Puts the stored model of ``quant_dir`` (its ``component``, e.g. ``"unet"``; may be omitted
     for a single-component directory) into ``module``, in place, and returns it.
 
-    Quantized weights of Linear and Conv1d/2d/3d layers stay packed (see the module docstring);
+    Quantized weights of Linear, Conv1d/2d/3d and Embedding layers stay packed (see the module
+    docstring; a tied output head shares its embedding's bytes);
     every other stored tensor (biases, norms, kept layers) is loaded into its parameter or buffer,
     in ``torch_dtype`` if given, else the parameter's current dtype (or, on the meta device, the
     source dtype). The module may have been built on the meta device
@@ -346,8 +362,9 @@ def apply(module: nn.Module, quant_dir: Union[str, os.PathLike, QuantizedModel],
                                  else None)
         if owner is None:
             raise ModelFormatError(f"{where}: tensor {name!r} has no module {owner_name!r} in {type(module).__name__}")
-        if (t.quantized and leaf == "weight" and isinstance(owner, _PACKED_KINDS)
-                and not isinstance(owner, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))):
+        embedding = (isinstance(owner, nn.Embedding) and owner.max_norm is None and len(t.shape) == 2
+                     and t.info.get("scheme_kind") != "entropy")
+        if t.quantized and leaf == "weight" and (isinstance(owner, _PACKED_KINDS) or embedding):
             shape = tuple(owner.weight.shape)
             if shape != tuple(t.shape) and not _same_but_unit_dims(shape, tuple(t.shape)):
                 raise ModelFormatError(f"{where}: tensor {name!r} has shape {list(t.shape)}, the module's "
@@ -369,7 +386,8 @@ def apply(module: nn.Module, quant_dir: Union[str, os.PathLike, QuantizedModel],
                                   t.input_scale if dense is None else None, acts, t.scheme, threads)
             owner._aq_state = st
             owner._parameters["weight"] = _placeholder(shape, dtype)
-            fwd = _linear_forward if isinstance(owner, nn.Linear) else _conv_forward
+            fwd = (_linear_forward if isinstance(owner, nn.Linear) else _embedding_forward if embedding
+                   else _conv_forward)
             owner.forward = types.MethodType(fwd, owner)
             if not getattr(owner, "_aq_hooked", False):
                 owner._register_state_dict_hook(_state_dict_hook)
@@ -382,6 +400,7 @@ def apply(module: nn.Module, quant_dir: Union[str, os.PathLike, QuantizedModel],
                 current.copy_(value)
         else:
             _set_tensor(module, name, value, where)
+    _tie(module)
     missing = [n for n, p in module.named_parameters() if p.is_meta and n not in seen]
     if missing:
         raise ModelFormatError(f"{where}: {len(missing)} parameters of {type(module).__name__} have no stored tensor "
@@ -415,6 +434,22 @@ def apply(module: nn.Module, quant_dir: Union[str, os.PathLike, QuantizedModel],
     return module
 
 
+def _tie(module: nn.Module) -> None:
+    """Tied weights (transformers' tie_word_embeddings: the output head shares the embedding,
+    which is stored once): re-tie, and let a layer whose weight is now another layer's packed
+    placeholder compute from that layer's stored bytes."""
+    tie = getattr(module, "tie_weights", None)
+    if callable(tie):
+        tie()
+    owners = {id(m.weight): m._aq_state for m in module.modules() if getattr(m, "_aq_state", None) is not None}
+    for m in module.modules():
+        if getattr(m, "_aq_state", None) is None and isinstance(m, nn.Linear) and id(m.weight) in owners:
+            st = owners[id(m.weight)]
+            if st.dense is None and tuple(m.weight.shape) == st.shape:
+                m._aq_state = st
+                m.forward = types.MethodType(_linear_forward, m)
+
+
 def packed_layers(module: nn.Module) -> Dict[str, PackedLayerState]:
     """{module name: its PackedLayerState} of every swapped layer of ``module``."""
     return {n: m._aq_state for n, m in module.named_modules() if getattr(m, "_aq_state", None) is not None}
@@ -424,9 +459,9 @@ def resident_bytes(module: nn.Module) -> Dict[str, int]:
     """Memory of ``module``'s weights as it runs: ``packed`` (stored bytes of the swapped layers),
     ``decoded`` (entropy-coded layers decoded at load), ``dense`` (every other parameter and
     buffer), ``scratch`` (this thread's decode buffers) and ``total``."""
-    layers = packed_layers(module)
-    packed = sum(s.nbytes for s in layers.values() if s.dense is None)
-    decoded = sum(s.nbytes for s in layers.values() if s.dense is not None)
+    states = {id(s): s for s in packed_layers(module).values()}.values()  # a tied head shares its state
+    packed = sum(s.nbytes for s in states if s.dense is None)
+    decoded = sum(s.nbytes for s in states if s.dense is not None)
     placeholders = {id(m.weight) for m in module.modules() if getattr(m, "_aq_state", None) is not None}
     dense = sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in placeholders)
     dense += sum(b.numel() * b.element_size() for b in module.buffers())
@@ -512,11 +547,12 @@ def load_model(quant_dir: Union[str, os.PathLike], component: Optional[str] = No
 
 
 def load_pipeline(quant_dir: Union[str, os.PathLike], torch_dtype: Optional[torch.dtype] = None, device: Any = None,
-                  **apply_kwargs: Any) -> Any:
+                  pipeline_kwargs: Optional[Dict[str, Any]] = None, **apply_kwargs: Any) -> Any:
     """The diffusers pipeline of ``quant_dir``'s ``model_index.json``: its quantized components built
     by :func:`load_model` (weights kept packed), the others loaded by diffusers from the copied
-    files. ``torch_dtype`` applies to every component (default: each quantized component's source
-    dtype; diffusers' default for the others). A directory without ``model_index.json`` gives its
+    files. ``torch_dtype`` applies to every component (default: the source dtype of the first
+    quantized component, e.g. bfloat16). ``pipeline_kwargs`` go to diffusers' ``from_pretrained``;
+    other keyword arguments to :func:`apply`. A directory without ``model_index.json`` gives its
     single model (as :func:`load_model`)."""
     _check_device(device)
     model = load(quant_dir)
@@ -526,16 +562,24 @@ def load_pipeline(quant_dir: Union[str, os.PathLike], torch_dtype: Optional[torc
     import diffusers
 
     with open(index, encoding="utf-8") as f:
-        cls_name = json.load(f).get("_class_name")
+        index_data = json.load(f)
+    cls_name = index_data.get("_class_name")
     cls = getattr(diffusers, cls_name or "", None)
     if cls is None:
         raise ModelFormatError(f"{index}: diffusers has no pipeline class {cls_name!r}")
+    if torch_dtype is None:
+        # the pipeline runs in one dtype: the source dtype of its (first) quantized component
+        torch_dtype = next((_source_dtype(model, c) for c in model.components if c), None)
     parts = {}
     for comp in model.components:
         if not comp:
             continue
         parts[comp] = load_model(model.path, comp, torch_dtype=torch_dtype, **apply_kwargs)
     kwargs: Dict[str, Any] = dict(parts)
+    # components the pipeline was saved without ([null, null]): diffusers wants them passed as None
+    kwargs.update({k: None for k, v in index_data.items()
+                   if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None})
+    kwargs.update(pipeline_kwargs or {})
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     with warnings.catch_warnings():

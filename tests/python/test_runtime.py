@@ -110,15 +110,17 @@ class Layers(torch.nn.Module):
         self.c2g = torch.nn.Conv2d(32, 64, 3, groups=2, padding=1)
         self.c3 = torch.nn.Conv3d(8, 16, (2, 4, 4))
         self.norm = torch.nn.LayerNorm(64)
+        self.emb = torch.nn.Embedding(300, 256)
 
-    def forward(self, x, s1, s2, s3):
-        return (self.norm(self.lin(x)), self.c1(s1), self.c2g(self.c2(s2)), self.c3(s3))
+    def forward(self, x, s1, s2, s3, ids):
+        return (self.norm(self.lin(x)), self.c1(s1), self.c2g(self.c2(s2)), self.c3(s3), self.emb(ids))
 
 
 def _inputs(dtype=torch.float32):
     g = torch.Generator().manual_seed(3)
     return (torch.randn(5, 256, generator=g).to(dtype), torch.randn(2, 32, 40, generator=g).to(dtype),
-            torch.randn(2, 16, 18, 18, generator=g).to(dtype), torch.randn(1, 8, 6, 12, 12, generator=g).to(dtype))
+            torch.randn(2, 16, 18, 18, generator=g).to(dtype), torch.randn(1, 8, 6, 12, 12, generator=g).to(dtype),
+            torch.tensor([[3, 299, 3], [0, 17, 250]]))
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,7 @@ def test_each_layer_kind_computes_as_the_dequantized_module(layers_model, tmp_pa
     _quantize(layers_model, out, **cfg)
     model = aq.load(out)
     swapped = [n for n in model.tensor_names() if model[n].quantized]
-    assert len(swapped) >= 3, swapped
+    assert len(swapped) >= 3 and "emb.weight" in swapped, swapped
     ref = Layers().to(dtype)
     ref.load_state_dict(model.to_torch_state_dict(dtype=dtype))
     m = Layers().to(dtype)
@@ -194,6 +196,8 @@ def test_meta_module_and_shape_errors(layers_model, tmp_path):
         bigger.extra = torch.nn.Linear(4, 4)
     with pytest.raises(aq.ModelFormatError, match="have no stored tensor.*extra"):
         runtime.apply(bigger, out)
+    with pytest.raises(IndexError, match="emb.weight: index out of range"):
+        m.emb(torch.tensor([300]))
 
 
 def test_equalized_layers_scale_their_input(tmp_path):
@@ -273,10 +277,13 @@ def _load_dequantized(module, qm, comp):
     transformers load them)."""
     sd = module.state_dict()
     values = {}
-    for k, v in qm.to_torch_state_dict(comp).items():
+    for k, v in qm.to_torch_state_dict(comp or None).items():
         key = k if k in sd else next(c for c in (k.split(".", 1)[1], f"{module.base_model_prefix}.{k}") if c in sd)
         values[key] = v.reshape(sd[key].shape)
-    module.load_state_dict(values)
+    result = module.load_state_dict(values, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}, result  # tied head
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
 
 
 @pytest.fixture(scope="module")
@@ -317,11 +324,11 @@ def test_pipeline_round_trip(dit_pipeline, tmp_path):
     assert got.shape == want.shape == (1, 16, 16, 3) and np.isfinite(got).all()
     assert np.array_equal(got, want), float(np.abs(got - want).max())
     # the swapped layers hold their stored bytes (4.25 bits per weight, 8.25 for the sensitive
-    # modulation and timestep layers), not 16-bit weights
+    # modulation, timestep and label-embedding layers), not 16-bit weights
     layers = runtime.packed_layers(pipe.transformer)
     assert runtime.resident_bytes(pipe.transformer)["packed"] == sum(
         qm[f"transformer/{n}.weight"].stored_bytes for n in layers)
-    assert runtime.resident_bytes(pipe.transformer)["packed"] <= 0.4 * sum(s.numel * 2 for s in layers.values())
+    assert runtime.resident_bytes(pipe.transformer)["packed"] <= 0.45 * sum(s.numel * 2 for s in layers.values())
     mem = runtime.resident_bytes(pipe.transformer)
     assert mem["dense"] == sum(p.numel() * 2 for n, p in ref.transformer.named_parameters()
                                if n.rsplit(".", 1)[0] not in layers or not n.endswith("weight")) + sum(
@@ -342,6 +349,31 @@ def test_load_model_single_component(demo_quantized, dit_pipeline, tmp_path):
         runtime.load_model(out)
     vae = runtime.load_model(out, "vae", torch_dtype=torch.float32)
     assert type(vae).__name__ == "AutoencoderKL" and vae.dtype == torch.float32
+
+
+def test_transformers_model_with_tied_embeddings(tmp_path):
+    import transformers
+
+    cfg = transformers.Qwen2Config(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    src = tmp_path / "lm"
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(src)
+    out = tmp_path / "q"
+    aq.ArrowQuantV2().quantize_diffusion_model(str(src), str(out), aq.DiffusionQuantConfig(scheme="q8_0",
+                                                                                              modality="text"))
+    qm = aq.load(out)
+    assert "lm_head.weight" not in qm.tensor_names()  # stored once, as the embedding
+    model = runtime.load_model(out, torch_dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head" in runtime.packed_layers(model)
+    ref = transformers.Qwen2ForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+    _load_dequantized(ref, qm, "")
+    ids = torch.tensor([[1, 5, 300, 7, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    mem = runtime.resident_bytes(model)
+    assert mem["packed"] == sum(qm[n].stored_bytes for n in qm.tensor_names() if qm[n].quantized)
 
 
 def test_torch_absent_gives_an_import_error_naming_the_extra(tmp_path):
