@@ -68,6 +68,17 @@ AQ_CLONES void decode_q6_k(const uint8_t* in, uint64_t nb, float* y) {
   }
 }
 
+// Sub-block j's 6-bit scale and min from the 12 packed bytes of a Q4_K / Q5_K block.
+inline __attribute__((always_inline)) void k_scale_min(const uint8_t* q, int j, int* sc, int* m) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
 template <bool kFive>
 inline __attribute__((always_inline)) void decode_q45_k_impl(const uint8_t* in, uint64_t nb, float* y) {
   constexpr size_t kBytes = kFive ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K);
@@ -81,13 +92,7 @@ inline __attribute__((always_inline)) void decode_q45_k_impl(const uint8_t* in, 
     const uint8_t* qs = in + 16 + (kFive ? 32 : 0);
     for (int j = 0; j < 8; ++j) {
       int sc, m;
-      if (j < 4) {
-        sc = q[j] & 63;
-        m = q[j + 4] & 63;
-      } else {
-        sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
-        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-      }
+      k_scale_min(q, j, &sc, &m);
       const float d1 = d * static_cast<float>(sc);
       const float m1 = dmin * static_cast<float>(m);
       const uint8_t* s = qs + 32 * (j / 2);
@@ -149,14 +154,19 @@ AQ_CLONES void decode_q2_k(const uint8_t* in, uint64_t nb, float* y) {
   }
 }
 
+// Sub-block j's scale of an IQ4_XS block: d times its 6-bit signed sub-scale.
+inline __attribute__((always_inline)) float iq4_xs_scale(const BlockIQ4_XS& b, float d, int j) {
+  const int ls = ((b.scales_l[j / 2] >> (4 * (j % 2))) & 15) | (((b.scales_h >> (2 * j)) & 3) << 4);
+  return d * static_cast<float>(ls - 32);
+}
+
 AQ_CLONES void decode_iq4_xs(const uint8_t* in, uint64_t nb, float* y) {
   for (uint64_t i = 0; i < nb; ++i, in += sizeof(BlockIQ4_XS), y += 256) {
     BlockIQ4_XS b;
     std::memcpy(&b, in, sizeof(b));
     const float d = h2f(b.d);
     for (int j = 0; j < 8; ++j) {
-      const int ls = ((b.scales_l[j / 2] >> (4 * (j % 2))) & 15) | (((b.scales_h >> (2 * j)) & 3) << 4);
-      const float dl = d * static_cast<float>(ls - 32);
+      const float dl = iq4_xs_scale(b, d, j);
       const uint8_t* qs = b.qs + 16 * j;
       float* o = y + 32 * j;
       for (int l = 0; l < 16; ++l) {
@@ -212,13 +222,7 @@ __attribute__((target("avx512f"))) void decode_q4_k_bf16(const uint8_t* in, uint
     const uint8_t* qs = in + 16;
     for (int j = 0; j < 8; ++j) {
       int sc, m;
-      if (j < 4) {
-        sc = q[j] & 63;
-        m = q[j + 4] & 63;
-      } else {
-        sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
-        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-      }
+      k_scale_min(q, j, &sc, &m);
       const __m512 d1 = _mm512_set1_ps(d * static_cast<float>(sc));
       const __m512 m1 = _mm512_set1_ps(dmin * static_cast<float>(m));
       const uint8_t* src = qs + 32 * (j / 2);
@@ -272,8 +276,7 @@ __attribute__((target("avx512f"))) void decode_iq4_xs_avx512(const uint8_t* in, 
     std::memcpy(&b, in, sizeof(b));
     const float d = h2f(b.d);
     for (int j = 0; j < 8; ++j) {
-      const int ls = ((b.scales_l[j / 2] >> (4 * (j % 2))) & 15) | (((b.scales_h >> (2 * j)) & 3) << 4);
-      const float dl = d * static_cast<float>(ls - 32);
+      const float dl = iq4_xs_scale(b, d, j);
       iq4_16x2(b.qs + 16 * j, _mm512_mul_ps(_mm512_set1_ps(dl), levels), y + 32 * j, y + 32 * j + 16);
     }
   }

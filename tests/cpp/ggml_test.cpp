@@ -38,6 +38,15 @@ GgmlBlock random_block(GgmlType t, std::mt19937& g) {
   return b;
 }
 
+// `blocks` random blocks of type t, packed back to back.
+std::vector<uint8_t> random_blocks(GgmlType t, int blocks, uint32_t seed) {
+  const GgmlTraits& tr = ggml_traits(t);
+  std::mt19937 g(seed);
+  std::vector<uint8_t> bytes(static_cast<size_t>(blocks * tr.bytes));
+  for (int i = 0; i < blocks; ++i) ggml_pack_block(t, random_block(t, g), bytes.data() + i * tr.bytes);
+  return bytes;
+}
+
 std::vector<float> gaussian(size_t n, float sigma, uint32_t seed) {
   std::mt19937 g(seed);
   std::normal_distribution<float> nd(0.0f, sigma);
@@ -67,10 +76,8 @@ TEST_P(GgmlTypes, packing_round_trips_every_field) {
 TEST_P(GgmlTypes, fast_decoder_equals_the_reference_bit_for_bit) {
   const GgmlType t = GetParam();
   const GgmlTraits& tr = ggml_traits(t);
-  std::mt19937 g(2);
   const int blocks = 37;
-  std::vector<uint8_t> bytes(static_cast<size_t>(blocks * tr.bytes));
-  for (int i = 0; i < blocks; ++i) ggml_pack_block(t, random_block(t, g), bytes.data() + i * tr.bytes);
+  const std::vector<uint8_t> bytes = random_blocks(t, blocks, 2);
   std::vector<float> fast(static_cast<size_t>(blocks * tr.block)), ref(fast.size());
   ggml_decode(t, bytes.data(), blocks, fast.data());
   ggml_decode_reference(t, bytes.data(), blocks, ref.data());
@@ -81,10 +88,8 @@ TEST_P(GgmlTypes, bfloat16_decoder_equals_the_float_decoder_rounded) {
   // the runtime's direct path (where the CPU and type have one) against decode-then-round
   const GgmlType t = GetParam();
   const GgmlTraits& tr = ggml_traits(t);
-  std::mt19937 g(5);
   const int blocks = 41;
-  std::vector<uint8_t> bytes(static_cast<size_t>(blocks * tr.bytes));
-  for (int i = 0; i < blocks; ++i) ggml_pack_block(t, random_block(t, g), bytes.data() + i * tr.bytes);
+  const std::vector<uint8_t> bytes = random_blocks(t, blocks, 5);
   std::vector<float> ref(static_cast<size_t>(blocks * tr.block));
   ggml_decode_reference(t, bytes.data(), blocks, ref.data());
   std::vector<uint16_t> out(ref.size(), 0xffff);
