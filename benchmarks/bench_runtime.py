@@ -19,6 +19,7 @@ median denoiser call after the first.
 
     python benchmarks/bench_runtime.py [--work /tmp/aq-bench-runtime] [--models dit sd15] [--steps 5]
     python benchmarks/bench_runtime.py --layers     # per-layer decode cost, and torch's int4 kernel
+    python benchmarks/bench_runtime.py --paired --steps 10   # step times side by side in one process
 """
 
 from __future__ import annotations
@@ -224,6 +225,39 @@ def layers(work: str) -> dict:
     return res
 
 
+def paired(work: str, model: str, calls: int) -> dict:
+    """The denoiser alone, bf16 and runtime in one process, called alternately on the same input
+    (this machine's speed drifts from minute to minute): median of each, and their ratio."""
+    import torch
+    from diffusers import DiTTransformer2DModel, UNet2DConditionModel
+
+    from arrow_quant_v2 import runtime
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cls = DiTTransformer2DModel if model == "dit" else UNet2DConditionModel
+    dense = cls.from_pretrained(os.path.join(work, model, "source", DENOISER[model]), torch_dtype=torch.bfloat16)
+    packed = runtime.load_model(os.path.join(work, model, "local"), DENOISER[model])
+    g = torch.Generator().manual_seed(0)
+    if model == "dit":
+        args = (torch.randn(1, 4, 32, 32, generator=g).to(torch.bfloat16),)
+        kwargs = {"timestep": torch.tensor([500]), "class_labels": torch.tensor([207])}
+    else:
+        args = (torch.randn(1, 4, 32, 32, generator=g).to(torch.bfloat16), torch.tensor([500]))
+        kwargs = {"encoder_hidden_states": torch.randn(1, 77, 768, generator=g).to(torch.bfloat16)}
+    times = {"bf16": [], "runtime": []}
+    with torch.no_grad():
+        for i in range(calls + 1):
+            for name, m in (("bf16", dense), ("runtime", packed)):
+                t = time.perf_counter()
+                m(*args, **kwargs)
+                if i:  # the first call of each pages weights in / sizes buffers
+                    times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = [r / b for b, r in zip(times["bf16"], times["runtime"])]
+    return {"median_s": med, "ratio_of_medians": med["runtime"] / med["bf16"],
+            "median_pair_ratio": statistics.median(ratios), "times": times}
+
+
 def child(stage: str, common: list, rest: tuple = ()) -> dict:
     r = subprocess.run([sys.executable, __file__] + common + ["--child", stage, *rest], capture_output=True, text=True)
     if r.returncode != 0:
@@ -240,6 +274,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["bf16", "runtime", "dequant"],
                     help="also: runtime-all (every component quantized, the pipeline run by the runtime)")
     ap.add_argument("--layers", action="store_true")
+    ap.add_argument("--paired", action="store_true",
+                    help="step time only: bf16 and runtime denoisers called alternately in one process")
     ap.add_argument("--child", nargs="+")
     args = ap.parse_args()
     if args.child:
@@ -248,6 +284,8 @@ def main() -> None:
             out = quantize(args.work, rest[0], rest[1] if len(rest) > 1 else "denoiser")
         elif stage == "run":
             out = run(args.work, rest[0], rest[1], args.steps)
+        elif stage == "paired":
+            out = paired(args.work, rest[0], args.steps)
         else:
             out = layers(args.work)
         print(json.dumps(out))
@@ -256,6 +294,9 @@ def main() -> None:
     common = ["--work", args.work, "--steps", str(args.steps)]
     if args.layers:
         print(json.dumps(child("layers", common), indent=1))
+        return
+    if args.paired:
+        print(json.dumps({m: child("paired", common, (m,)) for m in args.models}, indent=1))
         return
     results = {}
     for model in args.models:

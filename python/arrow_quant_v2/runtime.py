@@ -58,8 +58,13 @@ _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 # -- scratch buffers ---------------------------------------------------------------------------
 
+# The largest packed layer applied so far (values): the scratch buffer is made that large at once,
+# not grown layer by layer (every freed step of a growing buffer stayed in the process's heap).
+_LARGEST = [0]
+
+
 class _Scratch(threading.local):
-    """Per thread and dtype, one flat buffer grown to the largest layer decoded so far."""
+    """Per thread and dtype, one flat buffer the size of the largest packed layer."""
 
     def __init__(self) -> None:
         self.buffers: Dict[torch.dtype, torch.Tensor] = {}
@@ -67,7 +72,9 @@ class _Scratch(threading.local):
     def get(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         buf = self.buffers.get(dtype)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype)
+            buf = None
+            self.buffers.pop(dtype, None)
+            buf = torch.empty(max(numel, _LARGEST[0]), dtype=dtype)
             self.buffers[dtype] = buf
         return buf[:numel]
 
@@ -385,6 +392,8 @@ def apply(module: nn.Module, quant_dir: Union[str, os.PathLike, QuantizedModel],
             st = PackedLayerState(name, shape, packed, dense if dense is None else dense.reshape(shape),
                                   t.input_scale if dense is None else None, acts, t.scheme, threads)
             owner._aq_state = st
+            if packed is not None and not embedding:
+                _LARGEST[0] = max(_LARGEST[0], st.numel)
             owner._parameters["weight"] = _placeholder(shape, dtype)
             fwd = (_linear_forward if isinstance(owner, nn.Linear) else _embedding_forward if embedding
                    else _conv_forward)
@@ -401,6 +410,9 @@ def apply(module: nn.Module, quant_dir: Union[str, os.PathLike, QuantizedModel],
         else:
             _set_tensor(module, name, value, where)
     _tie(module)
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # the Parquet reads' buffers, copied out above
     missing = [n for n, p in module.named_parameters() if p.is_meta and n not in seen]
     if missing:
         raise ModelFormatError(f"{where}: {len(missing)} parameters of {type(module).__name__} have no stored tensor "

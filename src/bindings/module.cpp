@@ -263,15 +263,23 @@ aq::ThreadPool& runtime_pool() {
 // them into a scratch tensor before every dense op (arrow_quant_v2.runtime).
 class PackedLayer {
  public:
+  // The bytes are copied out of the Parquet reader's buffers into buffers of their exact size,
+  // and those are let go: Arrow's binary column buffers are grown by doubling and would stay
+  // resident at up to twice the stored size.
   PackedLayer(aq::LoadedTensor t, const aq::StoredTensorInfo& info, std::string where)
-      : t_(std::move(t)), scheme_(info.scheme), rows_(info.rows()), cols_(info.cols()), where_(std::move(where)) {
+      : codes_(t.payload.codes.begin(), t.payload.codes.end()),
+        scales_(t.payload.scales.begin(), t.payload.scales.end()),
+        zero_points_(t.payload.zero_points.begin(), t.payload.zero_points.end()),
+        entropy_(std::move(t.entropy)), table_(std::move(t.table)), scheme_(info.scheme), rows_(info.rows()),
+        cols_(info.cols()), where_(std::move(where)) {
+    t.keep_alive.reset();
     if (auto st = aq::check_encoded(scheme_, rows_, cols_, view()); !st.ok()) raise(st.WithPrefix(where_ + ": "));
-    if (scheme_.kind == aq::SchemeKind::kEntropy && !t_.table) t_.table = unwrap(aq::make_decode_table(t_.payload));
+    if (scheme_.kind == aq::SchemeKind::kEntropy && !table_) table_ = unwrap(aq::make_decode_table(view()));
   }
   uint64_t rows() const { return rows_; }
   uint64_t cols() const { return cols_; }
   // Bytes held: codes, scales and zero points (entropy side tables not counted).
-  uint64_t nbytes() const { return t_.payload.codes.size() + t_.payload.scales.size() + t_.payload.zero_points.size(); }
+  uint64_t nbytes() const { return codes_.size() + scales_.size() + zero_points_.size(); }
 
   // Decodes every value into out: a C-contiguous CPU array (numpy or torch) of rows * cols
   // float32, float16 or bfloat16 values, on `threads` threads (<= 1: this thread only).
@@ -312,12 +320,17 @@ class PackedLayer {
     raise(aq::InvalidConfig(where_ + ": " + what + ": out must be float32, float16 or bfloat16"));
   }
   aq::EncodedView view() const {
-    aq::EncodedView v = t_.payload;
-    v.entropy = t_.entropy.get();
-    v.table = t_.table.get();
+    aq::EncodedView v;
+    v.codes = codes_;
+    v.scales = scales_;
+    v.zero_points = zero_points_;
+    v.entropy = entropy_.get();
+    v.table = table_.get();
     return v;
   }
-  aq::LoadedTensor t_;
+  std::vector<uint8_t> codes_, scales_, zero_points_;
+  std::shared_ptr<aq::EntropySide> entropy_;
+  std::shared_ptr<const aq::FrequencyTable> table_;
   aq::QuantScheme scheme_;
   uint64_t rows_, cols_;
   std::string where_;
