@@ -38,6 +38,7 @@ import bench_diffusion as BD  # noqa: E402
 
 M = BD.M
 from arrow_quant_v2 import runtime  # noqa: E402
+from arrow_quant_v2.loader import timestep_group  # noqa: E402
 
 
 def main() -> None:
@@ -69,14 +70,8 @@ def main() -> None:
         num, den = {}, {}
         state = {"group": None}
 
-        def group_of(t: float) -> int:
-            for i, g in enumerate(groups):
-                if g["step_lo"] <= t < g["step_hi"]:
-                    return i
-            return 0 if t < groups[0]["step_lo"] else len(groups) - 1
-
         def top_hook(mod, args):
-            state["group"] = group_of(float(args[1].double().mean()))
+            state["group"] = timestep_group(groups, float(args[1].double().mean()))
 
         model.register_forward_pre_hook(top_hook)
         for name, st in runtime.packed_layers(model).items():

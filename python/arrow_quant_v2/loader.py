@@ -30,6 +30,16 @@ _NUMPY_RAW = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np
               "U64": np.uint64, "BOOL": np.bool_}
 
 
+def timestep_group(groups: List[Dict[str, Any]], step: float) -> int:
+    """The index of the group whose ``[step_lo, step_hi)`` holds ``step`` (groups sorted by
+    step_lo); a step outside the recorded range takes the nearest group."""
+    t = float(step)
+    for i, g in enumerate(groups):
+        if g["step_lo"] <= t < g["step_hi"]:
+            return i
+    return 0 if t < groups[0]["step_lo"] else len(groups) - 1
+
+
 @dataclass
 class PackedTensor:
     """A tensor's stored form: packed codes and scales (docs/format.md), or the raw source bytes."""
@@ -87,6 +97,21 @@ class QuantizedTensor:
         return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
 
     dequantize = numpy
+
+    def to_torch(self) -> Any:
+        """The tensor as a torch.Tensor in its source dtype: kept tensors bit for bit (bf16 stays
+        bf16), quantized ones dequantized (float32 sources' precision, then the source dtype)."""
+        import torch
+
+        if not self.quantized and self.dtype == "BF16":
+            v = torch.frombuffer(bytearray(self.packed().codes), dtype=torch.int16).view(torch.bfloat16)
+        elif not self.quantized and self.dtype in _NUMPY_RAW:
+            v = torch.from_numpy(np.frombuffer(self.packed().codes, dtype=_NUMPY_RAW[self.dtype]).copy())
+        else:
+            v = torch.from_numpy(np.ascontiguousarray(self.numpy()))
+            if self.quantized:
+                v = v.to(getattr(torch, _TORCH_DTYPES.get(self.dtype, "float32")))
+        return v.reshape(self.shape)
 
     def packed(self) -> PackedTensor:
         d = self._reader.packed(self._index)
@@ -177,11 +202,7 @@ class QuantizedModel:
         if rows is None:
             raise KeyError(f"no activation parameters for {layer!r} in {self.path}"
                            + ("" if table else " (quantized without activation_bits and calibration)"))
-        t = float(timestep)
-        for r in rows:
-            if r["step_lo"] <= t < r["step_hi"]:
-                return dict(r)
-        return dict(rows[0] if t < rows[0]["step_lo"] else rows[-1])
+        return dict(rows[timestep_group(rows, timestep)])
 
     def _activation_table(self) -> Dict[str, List[Dict[str, Any]]]:
         if getattr(self, "_activations", None) is None:
@@ -221,17 +242,7 @@ class QuantizedModel:
         for n in self._component(component):
             t = self._tensors[n]
             target = dtype if dtype is not None else getattr(torch, _TORCH_DTYPES.get(t.dtype, "float32"))
-            if not t.quantized and t.dtype in ("F32", "F16", "F64", "BF16"):
-                # kept tensors come back bit for bit, not through float32
-                raw = t.packed().codes
-                if t.dtype == "BF16":
-                    value = torch.frombuffer(bytearray(raw), dtype=torch.int16).view(torch.bfloat16)
-                else:
-                    value = torch.from_numpy(np.frombuffer(raw, dtype=_NUMPY_RAW[t.dtype]).copy())
-                value = value.reshape(t.shape)
-            else:
-                value = torch.from_numpy(np.ascontiguousarray(t.numpy()))
-            out[n[prefix:]] = value.to(target)
+            out[n[prefix:]] = t.to_torch().to(target)  # kept tensors bit for bit, not through float32
         return out
 
     def _default_component(self, component: Optional[str]) -> str:

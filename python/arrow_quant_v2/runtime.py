@@ -48,7 +48,7 @@ except ImportError as e:  # pragma: no cover - exercised by a subprocess test
 import numpy as np
 
 from .errors import ConfigurationError, ModelFormatError, UnsupportedFeatureError
-from .loader import _NUMPY_RAW, _TORCH_DTYPES, QuantizedModel, QuantizedTensor, load
+from .loader import _TORCH_DTYPES, QuantizedModel, QuantizedTensor, load, timestep_group
 
 __all__ = ["apply", "load_model", "load_pipeline", "step", "resident_bytes", "PackedLayerState"]
 
@@ -118,14 +118,9 @@ class _ActGroups:
 
     def __init__(self, rows: List[Dict[str, Any]]) -> None:
         self.rows = rows
-        self.lo = [r["step_lo"] for r in rows]
-        self.hi = [r["step_hi"] for r in rows]
 
     def index(self, t: float) -> int:
-        for i, (lo, hi) in enumerate(zip(self.lo, self.hi)):
-            if lo <= t < hi:
-                return i
-        return 0 if t < self.lo[0] else len(self.rows) - 1
+        return timestep_group(self.rows, t)
 
     def fake_quantize(self, x: torch.Tensor, t: float) -> torch.Tensor:
         r = self.rows[self.index(t)]
@@ -258,22 +253,9 @@ def _component_of(model: QuantizedModel, component: Optional[str]) -> str:
 
 
 def _kept_tensor(t: QuantizedTensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """A tensor's values as torch: kept tensors bit for bit in their source dtype, quantized ones
-    decoded; converted to `dtype` when given (floating tensors only)."""
-    if not t.quantized:
-        raw = t.packed().codes
-        if t.dtype == "BF16":
-            v = torch.frombuffer(bytearray(raw), dtype=torch.int16).view(torch.bfloat16)
-        elif t.dtype in _NUMPY_RAW:
-            v = torch.from_numpy(np.frombuffer(raw, dtype=_NUMPY_RAW[t.dtype]).copy())
-        else:
-            v = torch.from_numpy(np.ascontiguousarray(t.numpy()))
-        v = v.reshape(t.shape)
-    else:
-        v = torch.from_numpy(np.ascontiguousarray(t.numpy())).to(getattr(torch, _TORCH_DTYPES.get(t.dtype, "float32")))
-    if dtype is not None and v.is_floating_point():
-        v = v.to(dtype)
-    return v
+    """t.to_torch(), converted to `dtype` when given (floating tensors only)."""
+    v = t.to_torch()
+    return v.to(dtype) if dtype is not None and v.is_floating_point() else v
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, where: str) -> None:

@@ -68,6 +68,15 @@ AQ_CLONES void decode_q6_k(const uint8_t* in, uint64_t nb, float* y) {
   }
 }
 
+// The float16 super-block scale and min at the start of a Q4_K / Q5_K block.
+inline __attribute__((always_inline)) void k_super_scales(const uint8_t* in, float* d, float* dmin) {
+  uint16_t dh, mh;
+  std::memcpy(&dh, in, 2);
+  std::memcpy(&mh, in + 2, 2);
+  *d = h2f(dh);
+  *dmin = h2f(mh);
+}
+
 // Sub-block j's 6-bit scale and min from the 12 packed bytes of a Q4_K / Q5_K block.
 inline __attribute__((always_inline)) void k_scale_min(const uint8_t* q, int j, int* sc, int* m) {
   if (j < 4) {
@@ -83,10 +92,8 @@ template <bool kFive>
 inline __attribute__((always_inline)) void decode_q45_k_impl(const uint8_t* in, uint64_t nb, float* y) {
   constexpr size_t kBytes = kFive ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K);
   for (uint64_t i = 0; i < nb; ++i, in += kBytes, y += 256) {
-    uint16_t dh, mh;
-    std::memcpy(&dh, in, 2);
-    std::memcpy(&mh, in + 2, 2);
-    const float d = h2f(dh), dmin = h2f(mh);
+    float d, dmin;
+    k_super_scales(in, &d, &dmin);
     const uint8_t* q = in + 4;
     const uint8_t* qh = in + 16;
     const uint8_t* qs = in + 16 + (kFive ? 32 : 0);
@@ -214,10 +221,8 @@ __attribute__((target("avx512f"))) inline void store_bf16(uint16_t* o, __m512 v)
 
 __attribute__((target("avx512f"))) void decode_q4_k_bf16(const uint8_t* in, uint64_t nb, uint16_t* y) {
   for (uint64_t i = 0; i < nb; ++i, in += sizeof(BlockQ4_K), y += 256) {
-    uint16_t dh, mh;
-    std::memcpy(&dh, in, 2);
-    std::memcpy(&mh, in + 2, 2);
-    const float d = h2f(dh), dmin = h2f(mh);
+    float d, dmin;
+    k_super_scales(in, &d, &dmin);
     const uint8_t* q = in + 4;
     const uint8_t* qs = in + 16;
     for (int j = 0; j < 8; ++j) {
