@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything ArrowQuant needs on a fresh Debian/Ubuntu machine and builds it:
-# system packages (GoogleTest, nlohmann-json), a virtual environment in .venv (or $ARROWQUANT_VENV),
+# system packages (a C++ compiler, Python headers, GoogleTest, nlohmann-json, Eigen), a virtual environment in .venv (or $ARROWQUANT_VENV),
 # the package itself (C++ core + Python API), and the build tools the C++ tests use.
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${ARROWQUANT_VENV:-.venv}"
-APT_PACKAGES=(libgtest-dev nlohmann-json3-dev libeigen3-dev)
+APT_PACKAGES=(g++ python3-dev python3-venv libgtest-dev nlohmann-json3-dev libeigen3-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
