@@ -42,7 +42,7 @@ r = aq.ArrowQuantV2().quantize_diffusion_model(sys.argv[1], sys.argv[2], cfg)
 dt = time.perf_counter() - t
 print(json.dumps({"baseline": base, "peak": status('VmHWM:'), "seconds": dt, "bpw": r["bits_per_weight"],
                   "cos": r["cosine_similarity"], "min_cos": r["min_cosine_similarity"], "threads": r["num_threads"],
-                  "modality": r["modality"]}))
+                  "modality": r["modality"], "journal": r.get("parquet_from_journal_s", 0.0)}))
 """
 
 
@@ -89,12 +89,14 @@ def main() -> None:
     a0 = r1["seconds"] - b * l1
     t32 = a0 + depth * b
     print(f"Profile `{a.profile}` ({rows[0]['threads']} threads), {described}, bf16:\n")
-    print("| layers | weights | quantize time | M weights/s | bits/weight | mean cos | worst cos | peak RSS above baseline |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layers | weights | quantize time | of which weights.parquet from the journal | M weights/s | bits/weight "
+          "| mean cos | worst cos | peak RSS above baseline |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layers']} | {r['weights'] / 1e9:.3f} G | {r['seconds']:.1f} s | {r['weights'] / r['seconds'] / 1e6:.0f} | "
+        print(f"| {r['layers']} | {r['weights'] / 1e9:.3f} G | {r['seconds']:.1f} s | {r['journal']:.2f} s | "
+              f"{r['weights'] / r['seconds'] / 1e6:.0f} | "
               f"{r['bpw']:.3f} | {r['cos']:.5f} | {r['min_cos']:.5f} | {(r['peak'] - r['baseline']) / 2**20:.0f} MiB |")
-    print(f"| {depth} (extrapolated: {a0:.1f} s + {b:.2f} s per layer) | {full / 1e9:.3f} G | {t32:.1f} s | "
+    print(f"| {depth} (extrapolated: {a0:.1f} s + {b:.2f} s per layer) | {full / 1e9:.3f} G | {t32:.1f} s | | "
           f"{full / t32 / 1e6:.0f} | | | | {(rows[-1]['peak'] - rows[-1]['baseline']) / 2**20:.0f} MiB (as the deeper run) |")
     print()
 

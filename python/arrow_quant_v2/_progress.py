@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 import warnings
 from typing import Callable, List, Optional
 
@@ -58,4 +61,41 @@ class ProgressAdapter:
             if len(self.errors) == 1:
                 warnings.warn(f"{text}; the run goes on and further errors from the callback are not reported",
                               RuntimeWarning, stacklevel=2)
+        return False
+
+
+class TerminateAsInterrupt:
+    """While a run is in progress, SIGTERM stops it as Ctrl-C does: the core stops within a
+    fraction of a second and removes what it had written (or, with ``resume``, keeps its staging
+    directory for the next run). Then the process ends as SIGTERM asks (the default action).
+
+    Installed only on the main thread and only over the default disposition: a handler of the
+    application's own is left alone (one that raises stops the run the same way).
+    """
+
+    def __init__(self) -> None:
+        self.previous = None
+        self.received = False
+
+    def _handler(self, signum, frame) -> None:
+        self.received = True
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    def __enter__(self) -> "TerminateAsInterrupt":
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+            try:
+                if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                    self.previous = signal.signal(signal.SIGTERM, self._handler)
+            except (ValueError, OSError):
+                self.previous = None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        if self.received:
+            if exc is not None:
+                sys.stderr.write(f"arrow_quant_v2: terminated by SIGTERM: {exc}\n")
+                sys.stderr.flush()
+            signal.raise_signal(signal.SIGTERM)  # the default action: the process ends here
         return False

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import numpy as np
 
 from . import _core
-from ._progress import ProgressAdapter
+from ._progress import ProgressAdapter, TerminateAsInterrupt
 from .arrays import QuantizedArray, quantize_arrays
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError, QuantizationError, ValidationError
@@ -36,7 +36,8 @@ class ArrowQuantV2:
 
     def quantize_diffusion_model(self, model_path: PathLike, output_path: PathLike,
                                  config: Optional[DiffusionQuantConfig] = None,
-                                 progress_callback: Optional[ProgressCallback] = None) -> Dict[str, Any]:
+                                 progress_callback: Optional[ProgressCallback] = None,
+                                 resume: bool = False) -> Dict[str, Any]:
         """Quantizes the model at ``model_path`` (a .safetensors file, a Hugging Face directory, or a
         diffusers pipeline) into a new directory ``output_path``.
 
@@ -45,13 +46,22 @@ class ArrowQuantV2:
         ``modality``, ``bit_width``, ``quantization_time_s``, ``bits_per_weight``, per-layer details
         (``layers``), and what was kept (``skipped``), fell back (``fallbacks``) or failed
         (``errors``). ``progress_callback(message, progress)`` is called at least every 10 layers or
-        5 seconds. The output appears only when complete; Ctrl-C leaves nothing behind.
+        5 seconds. The output appears only when complete; Ctrl-C or SIGTERM leaves nothing
+        behind, and the staging directory of a run that was killed is removed by the next run
+        into the same ``output_path``.
+
+        ``resume=True``: when a run into ``output_path`` was interrupted (killed, or stopped while
+        it too ran with ``resume``), continues after the tensors it completed, if its configuration
+        and source files are the same; the result is byte-identical to an uninterrupted run
+        (``result["resume"]`` says what was taken over). An interruption of a resumable run keeps
+        its staging directory for the next ``resume`` instead of removing it.
         """
         config = _resolve_config(config)
         adapter = ProgressAdapter(progress_callback)
-        report_text = _core.quantize_model(
-            os.fspath(model_path), os.fspath(output_path), config._engine_json(),
-            adapter if progress_callback is not None else None, 10, 5.0)
+        with TerminateAsInterrupt():
+            report_text = _core.quantize_model(
+                os.fspath(model_path), os.fspath(output_path), config._engine_json(),
+                adapter if progress_callback is not None else None, 10, 5.0, bool(resume))
         report = json.loads(report_text)
         report["warnings"] = list(report.get("warnings", []))
         if adapter.errors:
@@ -68,7 +78,9 @@ class ArrowQuantV2:
         ``min_accuracy`` recorded in the manifest, kept layers byte-identical),
         ``compression_ratio``, and per-layer ``layers``. Raises ValidationError when the two
         models do not correspond."""
-        return json.loads(_core.validate_model(os.fspath(original_path), os.fspath(quantized_path), num_threads))
+        with TerminateAsInterrupt():
+            text = _core.validate_model(os.fspath(original_path), os.fspath(quantized_path), num_threads)
+        return json.loads(text)
 
     def quantize(self, weights: Mapping[str, Any], bit_width: Optional[int] = None,
                  config: Optional[DiffusionQuantConfig] = None) -> Dict[str, QuantizedArray]:

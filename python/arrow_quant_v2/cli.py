@@ -20,7 +20,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import _core
-from ._progress import ProgressAdapter, format_eta
+from ._progress import ProgressAdapter, TerminateAsInterrupt, format_eta
 from .api import ArrowQuantV2
 from .config import BIT_WIDTHS, GGML_TYPES, GROUP_SIZES, MODALITIES, PROFILES, SCHEMES, DiffusionQuantConfig
 from .errors import ArrowQuantError, ConfigurationError
@@ -101,10 +101,12 @@ def _config_from_args(a: argparse.Namespace) -> DiffusionQuantConfig:
     return DiffusionQuantConfig(**fields)
 
 
-def _quantize(model: str, out: str, config: DiffusionQuantConfig, show_progress: bool) -> Dict[str, Any]:
+def _quantize(model: str, out: str, config: DiffusionQuantConfig, show_progress: bool,
+              resume: bool = False) -> Dict[str, Any]:
     progress = _Progress(show_progress, "Quantizing")
     try:
-        report = json.loads(_core.quantize_model(model, out, config._engine_json(), progress, 1, 0.5))
+        with TerminateAsInterrupt():
+            report = json.loads(_core.quantize_model(model, out, config._engine_json(), progress, 1, 0.5, resume))
     finally:
         progress.close()
     report["deployment_profile"] = config.deployment_profile
@@ -122,6 +124,11 @@ def _print_quantize_summary(r: Dict[str, Any]) -> None:
     print(f"  cosine similarity   mean {r['cosine_similarity']:.5f}, worst {r['min_cosine_similarity']:.5f} "
           f"({r['worst_layer']})")
     print(f"  time                {r['quantization_time_s']:.2f} s on {r['num_threads']} threads")
+    resume = r.get("resume") or {}
+    if resume.get("resumed_from"):
+        print(f"  resumed             {resume['tensors']} tensors from {resume['resumed_from']}")
+    elif resume.get("requested") and resume.get("reason"):
+        print(f"  resume              {resume['reason']}")
     for key in ("time_aware", "spatial"):
         if r[key]["requested"] and not r[key]["applied"]:
             print(f"  {key.replace('_', '-')} pass   not applied: {r[key]['reason']}")
@@ -135,7 +142,7 @@ def _print_quantize_summary(r: Dict[str, Any]) -> None:
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     config = _config_from_args(a)
-    r = _quantize(a.model, a.output, config, not a.quiet and not a.json)
+    r = _quantize(a.model, a.output, config, not a.quiet and not a.json, resume=a.resume)
     if a.json:
         json.dump(r, sys.stdout, indent=2)
         print()
@@ -396,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nonfinite", choices=("error", "keep"))
     q.add_argument("--fail-fast", action="store_true")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into OUTPUT after the tensors it completed (same config and "
+                        "source; byte-identical result); an interruption of this run keeps its progress for the next")
     q.add_argument("--calibration", metavar="PARQUET",
                    help="calibration file from arrow_quant_v2.calibration (default: MODEL/calibration.parquet if present)")
     q.add_argument("--time-groups", dest="time_groups", type=int, help="timestep groups (num_time_groups)")
@@ -462,8 +472,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ArrowQuantError as e:
         print(f"arrowquant: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("arrowquant: interrupted; no output was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"arrowquant: {e or 'interrupted; no output was written'}", file=sys.stderr)
         return 130
 
 

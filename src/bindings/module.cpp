@@ -430,22 +430,26 @@ NB_MODULE(_core, m) {
 
   m.def("quantize_model",
         [](const std::string& model, const std::string& out, const std::string& config, nb::object progress,
-           int every, double interval) {
+           int every, double interval, bool resume) {
           aq::EngineConfig cfg = parse_config(config);
           PythonHooks py(std::move(progress), every, interval);
           std::optional<aq::Result<json>> r;
           {
             nb::gil_scoped_release release;
-            r.emplace(aq::quantize_model(model, out, cfg, py.hooks));
+            r.emplace(aq::quantize_model(model, out, cfg, py.hooks, resume));
           }
           if (py.interrupted) {
-            PyErr_SetString(PyExc_KeyboardInterrupt, "quantization interrupted; no output was written");
+            // the engine says what it left (nothing, or with resume the kept staging directory)
+            const std::string why = !r->ok() && r->status().code() == aq::StatusCode::kCancelled
+                                        ? "quantization " + r->status().message()
+                                        : std::string("quantization interrupted; no output was written");
+            PyErr_SetString(PyExc_KeyboardInterrupt, why.c_str());
             throw nb::python_error();
           }
           return unwrap(std::move(*r)).dump();
         },
         nb::arg("model_path"), nb::arg("output_path"), nb::arg("config_json"), nb::arg("progress").none(),
-        nb::arg("progress_every") = 10, nb::arg("progress_interval_s") = 5.0,
+        nb::arg("progress_every") = 10, nb::arg("progress_interval_s") = 5.0, nb::arg("resume") = false,
         "Quantizes a model directory; returns the report as JSON text.");
 
   m.def("validate_model",

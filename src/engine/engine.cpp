@@ -23,6 +23,7 @@
 #include "store/format.h"
 #include "store/manifest.h"
 #include "store/parquet_sink.h"
+#include "store/tensor_journal.h"
 
 #ifndef ARROWQUANT_VERSION
 #define ARROWQUANT_VERSION "0.0.0"
@@ -62,26 +63,40 @@ struct Slot {
   std::shared_ptr<const CalibratedLayer> cal;             // set when hessians were found
   json output_error;        // per timestep group, once encoded
   double output_cosine = 1; // worst group's output cosine
+  json warnings = json::array();  // reported with the tensor, in tensor order
+  // what calibration gave the layer, counted in the manifest when it is written
+  bool calibrated = false, gptq_done = false, importance = false, equalized = false;
   const TensorInfo& info() const { return *ref.info; }
   const GptqFactor* gptq() const { return cal ? cal->gptq.get() : nullptr; }
 };
 
 class QuantizeRun {
  public:
-  QuantizeRun(const EngineConfig& config, const RunHooks& hooks)
-      : cfg_(config), hooks_(hooks), pool_(config.num_threads), start_(Clock::now()) {}
+  QuantizeRun(const EngineConfig& config, const RunHooks& hooks, bool resume)
+      : cfg_(config), hooks_(hooks), resume_(resume), pool_(config.num_threads), start_(Clock::now()) {}
 
   Result<json> run(const std::string& model_path, const std::string& output_path);
+  // Everything after the staging directory exists: components, copied files, manifest, rename.
+  Result<json> write_output(const ModelSource& model, std::vector<std::vector<TensorRef>>& refs,
+                            const ModalityGuess& modality, StagingDir& staging, bool resuming, json& resume_report);
 
  private:
-  Status run_component(const ComponentSource& comp, const std::vector<TensorRef>& refs, ParquetSink& sink,
-                       json& comp_report);
+  // Quantizes tensors first.. of the component into its journal.
+  Status run_component(const ComponentSource& comp, const std::vector<TensorRef>& refs, size_t first,
+                       const TensorJournal& journal, json& comp_report);
   void start_job(Slot& s);
   Status wait_for(Slot& s, std::deque<std::unique_ptr<Slot>>& window);
   // Decides what happens to a finished slot: true when it is ready to write, false when it was
   // restarted (float32 scales, or the next rung of the accuracy fallback).
   Result<bool> settle(Slot& s);
-  Status write(Slot& s, ParquetSink& sink, json& comp_report);
+  // Journals the finished tensor `index` and adds it to the report.
+  Status write(Slot& s, size_t index, const TensorJournal& journal, json& comp_report);
+  // Everything the report and the manifest take from a finished tensor; journaled with it, so a
+  // resumed run rebuilds the same report from the tensors it does not quantize again.
+  json make_record(const Slot& s, const StoredTensorInfo& info) const;
+  void apply_record(const json& record, json& comp_report);
+  // What a resumed run must match: the configuration, the source files and the producer.
+  json run_fingerprint(const ModelSource& model, const std::string& calib_path) const;
   void drain(std::deque<std::unique_ptr<Slot>>& window);
   void emit_progress(bool force, const std::string& current, uint64_t partial_weights = 0);
   // Looks up the slot's calibration; when there is some, prepares it on a worker (Hessians,
@@ -96,6 +111,10 @@ class QuantizeRun {
 
   const EngineConfig& cfg_;
   const RunHooks& hooks_;
+  const bool resume_;
+  json records_ = json::array();  // of the component being written
+  uint64_t resumed_tensors_ = 0;   // taken from an interrupted run's journal
+  double journal_copy_s_ = 0;      // writing weights.parquet from the journal
   std::atomic<bool> stop_{false};
   std::mutex mu_;
   std::condition_variable cv_;
@@ -209,7 +228,7 @@ bool QuantizeRun::attach_calibration(Slot& s) {
   const uint64_t rows = t.shape[0], cols = t.numel / std::max<uint64_t>(1, rows);
   const std::string qualified = s.component.empty() ? t.name : s.component + "/" + t.name;
   if (static_cast<uint64_t>(lc->in_features) != cols) {
-    warnings_.push_back(StrCat(qualified, ": calibration recorded ", lc->in_features, " input features, the weight has ",
+    s.warnings.push_back(StrCat(qualified, ": calibration recorded ", lc->in_features, " input features, the weight has ",
                                cols, " columns; its calibration is not used"));
     return false;
   }
@@ -263,14 +282,14 @@ void QuantizeRun::start_prepared(std::deque<std::unique_ptr<Slot>>& window) {
     const std::string qualified = s.component.empty() ? s.info().name : s.component + "/" + s.info().name;
     Result<CalibratedLayer>& r = *s.prepare_result;
     if (!r.ok()) {
-      warnings_.push_back(StrCat(qualified, ": calibration not used (", r.status().message(), "); quantized data-free"));
+      s.warnings.push_back(StrCat(qualified, ": calibration not used (", r.status().message(), "); quantized data-free"));
     } else {
-      for (auto& w : r->warnings) warnings_.push_back(std::move(w));
+      for (auto& w : r->warnings) s.warnings.push_back(std::move(w));
       if (r->hessians) {
-        ++calibrated_layers_;
-        if (r->gptq) ++gptq_layers_;
-        if (ggml() && cfg_.enable_time_aware) ++importance_layers_;
-        if (!r->input_scale.empty()) ++equalized_layers_;
+        s.calibrated = true;
+        s.gptq_done = r->gptq != nullptr;
+        s.importance = ggml() && cfg_.enable_time_aware;
+        s.equalized = !r->input_scale.empty();
         s.cal = std::make_shared<const CalibratedLayer>(std::move(*r));
       }
     }
@@ -370,7 +389,7 @@ Result<bool> QuantizeRun::settle(Slot& s) {
   return true;
 }
 
-Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
+Status QuantizeRun::write(Slot& s, size_t index, const TensorJournal& journal, json& comp_report) {
   const TensorInfo& t = s.info();
   StoredTensorInfo info;
   info.name = t.name;
@@ -398,23 +417,30 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
     payload.codes = std::span<const uint8_t>(s.ref.file->data(t), t.nbytes);
     info.stored = t.nbytes;
   }
-  AQ_RETURN_IF_ERROR(sink.Write(info, payload));
+  const json record = make_record(s, info);
+  AQ_RETURN_IF_ERROR(journal.Append(index, info, payload, record));
   s.ref.file->release(t);
+  apply_record(record, comp_report);
+  return Status::OK();
+}
 
+json QuantizeRun::make_record(const Slot& s, const StoredTensorInfo& info) const {
+  const TensorInfo& t = s.info();
   const std::string qualified = s.component.empty() ? t.name : s.component + "/" + t.name;
   const uint64_t stored = info.stored_bytes();
-  source_bytes_ += t.nbytes;
-  stored_bytes_ += stored;
-  comp_report["source_bytes"] = comp_report["source_bytes"].get<uint64_t>() + t.nbytes;
-  comp_report["stored_bytes"] = comp_report["stored_bytes"].get<uint64_t>() + stored;
-  comp_report["tensors"] = comp_report["tensors"].get<uint64_t>() + 1;
   json layer = {{"name", qualified}, {"component", s.component}, {"tensor", t.name},
                 {"shape", t.shape}, {"dtype", std::string(dtype_name(t.dtype))},
                 {"quantized", info.quantized}, {"reason", info.reason},
                 {"source_bytes", t.nbytes}, {"stored_bytes", stored},
                 {"rejected_bits", info.rejected_bits}};
+  json rec = {{"name", t.name}, {"shape", t.shape}, {"dtype", std::string(dtype_name(t.dtype))},
+              {"component", s.component}, {"qualified", qualified}, {"numel", t.numel},
+              {"source_bytes", t.nbytes}, {"stored_bytes", stored}, {"quantized", info.quantized},
+              {"cosine", info.cosine}, {"skipped", nullptr}, {"fallback", nullptr}, {"error", nullptr},
+              {"output_error", nullptr}, {"activations", json::array()}, {"warnings", s.warnings},
+              {"calibrated", s.calibrated}, {"gptq", s.gptq_done}, {"importance", s.importance},
+              {"equalized", s.equalized}};
   if (info.quantized) {
-    comp_report["quantized"] = comp_report["quantized"].get<uint64_t>() + 1;
     layer["bits"] = info.scheme.bits;
     layer["group_size"] = info.scheme.group_size;
     layer["symmetric"] = info.scheme.symmetric;
@@ -431,11 +457,11 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
     if (!s.output_error.is_null()) {
       layer["output_error"] = s.output_error;
       layer["output_cosine"] = s.output_cosine;
-      output_errors_[qualified] = {{"method", layer["method"]}, {"output_cosine", s.output_cosine},
-                                   {"equalization_alpha", s.cal && !s.cal->input_scale.empty()
-                                                              ? s.cal->equalization.value("alpha", json(nullptr))
-                                                              : json(nullptr)},
-                                   {"groups", s.output_error}};
+      rec["output_error"] = {{"method", layer["method"]}, {"output_cosine", s.output_cosine},
+                             {"equalization_alpha", s.cal && !s.cal->input_scale.empty()
+                                                        ? s.cal->equalization.value("alpha", json(nullptr))
+                                                        : json(nullptr)},
+                             {"groups", s.output_error}};
     }
     if (s.cal && s.cal->activations) {
       const LayerActivations& a = *s.cal->activations;
@@ -449,39 +475,87 @@ Status QuantizeRun::write(Slot& s, ParquetSink& sink, json& comp_report) {
         e["group"] = g;
         e["step_lo"] = groups_[g].step_lo;
         e["step_hi"] = groups_[g].step_hi;
+        json row = e;  // the activations.parquet row
         e["relative_error"] = a.groups[g].rel_error;
         e["static_relative_error"] = a.groups[g].static_rel_error;
         e["held_out"] = a.groups[g].held_out;
         e["uses_static"] = a.groups[g].uses_static;
         groups.push_back(std::move(e));
-        ActivationRow row;
-        row.component = s.component;
-        row.layer = t.name;
-        row.group = static_cast<int>(g);
-        row.step_lo = groups_[g].step_lo;
-        row.step_hi = groups_[g].step_hi;
-        row.params = a.groups[g].params;
-        activation_rows_.push_back(row);
+        rec["activations"].push_back(std::move(row));
       }
       layer["activation"] = {{"static", params_json(a.static_params)}, {"groups", groups}};
     }
-    ++quantized_layers_;
-    cosine_sum_ += info.cosine;
-    if (info.cosine < cosine_min_ || worst_layer_.empty()) cosine_min_ = info.cosine, worst_layer_ = qualified;
-    quantized_weights_ += t.numel;
-    quantized_stored_bytes_ += stored;
   } else {
-    skipped_.push_back({{"name", qualified}, {"reason", info.reason}});
+    rec["skipped"] = {{"name", qualified}, {"reason", info.reason}};
   }
   if (!info.rejected_bits.empty())
-    fallbacks_.push_back({{"name", qualified}, {"rejected_bits", info.rejected_bits},
-                          {"final", info.quantized ? json(info.scheme.bits) : json("kept")}});
-  if (!s.error.empty()) errors_.push_back({{"name", qualified}, {"error", s.error}});
-  layers_.push_back(std::move(layer));
+    rec["fallback"] = {{"name", qualified}, {"rejected_bits", info.rejected_bits},
+                       {"final", info.quantized ? json(info.scheme.bits) : json("kept")}};
+  if (!s.error.empty()) rec["error"] = {{"name", qualified}, {"error", s.error}};
+  rec["layer"] = std::move(layer);
+  return rec;
+}
+
+void QuantizeRun::apply_record(const json& rec, json& comp_report) {
+  const std::string qualified = rec["qualified"].get<std::string>();
+  const uint64_t source = rec["source_bytes"].get<uint64_t>(), stored = rec["stored_bytes"].get<uint64_t>();
+  const uint64_t numel = rec["numel"].get<uint64_t>();
+  source_bytes_ += source;
+  stored_bytes_ += stored;
+  comp_report["source_bytes"] = comp_report["source_bytes"].get<uint64_t>() + source;
+  comp_report["stored_bytes"] = comp_report["stored_bytes"].get<uint64_t>() + stored;
+  comp_report["tensors"] = comp_report["tensors"].get<uint64_t>() + 1;
+  if (rec["quantized"].get<bool>()) {
+    comp_report["quantized"] = comp_report["quantized"].get<uint64_t>() + 1;
+    if (!rec["output_error"].is_null()) output_errors_[qualified] = rec["output_error"];
+    for (const json& a : rec["activations"]) {
+      ActivationRow row;
+      row.component = rec["component"].get<std::string>();
+      row.layer = rec["name"].get<std::string>();
+      row.group = a["group"].get<int>();
+      row.step_lo = a["step_lo"].get<double>();
+      row.step_hi = a["step_hi"].get<double>();
+      row.params = {a["bits"].get<int>(), a["scale"].get<float>(), a["zero_point"].get<int32_t>(),
+                    a["clip_lo"].get<float>(), a["clip_hi"].get<float>()};
+      activation_rows_.push_back(row);
+    }
+    const double cosine = rec["cosine"].get<double>();
+    ++quantized_layers_;
+    cosine_sum_ += cosine;
+    if (cosine < cosine_min_ || worst_layer_.empty()) cosine_min_ = cosine, worst_layer_ = qualified;
+    quantized_weights_ += numel;
+    quantized_stored_bytes_ += stored;
+  } else {
+    skipped_.push_back(rec["skipped"]);
+  }
+  if (!rec["fallback"].is_null()) fallbacks_.push_back(rec["fallback"]);
+  if (!rec["error"].is_null()) errors_.push_back(rec["error"]);
+  for (const json& w : rec["warnings"]) warnings_.push_back(w);
+  calibrated_layers_ += rec["calibrated"].get<bool>();
+  gptq_layers_ += rec["gptq"].get<bool>();
+  importance_layers_ += rec["importance"].get<bool>();
+  equalized_layers_ += rec["equalized"].get<bool>();
+  layers_.push_back(rec["layer"]);
+  records_.push_back(rec);
   progress_.tensors_done += 1;
-  progress_.weights_done += t.numel;
+  progress_.weights_done += numel;
   emit_progress(false, qualified);
-  return Status::OK();
+}
+
+json QuantizeRun::run_fingerprint(const ModelSource& model, const std::string& calib_path) const {
+  auto file = [](const std::string& p) {
+    std::error_code ec;
+    const auto size = fs::file_size(p, ec);
+    const auto time = fs::last_write_time(p, ec).time_since_epoch().count();
+    return json::array({p, ec ? 0 : size, ec ? 0 : static_cast<int64_t>(time)});
+  };
+  json files = json::array();
+  for (const auto& c : model.components)
+    if (c.selected)
+      for (const auto& f : c.weight_files) files.push_back(file(f));
+  return {{"producer", std::string("arrow_quant_v2 ") + ARROWQUANT_VERSION}, {"format_version", kFormatVersion},
+          {"source", model.root}, {"config", cfg_.as_json}, {"files", files},
+          {"calibration", calib_path.empty() ? json(nullptr) : file(calib_path)}};
 }
 
 void QuantizeRun::drain(std::deque<std::unique_ptr<Slot>>& window) {
@@ -494,11 +568,11 @@ void QuantizeRun::drain(std::deque<std::unique_ptr<Slot>>& window) {
   window.clear();
 }
 
-Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector<TensorRef>& refs,
-                                  ParquetSink& sink, json& comp_report) {
+Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector<TensorRef>& refs, size_t first,
+                                  const TensorJournal& journal, json& comp_report) {
   std::deque<std::unique_ptr<Slot>> window;
   uint64_t inflight = 0;
-  size_t next = 0;
+  size_t next = first, written = first;
   budget_.clear();
   if (ggml() && cfg_.target_bits_per_weight > 0) AQ_RETURN_IF_ERROR(plan_budget(comp.name, refs));
   const size_t max_window = 2 * static_cast<size_t>(pool_.size()) + 2;
@@ -530,8 +604,13 @@ Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector
       break;
     }
     if (!*settled) continue;
-    result = write(head, sink, comp_report);
+    result = write(head, written++, journal, comp_report);
     if (!result.ok()) break;
+    if (hooks_.should_stop && hooks_.should_stop()) {  // small tensors may never make wait_for wait
+      stop_ = true;
+      result = Cancelled("interrupted; no output was written");
+      break;
+    }
     inflight -= head.info().nbytes;
     window.pop_front();
   }
@@ -659,10 +738,50 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
     calib_ = std::move(data);
   }
   // Only now, with every header validated, is anything created on disk.
-  AQ_ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(output_path, model.root, cfg_.overwrite));
+  AQ_ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(output_path, model.root, cfg_.overwrite, resume_));
   ModalityGuess modality = detect_modality(model, names);
   if (!cfg_.modality.empty()) modality = {cfg_.modality, "set in the config (detected: " + modality.modality + ")"};
   modality_ = modality.modality;
+  // Every run records what it quantizes with, so that an interrupted one can be resumed; a
+  // resumed run continues only when that matches exactly.
+  const json fingerprint = run_fingerprint(model, calib_path);
+  const std::string resume_file = (fs::path(staging.run_dir()) / kResumeFile).string();
+  json resume_report = {{"requested", resume_}, {"resumed_from", nullptr}, {"tensors", 0}, {"reason", nullptr}};
+  bool resuming = false;
+  if (!staging.resumed_from().empty()) {
+    auto previous = read_json(resume_file);
+    std::string why;
+    if (!previous.ok()) why = "its run record is unreadable";
+    else if ((*previous)["config"] != fingerprint["config"]) why = "the configuration differs";
+    else if ((*previous)["files"] != fingerprint["files"] || (*previous)["source"] != fingerprint["source"])
+      why = "the source weights changed (paths, sizes or modification times)";
+    else if ((*previous)["calibration"] != fingerprint["calibration"]) why = "the calibration file changed";
+    else if (*previous != fingerprint) why = "it was written by another version";
+    if (why.empty()) {
+      resuming = true;
+      resume_report["resumed_from"] = staging.resumed_from();
+    } else {
+      AQ_RETURN_IF_ERROR(staging.Reset());
+      resume_report["reason"] = StrCat("not resumed from ", staging.resumed_from(), ": ", why, "; quantized from the start");
+      warnings_.push_back(resume_report["reason"]);
+    }
+  } else if (resume_) {
+    resume_report["reason"] = "no interrupted run of this output was found; quantized from the start";
+  }
+  if (!resuming) AQ_RETURN_IF_ERROR(write_json_file(resume_file, fingerprint));
+  auto result = write_output(model, refs, modality, staging, resuming, resume_report);
+  if (!result.ok() && result.status().code() == StatusCode::kCancelled && resume_) {
+    staging.Keep();
+    return Cancelled(StrCat("interrupted after ", progress_.tensors_done, " of ", progress_.tensors_total,
+                            " tensors; they are kept in ", staging.path(),
+                            ": the same command with resume continues from there"));
+  }
+  return result;
+}
+
+Result<json> QuantizeRun::write_output(const ModelSource& model, std::vector<std::vector<TensorRef>>& refs,
+                                       const ModalityGuess& modality, StagingDir& staging, bool resuming,
+                                       json& resume_report) {
 
   json components = json::array();
   for (size_t i = 0; i < model.components.size(); ++i) {
@@ -673,13 +792,41 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
     std::error_code ec;
     fs::create_directories(file.parent_path(), ec);
     if (ec) return IoError(StrCat(file.parent_path().string(), ": cannot create: ", ec.message()));
-    AQ_ASSIGN_OR_RETURN(auto sink, ParquetSink::Open(file.string(), c.name));
     json comp = {{"name", c.name}, {"weights", rel}, {"source_files", json::array()},
                  {"tensors", 0}, {"quantized", 0}, {"source_bytes", 0}, {"stored_bytes", 0}};
     const fs::path base = model.layout == ModelLayout::kSingleFile ? fs::path(model.root).parent_path() : fs::path(model.root);
     for (const auto& f : c.weight_files) comp["source_files"].push_back(fs::path(f).lexically_relative(base).string());
-    AQ_RETURN_IF_ERROR(run_component(c, refs[i], *sink, comp));
-    AQ_RETURN_IF_ERROR(sink->Close());
+    // Each finished tensor goes to the component's journal; weights.parquet is written from it
+    // once all are there.
+    AQ_ASSIGN_OR_RETURN(TensorJournal journal, TensorJournal::Open((fs::path(staging.run_dir()) / StrCat("c", i)).string()));
+    records_ = json::array();
+    const std::optional<json> finished = resuming ? journal.Finished() : std::nullopt;
+    if (finished && fs::is_regular_file(file, ec) && (*finished)["records"].size() == refs[i].size()) {
+      for (const json& rec : (*finished)["records"]) apply_record(rec, comp);
+      budget_report_ = (*finished)["budget"];
+      resumed_tensors_ += refs[i].size();
+    } else {
+      size_t first = 0;
+      if (resuming) {
+        for (const json& rec : journal.Records(refs[i].size())) {
+          const TensorInfo& t = *refs[i][first].info;
+          if (rec.value("name", "") != t.name || rec.value("shape", json()) != json(t.shape) ||
+              rec.value("dtype", "") != dtype_name(t.dtype))
+            break;
+          apply_record(rec, comp);
+          ++first;
+        }
+        resumed_tensors_ += first;
+      }
+      AQ_RETURN_IF_ERROR(journal.Truncate(first));
+      AQ_RETURN_IF_ERROR(run_component(c, refs[i], first, journal, comp));
+      const auto copy_start = Clock::now();
+      AQ_ASSIGN_OR_RETURN(auto sink, ParquetSink::Open(file.string(), c.name));
+      AQ_RETURN_IF_ERROR(journal.CopyInto(*sink, refs[i].size()));
+      AQ_RETURN_IF_ERROR(sink->Close());
+      journal_copy_s_ += std::chrono::duration<double>(Clock::now() - copy_start).count();
+      AQ_RETURN_IF_ERROR(journal.Finish({{"records", records_}, {"budget", budget_report_}}));
+    }
     refs[i].clear();  // unmaps the component's files
     components.push_back(std::move(comp));
   }
@@ -787,10 +934,10 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
                                                calib_->step_kind));
   AQ_RETURN_IF_ERROR(write_json_file((fs::path(staging.path()) / kManifestFile).string(), manifest));
 
-  uint64_t dir_bytes = 0;
-  for (const auto& e : fs::recursive_directory_iterator(staging.path()))
-    if (e.is_regular_file()) dir_bytes += e.file_size();
   AQ_RETURN_IF_ERROR(staging.Commit());
+  uint64_t dir_bytes = 0;
+  for (const auto& e : fs::recursive_directory_iterator(staging.destination()))
+    if (e.is_regular_file()) dir_bytes += e.file_size();
   emit_progress(true, "done");
 
   json report = summary;
@@ -805,6 +952,7 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
   report["min_accuracy"] = cfg_.min_accuracy;
   report["model_size_mb"] = static_cast<double>(dir_bytes) / (1024.0 * 1024.0);
   report["quantization_time_s"] = seconds;
+  report["parquet_from_journal_s"] = journal_copy_s_;
   report["num_threads"] = pool_.size();
   report["components"] = components;
   report["layers"] = layers_;
@@ -817,14 +965,16 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
   report["budget"] = budget_report_;
   report["calibration"] = calibration;
   report["copied_files"] = model.auxiliary_files.size();
+  resume_report["tensors"] = resumed_tensors_;
+  report["resume"] = resume_report;
   return report;
 }
 
 }  // namespace
 
 Result<json> quantize_model(const std::string& model_path, const std::string& output_path,
-                            const EngineConfig& config, const RunHooks& hooks) {
-  QuantizeRun run(config, hooks);
+                            const EngineConfig& config, const RunHooks& hooks, bool resume) {
+  QuantizeRun run(config, hooks, resume);
   return run.run(model_path, output_path);
 }
 

@@ -41,9 +41,12 @@ struct RunHooks {
 };
 
 // Returns the result report (see docs/architecture.md, "Result"); the output exists only when
-// the returned status is OK.
+// the returned status is OK. With resume, an interrupted run's staging directory for the same
+// output (same configuration and source files) is continued after the tensors it completed, with
+// a result byte-identical to an uninterrupted run; and an interruption (should_stop) keeps this
+// run's staging directory for the next resume instead of removing it.
 Result<nlohmann::json> quantize_model(const std::string& model_path, const std::string& output_path,
-                                      const EngineConfig& config, const RunHooks& hooks);
+                                      const EngineConfig& config, const RunHooks& hooks, bool resume = false);
 
 // Recomputes quality from the files: every stored tensor against its source tensor.
 Result<nlohmann::json> validate_model(const std::string& original_path, const std::string& quantized_path,

@@ -9,7 +9,9 @@ namespace aq {
 
 inline Status from_arrow(const arrow::Status& st, const std::string& context) {
   if (st.ok()) return Status::OK();
-  if (st.IsIOError()) return IoError(StrCat(context, ": ", st.message()));
+  // the detail carries the system's reason (e.g. "[errno 28] No space left on device")
+  if (st.IsIOError())
+    return IoError(StrCat(context, ": ", st.message(), st.detail() ? StrCat(" (", st.detail()->ToString(), ")") : ""));
   return FormatError(StrCat(context, ": ", st.ToString()));
 }
 

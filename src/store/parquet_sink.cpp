@@ -91,10 +91,10 @@ std::shared_ptr<arrow::Array> list_of(const std::vector<T>& values, const std::s
 
 }  // namespace
 
-Status ParquetSink::Write(const StoredTensorInfo& info, const TensorPayload& payload) {
-  if (!state_->writer) return Internal(StrCat(state_->path, ": write after close"));
-  const std::string what = StrCat(state_->path, ": tensor '", info.name, "'");
-  const auto schema = state_->schema;
+Result<std::shared_ptr<arrow::Table>> tensor_row_table(const StoredTensorInfo& info, const TensorPayload& payload,
+                                                       const std::string& where) {
+  const std::string what = StrCat(where, ": tensor '", info.name, "'");
+  const auto schema = weights_schema();
   auto type_of = [&](const char* name) { return schema->GetFieldByName(name)->type(); };
 
   auto shape = list_of<arrow::Int64Builder>(info.shape, type_of(column::kShape));
@@ -157,6 +157,22 @@ Status ParquetSink::Write(const StoredTensorInfo& info, const TensorPayload& pay
                    ? arrow::MakeArrayOfNull(type_of(column::kInputScale), 1).ValueOrDie()
                    : list_of<arrow::FloatBuilder>(info.input_scale, type_of(column::kInputScale))});
   AQ_ARROW_RETURN(table->Validate(), what);
+  return table;
+}
+
+Status ParquetSink::Write(const StoredTensorInfo& info, const TensorPayload& payload) {
+  if (!state_->writer) return Internal(StrCat(state_->path, ": write after close"));
+  AQ_ASSIGN_OR_RETURN(auto table, tensor_row_table(info, payload, state_->path));
+  return WriteRow(*table, info.name);
+}
+
+Status ParquetSink::WriteRow(const arrow::Table& row, const std::string& name) {
+  const std::string what = StrCat(state_->path, ": tensor '", name, "'");
+  if (!state_->writer) return Internal(what + ": write after close");
+  if (row.num_rows() != 1 || !row.schema()->Equals(*weights_schema(), /*check_metadata=*/false))
+    return Internal(StrCat(what, ": not a one-row table of the weights schema"));
+  // The sink's schema carries the file's key-value metadata; the columns are the row's.
+  auto table = arrow::Table::Make(state_->schema, row.columns(), 1);
   AQ_ARROW_RETURN(state_->writer->WriteTable(*table, 1), what);
   ++written_;
   return Status::OK();

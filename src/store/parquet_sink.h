@@ -9,7 +9,17 @@
 #include "common/status.h"
 #include "store/format.h"
 
+namespace arrow {
+class Table;
+}
+
 namespace aq {
+
+// The one-row table weights.parquet stores for a tensor (schema: weights_schema()). Its data
+// columns are views of the payload's memory, which must outlive the table. `where` (a path)
+// prefixes errors.
+Result<std::shared_ptr<arrow::Table>> tensor_row_table(const StoredTensorInfo& info, const TensorPayload& payload,
+                                                       const std::string& where);
 
 class ParquetSink {
  public:
@@ -18,6 +28,8 @@ class ParquetSink {
   ~ParquetSink();
 
   Status Write(const StoredTensorInfo& info, const TensorPayload& payload);
+  // Writes a row made by tensor_row_table (possibly read back from a journal) as the next tensor.
+  Status WriteRow(const arrow::Table& row, const std::string& name);
   Status Close();
   uint64_t tensors_written() const { return written_; }
 

@@ -2,14 +2,18 @@
 // into complete output directories, validated from the files, and every failure leaves nothing
 // behind.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/output_dir.h"
 #include "engine/plan.h"
 #include "store/manifest.h"
 #include "store/parquet_source.h"
@@ -604,6 +608,77 @@ TEST(Engine, a_stop_request_cancels_and_leaves_nothing_behind) {
   EXPECT_EQ(r.status().code(), StatusCode::kCancelled);
   EXPECT_FALSE(fs::exists(out));
   EXPECT_TRUE(staging_leftovers(dir.path()).empty());
+}
+
+// Every file under root (relative path -> bytes).
+std::map<std::string, std::vector<uint8_t>> tree(const fs::path& root) {
+  std::map<std::string, std::vector<uint8_t>> out;
+  for (const auto& e : fs::recursive_directory_iterator(root))
+    if (e.is_regular_file()) out[fs::relative(e.path(), root).string()] = testing::read_bytes(e.path());
+  return out;
+}
+
+// Stops the run once `after` tensors are done.
+RunHooks stop_after(size_t after, std::shared_ptr<size_t> done) {
+  RunHooks hooks;
+  hooks.progress_every_tensors = 1;
+  hooks.progress = [done](const ProgressEvent& e) { *done = e.tensors_done; };
+  hooks.should_stop = [done, after] { return *done >= after; };
+  return hooks;
+}
+
+TEST_P(EngineLayoutTest, a_resumed_run_is_byte_identical_to_an_uninterrupted_one) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), GetParam());
+  const fs::path straight = dir / "straight", out = dir / "out";
+  ASSERT_OK(quantize_model(m.input, straight.string(), config(), RunHooks{}).status());
+  auto done = std::make_shared<size_t>(0);
+  auto r = quantize_model(m.input, out.string(), config(), stop_after(2, done), /*resume=*/true);
+  ASSERT_EQ(r.status().code(), StatusCode::kCancelled) << r.status().message();
+  EXPECT_CONTAINS(r.status().message(), "kept in");
+  EXPECT_FALSE(fs::exists(out));
+  ASSERT_EQ(staging_leftovers(dir.path()).size(), 1u);
+  ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out.string(), config(), RunHooks{}, /*resume=*/true));
+  EXPECT_GE(report["resume"]["tensors"].get<uint64_t>(), 2u);
+  EXPECT_LT(report["resume"]["tensors"].get<uint64_t>(), m.tensors.size());
+  EXPECT_EQ(report["layers"].size(), m.tensors.size());
+  EXPECT_TRUE(tree(out) == tree(straight)) << "the resumed output differs from the uninterrupted one";
+  EXPECT_TRUE(staging_leftovers(dir.path()).empty());
+}
+
+TEST(Engine, a_damaged_journal_entry_is_quantized_again) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile);
+  const fs::path straight = dir / "straight", out = dir / "out";
+  ASSERT_OK(quantize_model(m.input, straight.string(), config(), RunHooks{}).status());
+  auto done = std::make_shared<size_t>(0);
+  ASSERT_EQ(quantize_model(m.input, out.string(), config(), stop_after(3, done), true).status().code(),
+            StatusCode::kCancelled);
+  const auto left = staging_leftovers(dir.path());
+  ASSERT_EQ(left.size(), 1u);
+  const fs::path journal = dir / left[0] / kRunDirName / "c0";
+  ASSERT_TRUE(fs::exists(journal / "t1.arrow"));
+  fs::resize_file(journal / "t1.arrow", fs::file_size(journal / "t1.arrow") / 2);  // a torn entry
+  testing::write_text(journal / "t2.arrow.part", "half-written");
+  ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out.string(), config(), RunHooks{}, true));
+  EXPECT_EQ(report["resume"]["tensors"].get<uint64_t>(), 1u);  // entries after the torn one are redone
+  EXPECT_TRUE(tree(out) == tree(straight));
+}
+
+TEST(Engine, stale_staging_directories_are_those_of_dead_or_released_runs_only) {
+  testing::TempDir dir;
+  const fs::path dest = dir / "out";
+  // ours (a live process) without an owner file, a released one, and one of a pid that cannot exist
+  fs::create_directories(dir / StrCat(".out.arrowquant-tmp-", ::getpid(), "-1-0"));
+  fs::create_directories(dir / StrCat(".out.arrowquant-tmp-", ::getpid(), "-2-0") / kRunDirName);
+  testing::write_text(dir / StrCat(".out.arrowquant-tmp-", ::getpid(), "-2-0") / kRunDirName / "released", "x");
+  fs::create_directories(dir / ".out.arrowquant-tmp-2147483646-3-0");
+  fs::create_directories(dir / ".other.arrowquant-tmp-2147483646-3-0");
+  std::vector<std::string> names;
+  for (const auto& p : stale_staging_dirs(dest.string())) names.push_back(fs::path(p).filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{StrCat(".out.arrowquant-tmp-", ::getpid(), "-2-0"),
+                                             ".out.arrowquant-tmp-2147483646-3-0"}));
 }
 
 TEST(Engine, reports_progress_ending_with_every_tensor_done) {

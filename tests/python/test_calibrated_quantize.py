@@ -451,3 +451,35 @@ def test_convolutions_without_a_hessian_stay_at_8_bits(tmp_path):
     assert by["head.weight"]["bits"] == 4  # 1x1: no spatial kernel
     t = _quantize(root, tmp_path / "t", bit_width=4, group_size=32, modality="text")
     assert {l["tensor"]: l for l in t["layers"]}["conv.weight"]["bits"] == 4
+
+
+def test_resume_with_calibration_is_byte_identical(outlier_model, tmp_path):
+    """A calibrated W8A8 run (GPTQ, equalization, activation parameters, output errors) stopped
+    after its first tensor and resumed gives the same files as an uninterrupted run."""
+    import hashlib
+    import os
+    from arrow_quant_v2 import _core
+
+    cfg = aq.DiffusionQuantConfig(min_tensor_size=0, enable_fallback=False, sensitive_patterns=[], bit_width=8,
+                                  group_size=0, activation_bits=8)
+    straight = json.loads(_core.quantize_model(str(outlier_model), str(tmp_path / "straight"), cfg._engine_json(),
+                                               None, 10, 5.0, False))
+    assert straight["calibration"]["activation_params"] == "activations.parquet"
+    assert straight["calibration"]["layers_equalized"] >= 1
+
+    def stop_after_one(done, total, *rest):
+        return done >= 1
+
+    with pytest.raises(KeyboardInterrupt, match="kept in"):
+        _core.quantize_model(str(outlier_model), str(tmp_path / "out"), cfg._engine_json(), stop_after_one, 1, 0.0, True)
+    resumed = json.loads(_core.quantize_model(str(outlier_model), str(tmp_path / "out"), cfg._engine_json(),
+                                              None, 10, 5.0, True))
+    assert resumed["resume"]["tensors"] >= 1
+
+    def tree(root):
+        return {os.path.relpath(os.path.join(b, f), root): hashlib.sha256(open(os.path.join(b, f), "rb").read()).digest()
+                for b, _, fs in os.walk(root) for f in fs}
+
+    assert tree(tmp_path / "out") == tree(tmp_path / "straight")
+    for key in ("layers", "calibration", "skipped", "fallbacks", "time_aware", "spatial"):
+        assert resumed[key] == straight[key], key

@@ -1,0 +1,143 @@
+#include "store/tensor_journal.h"
+
+#include <arrow/api.h>
+#include <arrow/io/file.h>
+#include <arrow/ipc/api.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "store/arrow_status.h"
+#include "store/parquet_sink.h"
+#include "store/schema.h"
+
+namespace aq {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+constexpr const char* kRecordKey = "arrowquant.record";
+constexpr const char* kFinishedFile = "finished.json";
+
+// Writes `text` to path through a temporary file and a rename: the file is whole or absent.
+Status write_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".part";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) return IoError(StrCat(tmp, ": cannot create"));
+    out << text;
+    out.close();
+    if (!out) return IoError(StrCat(tmp, ": write failed"));
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) return IoError(StrCat(path, ": cannot rename into place: ", ec.message()));
+  return Status::OK();
+}
+
+struct Entry {
+  std::shared_ptr<arrow::Table> table;
+  json record;
+};
+
+Result<Entry> read_entry(const std::string& path) {
+  // pread, not a memory map: the pages read are freed with the table (see ParquetSource::Open)
+  std::shared_ptr<arrow::io::ReadableFile> file;
+  AQ_ARROW_ASSIGN(file, arrow::io::ReadableFile::Open(path), path);
+  std::shared_ptr<arrow::ipc::RecordBatchFileReader> reader;
+  AQ_ARROW_ASSIGN(reader, arrow::ipc::RecordBatchFileReader::Open(file), path);
+  auto meta = reader->schema()->metadata();
+  const std::string text = meta ? meta->Get(kRecordKey).ValueOr("") : "";
+  Entry e;
+  e.record = json::parse(text, nullptr, false);
+  if (e.record.is_discarded() || !e.record.is_object()) return FormatError(StrCat(path, ": journal record is not JSON"));
+  if (reader->num_record_batches() != 1) return FormatError(StrCat(path, ": journal entry holds no single row"));
+  std::shared_ptr<arrow::RecordBatch> batch;
+  AQ_ARROW_ASSIGN(batch, reader->ReadRecordBatch(0), path);
+  AQ_ARROW_RETURN(batch->ValidateFull(), path);
+  AQ_ARROW_ASSIGN(e.table, arrow::Table::FromRecordBatches({batch}), path);
+  return e;
+}
+
+}  // namespace
+
+Result<TensorJournal> TensorJournal::Open(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return IoError(StrCat(dir, ": cannot create: ", ec.message()));
+  return TensorJournal(dir);
+}
+
+std::string TensorJournal::entry(size_t index) const { return (fs::path(dir_) / StrCat("t", index, ".arrow")).string(); }
+
+Status TensorJournal::Append(size_t index, const StoredTensorInfo& info, const TensorPayload& payload,
+                             const json& record) const {
+  const std::string path = entry(index);
+  const std::string tmp = path + ".part";
+  AQ_ASSIGN_OR_RETURN(auto table, tensor_row_table(info, payload, path));
+  auto schema = table->schema()->WithMetadata(arrow::key_value_metadata({kRecordKey}, {record.dump()}));
+  {
+    std::shared_ptr<arrow::io::FileOutputStream> out;
+    AQ_ARROW_ASSIGN(out, arrow::io::FileOutputStream::Open(tmp), tmp);
+    std::shared_ptr<arrow::ipc::RecordBatchWriter> writer;
+    AQ_ARROW_ASSIGN(writer, arrow::ipc::MakeFileWriter(out, schema), tmp);
+    AQ_ARROW_RETURN(writer->WriteTable(*table), tmp);
+    AQ_ARROW_RETURN(writer->Close(), tmp);
+    AQ_ARROW_RETURN(out->Close(), tmp);
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) return IoError(StrCat(path, ": cannot rename into place: ", ec.message()));
+  return Status::OK();
+}
+
+std::vector<json> TensorJournal::Records(size_t limit) const {
+  std::vector<json> out;
+  for (size_t i = 0; i < limit; ++i) {
+    std::error_code ec;
+    if (!fs::is_regular_file(entry(i), ec)) break;
+    auto e = read_entry(entry(i));
+    if (!e.ok()) break;  // damaged: quantized again
+    out.push_back(std::move(e->record));
+  }
+  return out;
+}
+
+Status TensorJournal::Truncate(size_t index) const {
+  std::error_code ec;
+  for (const auto& d : fs::directory_iterator(dir_, ec)) {
+    const std::string name = d.path().filename().string();
+    if (name.size() < 2 || name[0] != 't') continue;
+    const size_t i = std::strtoull(name.c_str() + 1, nullptr, 10);
+    if (i >= index || name.ends_with(".part")) fs::remove(d.path(), ec);
+  }
+  return Status::OK();
+}
+
+Status TensorJournal::CopyInto(ParquetSink& sink, size_t count) const {
+  for (size_t i = 0; i < count; ++i) {
+    AQ_ASSIGN_OR_RETURN(Entry e, read_entry(entry(i)));
+    AQ_RETURN_IF_ERROR(sink.WriteRow(*e.table, e.record.value("name", std::string())));
+  }
+  return Status::OK();
+}
+
+Status TensorJournal::Finish(const json& summary) const {
+  AQ_RETURN_IF_ERROR(write_atomically((fs::path(dir_) / kFinishedFile).string(), summary.dump()));
+  return Truncate(0);
+}
+
+std::optional<json> TensorJournal::Finished() const {
+  std::ifstream in(fs::path(dir_) / kFinishedFile, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json j = json::parse(ss.str(), nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return std::nullopt;
+  return j;
+}
+
+}  // namespace aq

@@ -1,0 +1,48 @@
+// The journal of a run in progress: each finished tensor of a component as its own small Arrow
+// IPC file (the row weights.parquet will hold, plus a JSON record of what the report takes from
+// it), written under a temporary name and renamed, so that a run killed at any moment leaves
+// only complete entries. weights.parquet is then written from the journal in tensor order, and
+// a resumed run (quantize_model with resume) continues after the entries it finds.
+#pragma once
+
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "store/format.h"
+
+namespace aq {
+
+class ParquetSink;
+
+class TensorJournal {
+ public:
+  // dir: one component's journal folder (created when missing).
+  static Result<TensorJournal> Open(const std::string& dir);
+
+  const std::string& dir() const { return dir_; }
+  // Entry `index`: the stored row and the record.
+  Status Append(size_t index, const StoredTensorInfo& info, const TensorPayload& payload,
+                const nlohmann::json& record) const;
+  // The records of entries 0, 1, ... up to the first one missing or unreadable (at most `limit`).
+  std::vector<nlohmann::json> Records(size_t limit) const;
+  // Removes entries from `index` on.
+  Status Truncate(size_t index) const;
+  // Writes entries 0 .. count-1 into the sink, in order, one tensor in memory at a time.
+  Status CopyInto(ParquetSink& sink, size_t count) const;
+  // Marks the component finished (its weights.parquet is complete): `summary` is kept, the
+  // entries are removed.
+  Status Finish(const nlohmann::json& summary) const;
+  // The summary of a finished component, when Finish completed.
+  std::optional<nlohmann::json> Finished() const;
+
+ private:
+  explicit TensorJournal(std::string dir) : dir_(std::move(dir)) {}
+  std::string entry(size_t index) const;
+  std::string dir_;
+};
+
+}  // namespace aq
