@@ -40,6 +40,38 @@ namespace {
 // Source bytes allowed in flight at once (tensors being quantized or waiting to be written).
 constexpr uint64_t kInflightBudget = 256ull << 20;
 
+// A journal record as make_record writes it: every field apply_record reads, of its type. A
+// record that is not (a damaged or foreign file) is not replayed: its tensor is quantized again.
+bool well_formed_record(const json& r) {
+  if (!r.is_object()) return false;
+  auto has = [&](const char* k, auto pred) { auto it = r.find(k); return it != r.end() && pred(*it); };
+  auto str = [](const json& v) { return v.is_string(); };
+  auto uns = [](const json& v) { return v.is_number_unsigned(); };
+  auto boolean = [](const json& v) { return v.is_boolean(); };
+  auto number = [](const json& v) { return v.is_number(); };
+  auto null_or_obj = [](const json& v) { return v.is_null() || v.is_object(); };
+  if (!(has("name", str) && has("dtype", str) && has("component", str) && has("qualified", str) &&
+        has("shape", [](const json& v) { return v.is_array(); }) && has("numel", uns) && has("source_bytes", uns) &&
+        has("stored_bytes", uns) && has("quantized", boolean) && has("cosine", number) && has("skipped", null_or_obj) &&
+        has("fallback", null_or_obj) && has("error", null_or_obj) && has("output_error", null_or_obj) &&
+        has("calibrated", boolean) && has("gptq", boolean) && has("importance", boolean) && has("equalized", boolean) &&
+        has("layer", [](const json& v) { return v.is_object(); })))
+    return false;
+  if (!r["quantized"].get<bool>() && !r["skipped"].is_object()) return false;
+  if (!r.contains("warnings") || !r["warnings"].is_array() || !r.contains("activations") || !r["activations"].is_array())
+    return false;
+  for (const json& w : r["warnings"])
+    if (!w.is_string()) return false;
+  for (const json& a : r["activations"]) {
+    if (!a.is_object()) return false;
+    for (const char* k : {"group", "bits", "zero_point"})
+      if (!a.contains(k) || !a[k].is_number_integer()) return false;
+    for (const char* k : {"step_lo", "step_hi", "scale", "clip_lo", "clip_hi"})
+      if (!a.contains(k) || !a[k].is_number()) return false;
+  }
+  return true;
+}
+
 std::string component_weights_path(const std::string& component) {
   return component.empty() ? std::string(kWeightsFile) : component + "/" + kWeightsFile;
 }
@@ -800,8 +832,15 @@ Result<json> QuantizeRun::write_output(const ModelSource& model, std::vector<std
     // once all are there.
     AQ_ASSIGN_OR_RETURN(TensorJournal journal, TensorJournal::Open((fs::path(staging.run_dir()) / StrCat("c", i)).string()));
     records_ = json::array();
-    const std::optional<json> finished = resuming ? journal.Finished() : std::nullopt;
-    if (finished && fs::is_regular_file(file, ec) && (*finished)["records"].size() == refs[i].size()) {
+    std::optional<json> finished = resuming ? journal.Finished() : std::nullopt;
+    if (finished) {
+      const json& recs = finished->contains("records") ? (*finished)["records"] : json();
+      bool ok = recs.is_array() && recs.size() == refs[i].size() && finished->contains("budget");
+      for (size_t k = 0; ok && k < recs.size(); ++k)
+        ok = well_formed_record(recs[k]) && recs[k]["name"] == refs[i][k].info->name;
+      if (!ok || !fs::is_regular_file(file, ec)) finished.reset();
+    }
+    if (finished) {
       for (const json& rec : (*finished)["records"]) apply_record(rec, comp);
       budget_report_ = (*finished)["budget"];
       resumed_tensors_ += refs[i].size();
@@ -810,8 +849,8 @@ Result<json> QuantizeRun::write_output(const ModelSource& model, std::vector<std
       if (resuming) {
         for (const json& rec : journal.Records(refs[i].size())) {
           const TensorInfo& t = *refs[i][first].info;
-          if (rec.value("name", "") != t.name || rec.value("shape", json()) != json(t.shape) ||
-              rec.value("dtype", "") != dtype_name(t.dtype))
+          if (!well_formed_record(rec) || rec["name"] != t.name || rec["shape"] != json(t.shape) ||
+              rec["dtype"] != dtype_name(t.dtype))
             break;
           apply_record(rec, comp);
           ++first;

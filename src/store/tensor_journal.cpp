@@ -59,6 +59,8 @@ Result<Entry> read_entry(const std::string& path) {
   AQ_ARROW_ASSIGN(batch, reader->ReadRecordBatch(0), path);
   AQ_ARROW_RETURN(batch->ValidateFull(), path);
   AQ_ARROW_ASSIGN(e.table, arrow::Table::FromRecordBatches({batch}), path);
+  if (e.table->num_rows() != 1 || !e.table->schema()->Equals(*weights_schema(), /*check_metadata=*/false))
+    return FormatError(StrCat(path, ": journal entry is not one row of the weights schema"));
   return e;
 }
 
@@ -120,7 +122,8 @@ Status TensorJournal::Truncate(size_t index) const {
 Status TensorJournal::CopyInto(ParquetSink& sink, size_t count) const {
   for (size_t i = 0; i < count; ++i) {
     AQ_ASSIGN_OR_RETURN(Entry e, read_entry(entry(i)));
-    AQ_RETURN_IF_ERROR(sink.WriteRow(*e.table, e.record.value("name", std::string())));
+    const auto name = e.record.find("name");
+    AQ_RETURN_IF_ERROR(sink.WriteRow(*e.table, name != e.record.end() && name->is_string() ? name->get<std::string>() : ""));
   }
   return Status::OK();
 }

@@ -17,6 +17,7 @@
 #include "engine/plan.h"
 #include "store/manifest.h"
 #include "store/parquet_source.h"
+#include "store/tensor_journal.h"
 #include "test_util.h"
 
 namespace aq {
@@ -662,6 +663,31 @@ TEST(Engine, a_damaged_journal_entry_is_quantized_again) {
   testing::write_text(journal / "t2.arrow.part", "half-written");
   ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out.string(), config(), RunHooks{}, true));
   EXPECT_EQ(report["resume"]["tensors"].get<uint64_t>(), 1u);  // entries after the torn one are redone
+  EXPECT_TRUE(tree(out) == tree(straight));
+}
+
+TEST(Engine, a_journal_record_of_the_wrong_shape_is_not_replayed) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile);
+  const fs::path straight = dir / "straight", out = dir / "out";
+  ASSERT_OK(quantize_model(m.input, straight.string(), config(), RunHooks{}).status());
+  auto done = std::make_shared<size_t>(0);
+  ASSERT_EQ(quantize_model(m.input, out.string(), config(), stop_after(3, done), true).status().code(),
+            StatusCode::kCancelled);
+  const auto left = staging_leftovers(dir.path());
+  ASSERT_EQ(left.size(), 1u);
+  ASSERT_OK_AND_ASSIGN(TensorJournal journal, TensorJournal::Open((dir / left[0] / kRunDirName / "c0").string()));
+  StoredTensorInfo info;
+  info.name = "x";
+  info.shape = {1};
+  const uint8_t bytes[4] = {};
+  TensorPayload payload;
+  payload.codes = std::span<const uint8_t>(bytes, 4);
+  info.stored = 4;
+  // a readable entry whose record has a number where a name belongs
+  ASSERT_OK(journal.Append(0, info, payload, json{{"name", 5}, {"numel", "many"}}));
+  ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out.string(), config(), RunHooks{}, true));
+  EXPECT_EQ(report["resume"]["tensors"].get<uint64_t>(), 0u);
   EXPECT_TRUE(tree(out) == tree(straight));
 }
 
