@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: the C++ unit tests (GoogleTest, built with AddressSanitizer and
-# UndefinedBehaviorSanitizer) and the Python tests (pytest). Sets everything up first.
+# UndefinedBehaviorSanitizer), a short run of every fuzz target (scripts/fuzz.sh --smoke) and the
+# Python tests (pytest). Sets everything up first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -26,4 +27,13 @@ echo "==> Python tests"
 # GGUF loader needs accelerate (low_cpu_mem_usage).
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" "gguf>=0.10" "ggml-python>=0.0.40" \
   "diffusers==0.42.1" "accelerate==1.15.0" "compressed-tensors==0.20.0" 2>&1 | grep -v "^WARNING: Location" || true
+
+# libFuzzer targets (fuzz/): clang build with ASan + UBSan, then each target a short run
+# (scripts/fuzz.sh --smoke; ARROWQUANT_SKIP_FUZZ=1 skips it). After the installs above: the
+# calibration seeds are written by arrow_quant_v2.calibration, which needs PyTorch.
+if [ "${ARROWQUANT_SKIP_FUZZ:-0}" != "1" ]; then
+  echo "==> fuzz smoke"
+  ./scripts/fuzz.sh --smoke
+fi
+
 "$PY" -m pytest -q tests/python "$@"

@@ -190,7 +190,9 @@ AQ_CLONES void decode_iq4_xs(const uint8_t* in, uint64_t nb, float* y) {
 // -Wuninitialized reports inside every function that inlines them (GCC bug 105593).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 // The 4-bit non-linear types look each code up in a table of 16 levels, which the compiler turns
 // into scalar loads. With AVX-512 one permute reads 16 table entries at once: the table is the
 // block's scale times each level (the very products the scalar loop computes), so the values

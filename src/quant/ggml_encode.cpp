@@ -43,7 +43,11 @@ namespace {
 
 #define AQ_INLINE inline __attribute__((always_inline))
 
-// Compile-time description of a type (the table in ggml_types.h).
+// Compile-time description of a type (the table in ggml_types.h). Every type lists every field,
+// used or not (clang reports the unused ones).
+#if defined(__clang__)
+#pragma clang diagnostic ignored "-Wunused-const-variable"
+#endif
 template <GgmlType T>
 struct K;
 template <>
@@ -477,7 +481,8 @@ AQ_INLINE void assign_sub(const float* x, float a, float b, float* L) {
     else std::fill(L, L + K<T>::S, 0.0f);
   } else {
     if (a != 0) assign_sym<T>(x, 1.0f / a, L);
-    else std::fill(L, L + K<T>::S, K<T>::kTable ? levels<T>().level[8] : 0.0f);
+    else if constexpr (K<T>::kTable) std::fill(L, L + K<T>::S, levels<T>().level[8]);
+    else std::fill(L, L + K<T>::S, 0.0f);
   }
 }
 
@@ -958,8 +963,14 @@ void encode_row_t(const float* x, uint64_t cols, uint8_t* out, const GgmlEncodeO
   }
 }
 
+// clang refuses flatten on multiversioned functions: there the clones inline what they choose.
+#if defined(__clang__)
+#define AQ_ROW_ENCODER_ATTRS __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define AQ_ROW_ENCODER_ATTRS __attribute__((target_clones("avx512f", "avx2", "default"), flatten))
+#endif
 #define AQ_ROW_ENCODER(NAME, TYPE)                                                                       \
-  __attribute__((target_clones("avx512f", "avx2", "default"), flatten)) void NAME(                       \
+  AQ_ROW_ENCODER_ATTRS void NAME(                                                                        \
       const float* x, uint64_t cols, uint8_t* out, const GgmlEncodeOptions& opt) {                       \
     encode_row_t<TYPE>(x, cols, out, opt);                                                               \
   }
@@ -972,6 +983,7 @@ AQ_ROW_ENCODER(encode_row_q2_k, GgmlType::kQ2_K)
 AQ_ROW_ENCODER(encode_row_iq4_xs, GgmlType::kIQ4_XS)
 AQ_ROW_ENCODER(encode_row_iq4_nl, GgmlType::kIQ4_NL)
 #undef AQ_ROW_ENCODER
+#undef AQ_ROW_ENCODER_ATTRS
 
 template <typename F>
 void dispatch(GgmlType t, F&& f) {

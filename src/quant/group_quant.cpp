@@ -35,6 +35,11 @@ ClipList clip_list(int bits) {
   return {kClipLow, static_cast<int>(std::size(kClipLow))};
 }
 
+// The stored code of c (a rounded code in [0, nmax], or NaN where the weight and the scale
+// overflow: x - z = inf times 1 / s = 0, or 0 times an infinite 1 / s of a subnormal scale).
+// Converting NaN to an integer is undefined; such a weight gets code 0.
+inline uint8_t to_code(float c) { return static_cast<uint8_t>(c >= 0.0f ? c : 0.0f); }
+
 // ---- asymmetric: w ~= s * c + z, c in [0, nmax] ------------------------------------------
 
 // Squared error of coding x with (s, z); codes written when q != nullptr.
@@ -45,14 +50,14 @@ float asym_error(const float* x, size_t n, float s, float z, float nmax, uint8_t
   for (; i + 8 <= n; i += 8)
     for (int k = 0; k < 8; ++k) {
       const float c = round_small(std::clamp((x[i + k] - z) * inv, 0.0f, nmax));
-      if (q) q[i + k] = static_cast<uint8_t>(c);
+      if (q) q[i + k] = to_code(c);
       const float e = x[i + k] - (s * c + z);
       acc[k] += e * e;
     }
   float tail = 0.0f;
   for (; i < n; ++i) {
     const float c = round_small(std::clamp((x[i] - z) * inv, 0.0f, nmax));
-    if (q) q[i] = static_cast<uint8_t>(c);
+    if (q) q[i] = to_code(c);
     const float e = x[i] - (s * c + z);
     tail += e * e;
   }
@@ -110,7 +115,9 @@ bool quantize_group_asym(const QuantScheme& sch, const float* x, size_t n, uint8
   float lo = x[0], hi = x[0];
   for (size_t i = 1; i < n; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
 
-  float best_s = to_storage(sch.scale_type, (hi - lo) / nmax);
+  // (hi - lo overflows for weights near +-FLT_MAX: the step is then taken as hi / nmax - lo / nmax)
+  const float range = hi - lo;
+  float best_s = to_storage(sch.scale_type, std::isfinite(range) ? range / nmax : hi / nmax - lo / nmax);
   float best_z = to_storage(sch.scale_type, lo);
   if (hi == lo || best_s == 0.0f) return constant_group_asym(sch, n, lo, hi, best_z, q, s_out, z_out);
   if (sch.method == ScaleMethod::kSearch) {
@@ -153,14 +160,14 @@ float sym_error(const float* x, size_t n, float s, float m, uint8_t* q) {
     for (int k = 0; k < 8; ++k) {
       // round after shifting into [0, 2m-1] so the magic-number rounding sees a non-negative value
       const float c = round_small(std::clamp(x[i + k] * inv, qmin, qmax) + m);
-      if (q) q[i + k] = static_cast<uint8_t>(c);
+      if (q) q[i + k] = to_code(c);
       const float e = x[i + k] - s * (c - m);
       acc[k] += e * e;
     }
   float tail = 0.0f;
   for (; i < n; ++i) {
     const float c = round_small(std::clamp(x[i] * inv, qmin, qmax) + m);
-    if (q) q[i] = static_cast<uint8_t>(c);
+    if (q) q[i] = to_code(c);
     const float e = x[i] - s * (c - m);
     tail += e * e;
   }

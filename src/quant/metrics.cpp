@@ -5,7 +5,11 @@
 
 namespace aq {
 
+// clang (14) emits a multiversioned function only under its resolver's name, which callers in
+// other files (declared without the attribute) do not reference: one version there.
+#if !defined(__clang__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 void ErrorStats::add(const float* w, const float* deq, size_t n) {
   // Four-lane partial sums in double: vectorizable, and the order is fixed by n alone.
   double ww[4] = {}, dd[4] = {}, wd[4] = {}, ee[4] = {};

@@ -130,8 +130,14 @@ namespace {
 // Fused unpack-and-scale for byte-aligned groups of 2-, 4- and 8-bit codes: one pass from the
 // packed bytes to floats, the group's scale and offset in registers. Same arithmetic, in the
 // same order, as unpack_codes + dequantize_rows (s * c + z; symmetric s * (c - m)).
+// (clang does not multiversion function templates: one version there, built for the baseline.)
+#if defined(__clang__)
+#define AQ_TEMPLATE_CLONES
+#else
+#define AQ_TEMPLATE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 template <int kBits, bool kSymmetric>
-__attribute__((target_clones("avx512f", "avx2", "default")))
+AQ_TEMPLATE_CLONES
 void decode_group_fast(const uint8_t* p, size_t n, float s, float z, float* o) {
   constexpr int kPerByte = 8 / kBits;
   constexpr unsigned kMask = (1u << kBits) - 1u;

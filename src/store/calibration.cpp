@@ -126,13 +126,14 @@ class FileHessianReader final : public HessianReader {
     if (list->IsNull(i)) return FormatError(StrCat(where, ": null, but the row says it holds one"));
     const int64_t off = list->value_offset(i), len = list->value_length(i);
     const size_t n = layout.cols;
-    std::vector<double> h(layout.values());
+    std::vector<double> h;  // allocated once the list's length matches the layout (in_features from the file)
     if (!packed_) {
       auto values = std::dynamic_pointer_cast<arrow::DoubleArray>(list->values());
       if (!values) return FormatError(StrCat(where, ": version 1 Hessians are float64 lists"));
       if (!layout.full()) return FormatError(StrCat(where, ": version 1 has no block-diagonal Hessians"));
       if (static_cast<size_t>(len) != n * n)
         return FormatError(StrCat(where, ": holds ", len, " values, expected in_features^2 = ", n * n));
+      h.resize(layout.values());
       std::copy_n(values->raw_values() + off, n * n, h.data());
     } else {
       auto values = std::dynamic_pointer_cast<arrow::FloatArray>(list->values());
@@ -145,6 +146,7 @@ class FileHessianReader final : public HessianReader {
                                   " of ", layout.full() ? StrCat(n, " x ", n) : StrCat(layout.blocks(), " diagonal blocks of ",
                                                                                         layout.block, " of ", n, " columns"),
                                   ": ", expected));
+      h.resize(layout.values());
       const float* p = values->raw_values() + off;
       for (size_t b = 0; b < layout.blocks(); ++b) {
         const size_t nb = layout.size(b);

@@ -37,11 +37,14 @@ Result<nlohmann::json> read_manifest(const std::string& model_dir) {
   if (!fs::exists(path))
     return FormatError(StrCat(model_dir, ": no ", kManifestFile, " (not an ArrowQuant model directory, or an unfinished one)"));
   AQ_ASSIGN_OR_RETURN(nlohmann::json j, read_json(path));
-  if (!j.is_object() || j.value("format", "") != kFormatName)
+  // (json::value throws when the key holds another type: look the fields up and check their types)
+  const auto format = j.is_object() ? j.find("format") : j.end();
+  if (format == j.end() || !format->is_string() || format->get_ref<const std::string&>() != kFormatName)
     return FormatError(StrCat(path, ": not an ArrowQuant manifest (format is not '", kFormatName, "')"));
   if (!j.contains("format_version") || !j["format_version"].is_number_integer())
     return FormatError(StrCat(path, ": no integer format_version"));
-  const int v = j["format_version"].get<int>();
+  // int64: get<int> would wrap a large version (2^32 + 2) into a readable one
+  const int64_t v = j["format_version"].get<int64_t>();
   if (v < kMinFormatVersion || v > kFormatVersion)
     return FormatError(StrCat(path, ": format version ", v, "; this build reads versions ", kMinFormatVersion, " to ",
                               kFormatVersion));
