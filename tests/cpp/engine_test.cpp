@@ -647,17 +647,31 @@ TEST_P(EngineLayoutTest, a_resumed_run_is_byte_identical_to_an_uninterrupted_one
   EXPECT_TRUE(staging_leftovers(dir.path()).empty());
 }
 
-TEST(Engine, a_damaged_journal_entry_is_quantized_again) {
+// A model quantized straight through, and the same run stopped after 3 tensors with resume.
+struct Interrupted {
   testing::TempDir dir;
-  const Model m = make_model(dir.path(), Layout::kSingleFile);
-  const fs::path straight = dir / "straight", out = dir / "out";
-  ASSERT_OK(quantize_model(m.input, straight.string(), config(), RunHooks{}).status());
-  auto done = std::make_shared<size_t>(0);
-  ASSERT_EQ(quantize_model(m.input, out.string(), config(), stop_after(3, done), true).status().code(),
-            StatusCode::kCancelled);
-  const auto left = staging_leftovers(dir.path());
-  ASSERT_EQ(left.size(), 1u);
-  const fs::path journal = dir / left[0] / kRunDirName / "c0";
+  Model m;
+  fs::path straight, out, journal;  // journal: the kept run's folder for component 0
+  void SetUp() {
+    m = make_model(dir.path(), Layout::kSingleFile);
+    straight = dir / "straight";
+    out = dir / "out";
+    ASSERT_OK(quantize_model(m.input, straight.string(), config(), RunHooks{}).status());
+    auto done = std::make_shared<size_t>(0);
+    ASSERT_EQ(quantize_model(m.input, out.string(), config(), stop_after(3, done), true).status().code(),
+              StatusCode::kCancelled);
+    const auto left = staging_leftovers(dir.path());
+    ASSERT_EQ(left.size(), 1u);
+    journal = dir / left[0] / kRunDirName / "c0";
+  }
+};
+
+TEST(Engine, a_damaged_journal_entry_is_quantized_again) {
+  Interrupted run;
+  ASSERT_NO_FATAL_FAILURE(run.SetUp());
+  const fs::path& journal = run.journal;
+  const Model& m = run.m;
+  const fs::path &straight = run.straight, &out = run.out;
   ASSERT_TRUE(fs::exists(journal / "t1.arrow"));
   fs::resize_file(journal / "t1.arrow", fs::file_size(journal / "t1.arrow") / 2);  // a torn entry
   testing::write_text(journal / "t2.arrow.part", "half-written");
@@ -667,16 +681,11 @@ TEST(Engine, a_damaged_journal_entry_is_quantized_again) {
 }
 
 TEST(Engine, a_journal_record_of_the_wrong_shape_is_not_replayed) {
-  testing::TempDir dir;
-  const Model m = make_model(dir.path(), Layout::kSingleFile);
-  const fs::path straight = dir / "straight", out = dir / "out";
-  ASSERT_OK(quantize_model(m.input, straight.string(), config(), RunHooks{}).status());
-  auto done = std::make_shared<size_t>(0);
-  ASSERT_EQ(quantize_model(m.input, out.string(), config(), stop_after(3, done), true).status().code(),
-            StatusCode::kCancelled);
-  const auto left = staging_leftovers(dir.path());
-  ASSERT_EQ(left.size(), 1u);
-  ASSERT_OK_AND_ASSIGN(TensorJournal journal, TensorJournal::Open((dir / left[0] / kRunDirName / "c0").string()));
+  Interrupted run;
+  ASSERT_NO_FATAL_FAILURE(run.SetUp());
+  const Model& m = run.m;
+  const fs::path &straight = run.straight, &out = run.out;
+  ASSERT_OK_AND_ASSIGN(TensorJournal journal, TensorJournal::Open(run.journal.string()));
   StoredTensorInfo info;
   info.name = "x";
   info.shape = {1};

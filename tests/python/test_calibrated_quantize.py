@@ -456,8 +456,8 @@ def test_convolutions_without_a_hessian_stay_at_8_bits(tmp_path):
 def test_resume_with_calibration_is_byte_identical(outlier_model, tmp_path):
     """A calibrated W8A8 run (GPTQ, equalization, activation parameters, output errors) stopped
     after its first tensor and resumed gives the same files as an uninterrupted run."""
-    import hashlib
-    import os
+    from conftest import tree_digest
+
     from arrow_quant_v2 import _core
 
     cfg = aq.DiffusionQuantConfig(min_tensor_size=0, enable_fallback=False, sensitive_patterns=[], bit_width=8,
@@ -476,10 +476,6 @@ def test_resume_with_calibration_is_byte_identical(outlier_model, tmp_path):
                                               None, 10, 5.0, True))
     assert resumed["resume"]["tensors"] >= 1
 
-    def tree(root):
-        return {os.path.relpath(os.path.join(b, f), root): hashlib.sha256(open(os.path.join(b, f), "rb").read()).digest()
-                for b, _, fs in os.walk(root) for f in fs}
-
-    assert tree(tmp_path / "out") == tree(tmp_path / "straight")
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "straight")
     for key in ("layers", "calibration", "skipped", "fallbacks", "time_aware", "spatial"):
         assert resumed[key] == straight[key], key

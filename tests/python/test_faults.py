@@ -7,7 +7,6 @@ continues from: the result is byte-identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -17,6 +16,8 @@ import textwrap
 
 import numpy as np
 import pytest
+
+from conftest import tree_digest
 
 from arrow_quant_v2 import ArrowQuantV2, DiffusionQuantConfig
 from arrow_quant_v2.errors import ArrowQuantError
@@ -36,16 +37,6 @@ def model(tmp_path_factory):
     save_file(weights, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps({"_class_name": "Toy"}))
     return d
-
-
-def tree_hashes(root):
-    out = {}
-    for base, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(base, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def hidden(parent, name):
@@ -91,7 +82,7 @@ def config():
 def reference(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "out"
     ArrowQuantV2().quantize_diffusion_model(model, out, config=config())
-    return tree_hashes(out)
+    return tree_digest(out)
 
 
 def test_sigterm_stops_like_ctrl_c_and_leaves_nothing(model, tmp_path):
@@ -111,7 +102,7 @@ def test_sigterm_with_resume_keeps_the_run_for_the_next_resume(model, tmp_path, 
     assert not out.exists() and len(hidden(tmp_path, "out")) == 1
     r = ArrowQuantV2().quantize_diffusion_model(model, out, config=config(), resume=True)
     assert 0 < r["resume"]["tensors"] < TENSORS + 1
-    assert tree_hashes(out) == reference
+    assert tree_digest(out) == reference
     assert hidden(tmp_path, "out") == []
 
 
@@ -124,7 +115,7 @@ def test_after_kill_9_the_next_run_removes_the_stale_staging_directory(model, tm
     r = ArrowQuantV2().quantize_diffusion_model(model, out, config=config())
     assert r["resume"]["tensors"] == 0
     assert hidden(tmp_path, "out") == []
-    assert tree_hashes(out) == reference
+    assert tree_digest(out) == reference
 
 
 def test_resume_after_kill_9_is_byte_identical_to_an_uninterrupted_run(model, tmp_path, reference):
@@ -136,7 +127,7 @@ def test_resume_after_kill_9_is_byte_identical_to_an_uninterrupted_run(model, tm
     assert r["resume"]["resumed_from"] == str(tmp_path / stale)
     assert r["resume"]["tensors"] >= TENSORS // 3
     assert len(r["layers"]) == TENSORS + 1
-    assert tree_hashes(out) == reference
+    assert tree_digest(out) == reference
     assert hidden(tmp_path, "out") == []
 
 
@@ -155,7 +146,7 @@ def test_resume_in_the_same_process_after_ctrl_c(model, tmp_path, reference):
     assert len(hidden(tmp_path, "out")) == 1
     r = q.quantize_diffusion_model(model, out, config=config(), resume=True)
     assert r["resume"]["tensors"] > 0
-    assert tree_hashes(out) == reference
+    assert tree_digest(out) == reference
 
 
 def test_ctrl_c_without_resume_leaves_nothing(model, tmp_path):
@@ -180,7 +171,7 @@ def test_resume_with_another_config_starts_over_and_says_why(model, tmp_path):
     assert any("the configuration differs" in w for w in r["warnings"])
     fresh = tmp_path / "fresh"
     ArrowQuantV2().quantize_diffusion_model(model, fresh, config=other)
-    assert tree_hashes(out) == tree_hashes(fresh)
+    assert tree_digest(out) == tree_digest(fresh)
 
 
 def test_resume_after_the_source_changed_starts_over(model, tmp_path):
@@ -269,4 +260,4 @@ def test_cli_resume_flag(model, tmp_path, reference):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "resumed" in r.stdout
-    assert tree_hashes(out) == reference
+    assert tree_digest(out) == reference
