@@ -78,6 +78,8 @@ LayerCheck check_tensor(const ParquetSource& src, std::mutex& read_mu, size_t in
     ErrorStats block_stats;
     block_stats.add(w.data(), d.data(), nr * cols);
     out.stats.merge(block_stats);
+    // the block's source pages go back to the OS now, not when the whole tensor is done
+    ref.file->release(orig, r0 * cols * dtype_size(orig.dtype), nr * cols * dtype_size(orig.dtype));
   }
   ref.file->release(orig);
   return out;

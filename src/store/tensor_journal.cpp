@@ -44,9 +44,11 @@ struct Entry {
 };
 
 Result<Entry> read_entry(const std::string& path) {
-  // pread, not a memory map: the pages read are freed with the table (see ParquetSource::Open)
-  std::shared_ptr<arrow::io::ReadableFile> file;
-  AQ_ARROW_ASSIGN(file, arrow::io::ReadableFile::Open(path), path);
+  // A memory map: the row's buffers are views of the file's pages (no copy of a tensor's codes),
+  // resident only while the entry is alive: it is read once, written into weights.parquet and
+  // dropped, which unmaps it.
+  std::shared_ptr<arrow::io::MemoryMappedFile> file;
+  AQ_ARROW_ASSIGN(file, arrow::io::MemoryMappedFile::Open(path, arrow::io::FileMode::READ), path);
   std::shared_ptr<arrow::ipc::RecordBatchFileReader> reader;
   AQ_ARROW_ASSIGN(reader, arrow::ipc::RecordBatchFileReader::Open(file), path);
   auto meta = reader->schema()->metadata();
