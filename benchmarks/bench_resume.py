@@ -27,19 +27,11 @@ import subprocess
 import sys
 import tempfile
 
+from _measure import PEAK_PREAMBLE, build_env
 from arrow_quant_v2.demo import generate_diffusion_lm
 
-CHILD = r"""
-import json, sys, time
-import arrow_quant_v2 as aq
-def status(key):
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-base = status('VmRSS:')
-with open('/proc/self/clear_refs', 'w') as f:
-    f.write('5')  # reset the peak (VmHWM) to the current resident set
+# imports first: the baseline is the resident set with the package loaded
+CHILD = "import json, sys, time\nimport arrow_quant_v2 as aq\n" + PEAK_PREAMBLE + r"""
 model, out, profile, resume, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", float(sys.argv[5])
 cfg = aq.DiffusionQuantConfig.from_profile(profile, overwrite=True)
 def progress(message, fraction):
@@ -58,12 +50,7 @@ print(json.dumps({"seconds": dt, "peak": status('VmHWM:') - base, "journal": r.g
 
 def run(model: str, out: str, profile: str, pythonpath: str | None = None, resume: bool = False,
         kill_at: float = 0.0) -> dict:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-        # an installed-elsewhere build finds pyarrow's libarrow through the environment
-        import pyarrow
-        env["LD_LIBRARY_PATH"] = pyarrow.get_library_dirs()[0]
+    env = build_env(pythonpath)
     p = subprocess.run([sys.executable, "-c", CHILD, model, out, profile, "1" if resume else "0", str(kill_at)],
                        capture_output=True, text=True, env=env)
     if kill_at > 0:

@@ -15,18 +15,11 @@ import subprocess
 import sys
 import tempfile
 
-import pyarrow
-
+from _measure import PEAK_PREAMBLE, build_env
 from arrow_quant_v2.demo import generate_diffusion_lm
 
-CHILD = r"""
-import sys, time, json, arrow_quant_v2 as aq
-def status(key):
-    for line in open('/proc/self/status'):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-base = status('VmRSS:')
-open('/proc/self/clear_refs', 'w').write('5')  # reset the peak to the current resident set
+# imports first: the baseline is the resident set with the package loaded
+CHILD = "import sys, time, json, arrow_quant_v2 as aq\n" + PEAK_PREAMBLE + r"""
 if sys.argv[3] == 'quantize':
     aq.ArrowQuantV2().quantize_diffusion_model(sys.argv[1], sys.argv[2],
                                                aq.DiffusionQuantConfig.from_profile('local', overwrite=True))
@@ -53,10 +46,7 @@ def main() -> None:
     print("| build | validate_quality time | peak RSS above baseline |\n|---|---|---|")
     for _ in range(a.rounds):
         for name, path in (("this build", None), ("baseline", a.baseline)):
-            env = dict(os.environ)
-            if path:
-                env["PYTHONPATH"] = path
-                env["LD_LIBRARY_PATH"] = pyarrow.get_library_dirs()[0]
+            env = build_env(path)
             r = subprocess.run([sys.executable, "-c", CHILD, model, quant, "validate"], capture_output=True,
                                text=True, env=env, check=True)
             d = json.loads(r.stdout.strip().splitlines()[-1])
