@@ -272,6 +272,9 @@ _FIELDS: Dict[str, Tuple[Any, Callable[[Any], Any], str]] = {
     "sensitive_patterns": (None, _check_patterns("sensitive_patterns"), "regexes of sensitive tensors; None = defaults"),
     "sensitive_bit_width": (8, _check_sensitive_bits, "bits for sensitive tensors (16 keeps them)"),
     "min_tensor_size": (1024, _check_int("min_tensor_size", 0), "tensors with fewer weights are kept"),
+    "piece_bytes": (64 << 20, _check_int("piece_bytes", 1),
+                    "a tensor storing more bytes is written in pieces of at most this size (whole row blocks), "
+                    "so writing, validating and loading it never hold it whole"),
     "nonfinite": ("error", _check_choice("nonfinite", NONFINITE_POLICIES), "'error' or 'keep' for NaN/Inf weights"),
     "overwrite": (False, _check_bool("overwrite"), "replace an existing output directory"),
     "calibration_path": (None, _check_path("calibration_path"),

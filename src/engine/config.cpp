@@ -87,7 +87,7 @@ const std::set<std::string>& known_keys() {
   static const std::set<std::string> k = {
       "bit_width", "group_size", "symmetric", "scale_method", "scheme", "rotate", "target_bits_per_weight", "min_accuracy", "enable_fallback",
       "fail_fast", "num_threads", "components", "skip_patterns", "bit_overrides",
-      "sensitive_patterns", "sensitive_bit_width", "min_tensor_size", "nonfinite", "overwrite",
+      "sensitive_patterns", "sensitive_bit_width", "min_tensor_size", "piece_bytes", "nonfinite", "overwrite",
       "modality", "enable_time_aware", "enable_spatial", "num_time_groups", "time_groups", "calibration_samples",
       "deployment_profile", "calibration_path", "gptq_damp", "gptq_act_order", "time_group_weighting",
       "activation_bits", "ggml_weighting"};
@@ -190,6 +190,10 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
   AQ_RETURN_IF_ERROR(get(j, "min_tensor_size", &min_size, "an integer"));
   if (min_size < 0) return InvalidConfig(StrCat("min_tensor_size must be >= 0, got ", min_size));
   c.min_tensor_size = static_cast<uint64_t>(min_size);
+  int64_t piece_bytes = static_cast<int64_t>(c.piece_bytes);
+  AQ_RETURN_IF_ERROR(get(j, "piece_bytes", &piece_bytes, "an integer"));
+  if (piece_bytes < 1) return InvalidConfig(StrCat("piece_bytes must be >= 1, got ", piece_bytes));
+  c.piece_bytes = static_cast<uint64_t>(piece_bytes);
   std::string nonfinite = "error";
   AQ_RETURN_IF_ERROR(get(j, "nonfinite", &nonfinite, "a string"));
   if (nonfinite != "error" && nonfinite != "keep")
@@ -247,6 +251,7 @@ Result<EngineConfig> EngineConfig::FromJson(const json& j) {
       {"fail_fast", c.fail_fast}, {"num_threads", c.num_threads}, {"components", c.components},
       {"skip_patterns", skips}, {"bit_overrides", json::array()}, {"sensitive_patterns", sensitive},
       {"sensitive_bit_width", c.sensitive_bit_width}, {"min_tensor_size", c.min_tensor_size},
+      {"piece_bytes", c.piece_bytes},
       {"nonfinite", nonfinite}, {"overwrite", c.overwrite},
       {"modality", c.modality.empty() ? json(nullptr) : json(c.modality)},
       {"enable_time_aware", c.enable_time_aware}, {"enable_spatial", c.enable_spatial},

@@ -45,6 +45,9 @@ struct EngineConfig {
   std::vector<NamePattern> sensitive_patterns;
   int sensitive_bit_width = 8;
   uint64_t min_tensor_size = 1024;  // tensors with fewer weights are kept as they are
+  // A tensor that stores more bytes than this is written as pieces of at most this much (whole
+  // row blocks), so no writer or reader holds a whole big tensor (format version 4).
+  uint64_t piece_bytes = 64ull << 20;
   bool keep_nonfinite = false;      // false: a NaN/Inf weight is an error naming the tensor
   bool overwrite = false;
   std::string modality;  // "" = detect

@@ -450,7 +450,7 @@ Status QuantizeRun::write(Slot& s, size_t index, const TensorJournal& journal, j
     info.stored = t.nbytes;
   }
   const json record = make_record(s, info);
-  AQ_RETURN_IF_ERROR(journal.Append(index, info, payload, record));
+  AQ_RETURN_IF_ERROR(journal.Append(index, info, payload, record, rows_per_block(info.cols()), cfg_.piece_bytes));
   s.ref.file->release(t);
   apply_record(record, comp_report);
   return Status::OK();

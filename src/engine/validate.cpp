@@ -43,44 +43,51 @@ LayerCheck check_tensor(const ParquetSource& src, std::mutex& read_mu, size_t in
                                           dtype_name(orig.dtype), " ", shape_to_string(orig.shape)));
     return out;
   }
-  Result<LoadedTensor> loaded = [&] {
-    std::lock_guard<std::mutex> lock(read_mu);  // one Parquet reader, read serially
-    return src.read(index);
-  }();
-  if (!loaded.ok()) {
-    out.status = loaded.status();
-    return out;
-  }
-  const TensorPayload& p = loaded->payload;
   const uint8_t* source = ref.file->data(orig);
-  if (!info.quantized) {
-    out.identical = p.codes.size() == orig.nbytes && (orig.nbytes == 0 || std::memcmp(p.codes.data(), source, orig.nbytes) == 0);
-    out.stats.count = orig.numel;
-    ref.file->release(orig);
-    return out;
-  }
-  const uint64_t rows = info.rows(), cols = info.cols();
+  const uint64_t cols = info.cols();
+  const uint64_t row_bytes = cols * dtype_size(orig.dtype);
   // The engine's own row blocks (for entropy-coded tensors also the chunk size), so a faithful
-  // file reproduces the recorded statistics bit for bit.
+  // file reproduces the recorded statistics bit for bit. A tensor stored in pieces is read one
+  // piece at a time (its pieces are whole blocks).
   const uint64_t block = rows_per_block(cols);
   std::vector<float> w, d;
-  for (uint64_t r0 = 0; r0 < rows; r0 += block) {
-    const uint64_t nr = std::min(block, rows - r0);
-    w.resize(nr * cols);
-    d.resize(nr * cols);
-    convert_to_f32(orig.dtype, source + r0 * cols * dtype_size(orig.dtype), nr * cols, w.data());
-    Status st = decode_rows(info.scheme, rows, cols, p, r0, nr, d.data());
-    if (!st.ok()) {
-      out.status = st.WithPrefix(where + ": ");
+  for (size_t k = 0; k < info.pieces.size(); ++k) {
+    const StoredPiece& piece = info.pieces[k];
+    Result<LoadedTensor> loaded = [&] {
+      std::lock_guard<std::mutex> lock(read_mu);  // one Parquet reader, read serially
+      return src.read_piece(index, k);
+    }();
+    if (!loaded.ok()) {
+      out.status = loaded.status();
       return out;
     }
-    apply_input_scale(info, d.data(), nr);  // the effective weight
-    ErrorStats block_stats;
-    block_stats.add(w.data(), d.data(), nr * cols);
-    out.stats.merge(block_stats);
-    // the block's source pages go back to the OS now, not when the whole tensor is done
-    ref.file->release(orig, r0 * cols * dtype_size(orig.dtype), nr * cols * dtype_size(orig.dtype));
+    const TensorPayload& p = loaded->payload;
+    const uint8_t* piece_source = source + piece.row_start * row_bytes;
+    if (!info.quantized) {
+      const uint64_t n = piece.row_count * row_bytes;
+      out.identical = out.identical && p.codes.size() == n && (n == 0 || std::memcmp(p.codes.data(), piece_source, n) == 0);
+      ref.file->release(orig, piece.row_start * row_bytes, n);
+      continue;
+    }
+    for (uint64_t r0 = 0; r0 < piece.row_count; r0 += block) {
+      const uint64_t nr = std::min(block, piece.row_count - r0);
+      w.resize(nr * cols);
+      d.resize(nr * cols);
+      convert_to_f32(orig.dtype, piece_source + r0 * row_bytes, nr * cols, w.data());
+      Status st = decode_rows(info.scheme, piece.row_count, cols, p, r0, nr, d.data());
+      if (!st.ok()) {
+        out.status = st.WithPrefix(where + ": ");
+        return out;
+      }
+      apply_input_scale(info, d.data(), nr);  // the effective weight
+      ErrorStats block_stats;
+      block_stats.add(w.data(), d.data(), nr * cols);
+      out.stats.merge(block_stats);
+      // the block's source pages go back to the OS now, not when the whole tensor is done
+      ref.file->release(orig, (piece.row_start + r0) * row_bytes, nr * row_bytes);
+    }
   }
+  if (!info.quantized) out.stats.count = orig.numel;
   ref.file->release(orig);
   return out;
 }

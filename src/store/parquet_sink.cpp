@@ -58,7 +58,7 @@ Result<std::shared_ptr<arrow::Array>> binary_view(std::span<const uint8_t> bytes
   if (null) return arrow::MakeArrayOfNull(arrow::binary(), 1).ValueOrDie();
   if (bytes.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max()))
     return QuantizationFailure(StrCat(what, " is ", bytes.size(),
-                                      " bytes; one stored value is limited to 2 GiB in format version 1"));
+                                      " bytes; one stored value is limited to 2 GiB (a smaller piece_bytes splits the tensor)"));
   const int32_t offsets[2] = {0, static_cast<int32_t>(bytes.size())};
   auto offset_buf = arrow::Buffer::FromString(std::string(reinterpret_cast<const char*>(offsets), sizeof(offsets)));
   // An empty value (a tensor with a zero dimension) may come as a null pointer; Arrow refuses a
@@ -91,9 +91,12 @@ std::shared_ptr<arrow::Array> list_of(const std::vector<T>& values, const std::s
 
 }  // namespace
 
-Result<std::shared_ptr<arrow::Table>> tensor_row_table(const StoredTensorInfo& info, const TensorPayload& payload,
-                                                       const std::string& where) {
-  const std::string what = StrCat(where, ": tensor '", info.name, "'");
+Result<std::shared_ptr<arrow::Table>> tensor_row_table(const StoredTensorInfo& info, const TensorPayload& whole,
+                                                       const std::string& where, const PieceSpan* piece) {
+  const std::string what = piece && piece->index > 0 ? StrCat(where, ": tensor '", info.name, "' piece ", piece->index)
+                                                     : StrCat(where, ": tensor '", info.name, "'");
+  const TensorPayload& payload = piece ? piece->payload : whole;
+  const bool first = !piece || piece->index == 0;
   const auto schema = weights_schema();
   auto type_of = [&](const char* name) { return schema->GetFieldByName(name)->type(); };
 
@@ -104,6 +107,7 @@ Result<std::shared_ptr<arrow::Table>> tensor_row_table(const StoredTensorInfo& i
   std::shared_ptr<arrow::Array> scheme, metrics, entropy;
   const QuantScheme& q = info.scheme;
   const bool is_entropy = info.quantized && q.kind == SchemeKind::kEntropy;
+  const bool has_tables = is_entropy && first;  // later pieces use piece 0's
   if (info.quantized) {
     const int rotation = q.rotate ? rotation_block(info.cols()) : 1;
     scheme = one(std::make_shared<arrow::StructScalar>(
@@ -127,7 +131,7 @@ Result<std::shared_ptr<arrow::Table>> tensor_row_table(const StoredTensorInfo& i
     scheme = arrow::MakeArrayOfNull(scheme_type(), 1).ValueOrDie();
     metrics = arrow::MakeArrayOfNull(metrics_type(), 1).ValueOrDie();
   }
-  if (is_entropy) {
+  if (has_tables) {
     if (!payload.entropy) return Internal(what + ": entropy-coded tensor without its tables");
     const EntropySide& e = *payload.entropy;
     auto et = std::static_pointer_cast<arrow::StructType>(entropy_type());
@@ -152,18 +156,28 @@ Result<std::shared_ptr<arrow::Table>> tensor_row_table(const StoredTensorInfo& i
       schema, {one(str(info.name)), shape, one(str(std::string(dtype_name(info.dtype)))),
                one(str(info.quantized ? "quantized" : "raw")), scheme, codes, scales, zeros, entropy, metrics,
                one(str(info.reason)), rejected,
-               one(std::make_shared<arrow::Int64Scalar>(static_cast<int64_t>(info.stored_bytes()))),
-               info.input_scale.empty()
+               one(std::make_shared<arrow::Int64Scalar>(
+                   static_cast<int64_t>(piece ? piece->stored : info.stored_bytes()))),
+               info.input_scale.empty() || !first
                    ? arrow::MakeArrayOfNull(type_of(column::kInputScale), 1).ValueOrDie()
-                   : list_of<arrow::FloatBuilder>(info.input_scale, type_of(column::kInputScale))});
+                   : list_of<arrow::FloatBuilder>(info.input_scale, type_of(column::kInputScale)),
+               one(std::make_shared<arrow::Int32Scalar>(piece ? static_cast<int32_t>(piece->index) : 0)),
+               one(std::make_shared<arrow::Int64Scalar>(piece ? static_cast<int64_t>(piece->row_start) : 0)),
+               one(std::make_shared<arrow::Int64Scalar>(
+                   static_cast<int64_t>(piece ? piece->row_count : info.rows())))});
   AQ_ARROW_RETURN(table->Validate(), what);
   return table;
 }
 
-Status ParquetSink::Write(const StoredTensorInfo& info, const TensorPayload& payload) {
+Status ParquetSink::Write(const StoredTensorInfo& info, const TensorPayload& payload, uint64_t unit_rows,
+                          uint64_t max_piece_bytes) {
   if (!state_->writer) return Internal(StrCat(state_->path, ": write after close"));
-  AQ_ASSIGN_OR_RETURN(auto table, tensor_row_table(info, payload, state_->path));
-  return WriteRow(*table, info.name);
+  AQ_ASSIGN_OR_RETURN(auto pieces, split_pieces(info, payload, unit_rows, max_piece_bytes));
+  for (const PieceSpan& p : pieces) {
+    AQ_ASSIGN_OR_RETURN(auto table, tensor_row_table(info, payload, state_->path, pieces.size() > 1 ? &p : nullptr));
+    AQ_RETURN_IF_ERROR(WriteRow(*table, info.name));
+  }
+  return Status::OK();
 }
 
 Status ParquetSink::WriteRow(const arrow::Table& row, const std::string& name) {

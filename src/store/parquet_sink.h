@@ -4,6 +4,7 @@
 
 #include <map>
 #include <memory>
+#include <cstdint>
 #include <string>
 
 #include "common/status.h"
@@ -15,11 +16,11 @@ class Table;
 
 namespace aq {
 
-// The one-row table weights.parquet stores for a tensor (schema: weights_schema()). Its data
-// columns are views of the payload's memory, which must outlive the table. `where` (a path)
-// prefixes errors.
+// The one-row table weights.parquet stores for a tensor (schema: weights_schema()), or for one
+// piece of it (split_pieces) when `piece` is given. Its data columns are views of the payload's
+// memory, which must outlive the table. `where` (a path) prefixes errors.
 Result<std::shared_ptr<arrow::Table>> tensor_row_table(const StoredTensorInfo& info, const TensorPayload& payload,
-                                                       const std::string& where);
+                                                       const std::string& where, const PieceSpan* piece = nullptr);
 
 class ParquetSink {
  public:
@@ -27,11 +28,14 @@ class ParquetSink {
   static Result<std::unique_ptr<ParquetSink>> Open(const std::string& path, const std::string& component);
   ~ParquetSink();
 
-  Status Write(const StoredTensorInfo& info, const TensorPayload& payload);
+  // Writes the tensor as one row, or as pieces of at most max_piece_bytes (split_pieces with
+  // unit_rows) when it is bigger.
+  Status Write(const StoredTensorInfo& info, const TensorPayload& payload, uint64_t unit_rows = 1,
+               uint64_t max_piece_bytes = UINT64_MAX);
   // Writes a row made by tensor_row_table (possibly read back from a journal) as the next tensor.
   Status WriteRow(const arrow::Table& row, const std::string& name);
   Status Close();
-  uint64_t tensors_written() const { return written_; }
+  uint64_t rows_written() const { return written_; }  // tensors, and pieces counted each
 
  private:
   struct State;

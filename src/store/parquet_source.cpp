@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <mutex>
 
 #include "quant/hadamard.h"
 #include "quant/rans.h"
@@ -22,6 +23,9 @@ namespace aq {
 struct ParquetSource::State {
   std::unique_ptr<parquet::arrow::FileReader> reader;
   std::vector<int> data_cols;  // leaves of codes, scales, zero_points, entropy (in schema order)
+  std::mutex cache_mu;         // the entropy tables of the last tensor read in pieces
+  size_t cached_index = 0;
+  std::shared_ptr<const EntropySide> cached_tables;
 };
 
 ParquetSource::ParquetSource(std::string path, std::unique_ptr<State> s)
@@ -132,11 +136,43 @@ Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& pa
       !target || !cosine || !relerr || !sqnr || !maxerr)
     return FormatError(StrCat(path, ": column types differ from format version 1"));
 
+  // Version 4: the piece columns (absent before: every row a whole tensor).
+  std::shared_ptr<arrow::Int32Array> piece_col;
+  std::shared_ptr<arrow::Int64Array> row_start_col, row_count_col;
+  if (version_number >= 4) {
+    AQ_ASSIGN_OR_RETURN(piece_col, column_as<arrow::Int32Array>(*table, column::kPiece, path));
+    AQ_ASSIGN_OR_RETURN(row_start_col, column_as<arrow::Int64Array>(*table, column::kRowStart, path));
+    AQ_ASSIGN_OR_RETURN(row_count_col, column_as<arrow::Int64Array>(*table, column::kRowCount, path));
+  }
+
   auto source = std::unique_ptr<ParquetSource>(new ParquetSource(path, std::move(st)));
   for (int64_t i = 0; i < table->num_rows(); ++i) {
+    const int64_t row_start = row_start_col ? row_start_col->Value(i) : 0;
+    const int64_t row_count = row_count_col ? row_count_col->Value(i) : -1;
+    if (row_start < 0 || (row_count_col && row_count < 0))
+      return FormatError(StrCat(path, ": row ", i, " ('", names->GetString(i), "') has row_start ", row_start,
+                                " and row_count ", row_count));
+    if (piece_col && piece_col->Value(i) != 0) {
+      // A later piece: it continues the tensor of the row before.
+      StoredTensorInfo* t = source->infos_.empty() ? nullptr : &source->infos_.back();
+      const std::string where = StrCat(path, ": tensor '", names->GetString(i), "' piece ", piece_col->Value(i));
+      if (!t || t->name != names->GetString(i) || static_cast<size_t>(piece_col->Value(i)) != t->pieces.size())
+        return FormatError(StrCat(where, " does not follow piece ", piece_col->Value(i) - 1, " of the same tensor"));
+      const StoredPiece& prev = t->pieces.back();
+      if (static_cast<uint64_t>(row_start) != prev.row_start + prev.row_count)
+        return FormatError(StrCat(where, " starts at row ", row_start, "; the pieces before end at row ",
+                                  prev.row_start + prev.row_count));
+      if (t->quantized && t->scheme.kind == SchemeKind::kAffine &&
+          (static_cast<uint64_t>(row_start) * t->cols() * static_cast<uint64_t>(t->scheme.bits)) % 8 != 0)
+        return FormatError(StrCat(where, " starts at row ", row_start, ", inside a byte of the packed codes"));
+      t->pieces.push_back({static_cast<int>(i), static_cast<uint64_t>(row_start), static_cast<uint64_t>(row_count)});
+      t->stored += static_cast<uint64_t>(stored->Value(i));
+      continue;
+    }
     StoredTensorInfo t;
     t.name = names->GetString(i);
     const std::string where = StrCat(path, ": tensor '", t.name, "'");
+    if (row_start != 0) return FormatError(StrCat(where, ": piece 0 starts at row ", row_start));
     for (int64_t k = shapes->value_offset(i); k < shapes->value_offset(i + 1); ++k)
       t.shape.push_back(shape_values->Value(k));
     auto dt = parse_dtype(dtypes->GetString(i));
@@ -189,9 +225,16 @@ Result<std::unique_ptr<ParquetSource>> ParquetSource::Open(const std::string& pa
         if (!std::isfinite(v) || !(v > 0.0f))
           return FormatError(StrCat(where, ": input_scale has the value ", v, " (must be finite and > 0)"));
     }
+    t.pieces.push_back({static_cast<int>(i), 0, row_count_col ? static_cast<uint64_t>(row_count) : t.rows()});
     if (!source->by_name_.emplace(t.name, source->infos_.size()).second)
       return FormatError(StrCat(where, ": appears twice"));
     source->infos_.push_back(std::move(t));
+  }
+  for (const StoredTensorInfo& t : source->infos_) {
+    const StoredPiece& last = t.pieces.back();
+    if (last.row_start + last.row_count != t.rows())
+      return FormatError(StrCat(path, ": tensor '", t.name, "': its ", t.pieces.size(), " piece(s) hold rows 0..",
+                                last.row_start + last.row_count, " of ", t.rows()));
   }
   return source;
 }
@@ -202,12 +245,9 @@ std::optional<size_t> ParquetSource::find(const std::string& name) const {
   return it->second;
 }
 
-Result<LoadedTensor> ParquetSource::read(size_t index) const {
-  if (index >= infos_.size()) return Internal(StrCat(path_, ": tensor index ", index, " out of range"));
-  const auto& info = infos_[index];
-  const std::string where = StrCat(path_, ": tensor '", info.name, "'");
+Result<LoadedTensor> ParquetSource::read_group(int row_group, const std::string& where) const {
   std::shared_ptr<arrow::Table> table;
-  AQ_ARROW_ASSIGN(table, state_->reader->ReadRowGroup(static_cast<int>(index), state_->data_cols), where);
+  AQ_ARROW_ASSIGN(table, state_->reader->ReadRowGroup(row_group, state_->data_cols), where);
   LoadedTensor out;
   const std::pair<const char*, std::span<const uint8_t>*> binaries[] = {
       {column::kCodes, &out.payload.codes}, {column::kScales, &out.payload.scales},
@@ -245,32 +285,126 @@ Result<LoadedTensor> ParquetSource::read(size_t index) const {
     out.entropy->centroids.assign(c->raw_values(), c->raw_values() + c->length());
     out.payload.entropy = out.entropy.get();
   }
-  if (info.quantized) {
-    AQ_RETURN_IF_ERROR(check_encoded(info.scheme, info.rows(), info.cols(), out.payload).WithPrefix(where + ": "));
-    if (info.scheme.kind == SchemeKind::kEntropy) {
-      AQ_ASSIGN_OR_RETURN(out.table, make_decode_table(out.payload));
-      out.payload.table = out.table.get();
-    }
-  }
   out.keep_alive = table;
   return out;
 }
 
-Status ParquetSource::dequantize(size_t index, float* out) const {
-  AQ_ASSIGN_OR_RETURN(LoadedTensor t, read(index));
-  const auto& info = infos_[index];
-  const std::string where = StrCat(path_, ": tensor '", info.name, "': ");
+namespace {
+
+// Checks a loaded tensor (or piece: `rows` of them) against its scheme and builds the entropy
+// decoding table.
+Status finish_loaded(const StoredTensorInfo& info, uint64_t rows, LoadedTensor& t, const std::string& where) {
   if (!info.quantized) {
-    if (!dtype_is_float(info.dtype))
-      return NotImplemented(StrCat(where, dtype_name(info.dtype), " tensors have no float32 form; read them packed"));
-    if (t.payload.codes.size() != info.source_bytes())
-      return FormatError(StrCat(where, "raw data holds ", t.payload.codes.size(), " bytes, shape needs ",
-                                info.source_bytes()));
-    convert_to_f32(info.dtype, t.payload.codes.data(), info.numel(), out);
+    const uint64_t row_bytes = info.rows() == 0 ? 0 : info.source_bytes() / info.rows();
+    if (t.payload.codes.size() != rows * row_bytes)
+      return FormatError(StrCat(where, ": raw data holds ", t.payload.codes.size(), " bytes; ", rows,
+                                " rows of the shape need ", rows * row_bytes));
     return Status::OK();
   }
-  AQ_RETURN_IF_ERROR(decode_tensor(info.scheme, info.rows(), info.cols(), t.payload, out).WithPrefix(where));
-  apply_input_scale(info, out, info.rows());
+  AQ_RETURN_IF_ERROR(check_encoded(info.scheme, rows, info.cols(), t.payload).WithPrefix(where + ": "));
+  if (info.scheme.kind == SchemeKind::kEntropy) {
+    AQ_ASSIGN_OR_RETURN(t.table, make_decode_table(t.payload));
+    t.payload.table = t.table.get();
+  }
+  return Status::OK();
+}
+
+// Owned storage of a gathered tensor.
+struct Gathered {
+  std::vector<uint8_t> codes, scales, zero_points;
+};
+
+}  // namespace
+
+Result<LoadedTensor> ParquetSource::read(size_t index) const {
+  if (index >= infos_.size()) return Internal(StrCat(path_, ": tensor index ", index, " out of range"));
+  const auto& info = infos_[index];
+  const std::string where = StrCat(path_, ": tensor '", info.name, "'");
+  if (info.pieces.size() == 1) {
+    AQ_ASSIGN_OR_RETURN(LoadedTensor out, read_group(info.pieces[0].row_group, where));
+    AQ_RETURN_IF_ERROR(finish_loaded(info, info.rows(), out, where));
+    return out;
+  }
+  // In pieces: each piece is checked on its own, then its values are appended; the pieces'
+  // values end to end are the tensor's.
+  auto g = std::make_shared<Gathered>();
+  LoadedTensor out;
+  for (size_t k = 0; k < info.pieces.size(); ++k) {
+    AQ_ASSIGN_OR_RETURN(LoadedTensor p, read_piece(index, k));
+    if (k == 0) {
+      g->codes.reserve(info.stored);  // an upper bound on the codes
+      if (p.entropy) {
+        AQ_ASSIGN_OR_RETURN(auto tables, entropy_tables(index));
+        out.entropy = std::make_shared<EntropySide>(*tables);
+      }
+    }
+    g->codes.insert(g->codes.end(), p.payload.codes.begin(), p.payload.codes.end());
+    g->scales.insert(g->scales.end(), p.payload.scales.begin(), p.payload.scales.end());
+    g->zero_points.insert(g->zero_points.end(), p.payload.zero_points.begin(), p.payload.zero_points.end());
+  }
+  g->codes.shrink_to_fit();
+  out.payload.codes = g->codes;
+  out.payload.scales = g->scales;
+  out.payload.zero_points = g->zero_points;
+  out.payload.entropy = out.entropy.get();
+  out.keep_alive = g;
+  AQ_RETURN_IF_ERROR(finish_loaded(info, info.rows(), out, where));
+  return out;
+}
+
+Result<std::shared_ptr<const EntropySide>> ParquetSource::entropy_tables(size_t index) const {
+  std::lock_guard<std::mutex> lock(state_->cache_mu);
+  if (state_->cached_tables && state_->cached_index == index) return state_->cached_tables;
+  const auto& info = infos_[index];
+  const std::string where = StrCat(path_, ": tensor '", info.name, "'");
+  AQ_ASSIGN_OR_RETURN(LoadedTensor first, read_group(info.pieces[0].row_group, where));
+  if (!first.entropy) return FormatError(StrCat(where, ": entropy-coded tensor without its entropy table in piece 0"));
+  state_->cached_index = index;
+  state_->cached_tables = first.entropy;
+  return state_->cached_tables;
+}
+
+Result<LoadedTensor> ParquetSource::read_piece(size_t index, size_t k) const {
+  if (index >= infos_.size() || k >= infos_[index].pieces.size())
+    return Internal(StrCat(path_, ": tensor index ", index, " piece ", k, " out of range"));
+  const auto& info = infos_[index];
+  const StoredPiece& piece = info.pieces[k];
+  const std::string where = info.pieces.size() == 1 ? StrCat(path_, ": tensor '", info.name, "'")
+                                                    : StrCat(path_, ": tensor '", info.name, "' piece ", k);
+  AQ_ASSIGN_OR_RETURN(LoadedTensor out, read_group(piece.row_group, where));
+  if (info.pieces.size() > 1) {
+    if (k > 0 && out.entropy)
+      return FormatError(StrCat(where, ": holds entropy tables; only piece 0 does"));
+    if (info.quantized && info.scheme.kind == SchemeKind::kEntropy) {
+      AQ_ASSIGN_OR_RETURN(auto tables, entropy_tables(index));
+      auto local = entropy_rows(*tables, info.rows(), piece.row_start, piece.row_start + piece.row_count);
+      if (!local.ok()) return local.status().WithPrefix(where + ": ");
+      out.entropy = std::make_shared<EntropySide>(std::move(*local));
+      out.payload.entropy = out.entropy.get();
+    }
+  }
+  AQ_RETURN_IF_ERROR(finish_loaded(info, piece.row_count, out, where));
+  return out;
+}
+
+Status ParquetSource::dequantize(size_t index, float* out) const {
+  if (index >= infos_.size()) return Internal(StrCat(path_, ": tensor index ", index, " out of range"));
+  const auto& info = infos_[index];
+  const std::string where = StrCat(path_, ": tensor '", info.name, "': ");
+  if (!info.quantized && !dtype_is_float(info.dtype))
+    return NotImplemented(StrCat(where, dtype_name(info.dtype), " tensors have no float32 form; read them packed"));
+  const uint64_t cols = info.cols();
+  for (size_t k = 0; k < info.pieces.size(); ++k) {
+    const StoredPiece& piece = info.pieces[k];
+    AQ_ASSIGN_OR_RETURN(LoadedTensor t, read_piece(index, k));
+    float* o = out + piece.row_start * cols;
+    if (!info.quantized) {
+      convert_to_f32(info.dtype, t.payload.codes.data(), piece.row_count * cols, o);
+      continue;
+    }
+    AQ_RETURN_IF_ERROR(decode_tensor(info.scheme, piece.row_count, cols, t.payload, o).WithPrefix(where));
+  }
+  if (info.quantized) apply_input_scale(info, out, info.rows());
   return Status::OK();
 }
 

@@ -1,5 +1,5 @@
 // Reads weights.parquet: the per-tensor descriptions up front (small columns only), the data of
-// one tensor on demand (one row group).
+// one tensor on demand (one row group, or one per piece of a tensor stored in pieces).
 #pragma once
 
 #include <map>
@@ -30,14 +30,23 @@ class ParquetSource {
   const std::vector<StoredTensorInfo>& tensors() const { return infos_; }
   std::optional<size_t> find(const std::string& name) const;
 
+  // The whole tensor: a tensor stored in pieces is gathered into one buffer per value.
   Result<LoadedTensor> read(size_t index) const;
+  // Piece `piece` of tensor `index` (tensors().pieces[piece] says which rows), as a tensor of
+  // those rows: its own entropy chunk offsets, checked against its scheme. Decoding a tensor
+  // piece by piece holds one piece's data at a time.
+  Result<LoadedTensor> read_piece(size_t index, size_t piece) const;
   // Reconstructs tensor `index` as float32 into out (numel floats): the quantized tensor
-  // dequantized, or a raw tensor converted from its source dtype.
+  // dequantized, or a raw tensor converted from its source dtype. Reads one piece at a time.
   Status dequantize(size_t index, float* out) const;
 
  private:
   struct State;
   ParquetSource(std::string path, std::unique_ptr<State> s);
+  // The data columns of one row group, unchecked.
+  Result<LoadedTensor> read_group(int row_group, const std::string& where) const;
+  // Piece 0's entropy tables of tensor `index` (cached: the last tensor asked for).
+  Result<std::shared_ptr<const EntropySide>> entropy_tables(size_t index) const;
   std::string path_;
   std::unique_ptr<State> state_;
   std::vector<StoredTensorInfo> infos_;

@@ -53,6 +53,9 @@ std::shared_ptr<arrow::Schema> weights_schema() {
       field(column::kRejectedBits, arrow::list(field("item", arrow::int8(), false)), false),
       field(column::kStoredBytes, arrow::int64(), false),
       field(column::kInputScale, arrow::list(field("item", arrow::float32(), false)), true),  // version 2
+      field(column::kPiece, arrow::int32(), false),     // version 4: which piece of the tensor this row is
+      field(column::kRowStart, arrow::int64(), false),  // version 4: its first row of the 2-D view
+      field(column::kRowCount, arrow::int64(), false),  // version 4: how many rows it holds
   });
 }
 

@@ -1,4 +1,4 @@
-// The Arrow schema of weights.parquet (format version 1), shared by the sink and the source.
+// The Arrow schema of weights.parquet (format version 4; older versions lack some columns), shared by the sink and the source.
 #pragma once
 
 #include <arrow/type.h>
@@ -19,6 +19,9 @@ inline constexpr const char* kZeroPoints = "zero_points";
 inline constexpr const char* kEntropy = "entropy";
 inline constexpr const char* kStoredBytes = "stored_bytes";
 inline constexpr const char* kInputScale = "input_scale";  // version 2
+inline constexpr const char* kPiece = "piece";            // version 4
+inline constexpr const char* kRowStart = "row_start";      // version 4
+inline constexpr const char* kRowCount = "row_count";      // version 4
 inline constexpr const char* kMetrics = "metrics";
 inline constexpr const char* kReason = "reason";
 inline constexpr const char* kRejectedBits = "rejected_bits";

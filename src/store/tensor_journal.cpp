@@ -20,6 +20,7 @@ using nlohmann::json;
 namespace {
 
 constexpr const char* kRecordKey = "arrowquant.record";
+constexpr const char* kPiecesKey = "arrowquant.pieces";  // on piece 0's file: how many pieces
 constexpr const char* kFinishedFile = "finished.json";
 
 // Writes `text` to path through a temporary file and a rename: the file is whole or absent.
@@ -40,10 +41,30 @@ Status write_atomically(const std::string& path, const std::string& text) {
 
 struct Entry {
   std::shared_ptr<arrow::Table> table;
-  json record;
+  json record;      // piece 0 only
+  size_t pieces = 1;  // piece 0 only
 };
 
-Result<Entry> read_entry(const std::string& path) {
+// Writes one row (with its schema's metadata) as an IPC file, through a temporary name.
+Status write_entry(const std::string& path, const arrow::Table& table) {
+  const std::string tmp = path + ".part";
+  {
+    std::shared_ptr<arrow::io::FileOutputStream> out;
+    AQ_ARROW_ASSIGN(out, arrow::io::FileOutputStream::Open(tmp), tmp);
+    std::shared_ptr<arrow::ipc::RecordBatchWriter> writer;
+    AQ_ARROW_ASSIGN(writer, arrow::ipc::MakeFileWriter(out, table.schema()), tmp);
+    AQ_ARROW_RETURN(writer->WriteTable(table), tmp);
+    AQ_ARROW_RETURN(writer->Close(), tmp);
+    AQ_ARROW_RETURN(out->Close(), tmp);
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) return IoError(StrCat(path, ": cannot rename into place: ", ec.message()));
+  return Status::OK();
+}
+
+// `head`: piece 0, which carries the record.
+Result<Entry> read_entry(const std::string& path, bool head) {
   // A memory map: the row's buffers are views of the file's pages (no copy of a tensor's codes),
   // resident only while the entry is alive: it is read once, written into weights.parquet and
   // dropped, which unmaps it.
@@ -52,10 +73,18 @@ Result<Entry> read_entry(const std::string& path) {
   std::shared_ptr<arrow::ipc::RecordBatchFileReader> reader;
   AQ_ARROW_ASSIGN(reader, arrow::ipc::RecordBatchFileReader::Open(file), path);
   auto meta = reader->schema()->metadata();
-  const std::string text = meta ? meta->Get(kRecordKey).ValueOr("") : "";
   Entry e;
-  e.record = json::parse(text, nullptr, false);
-  if (e.record.is_discarded() || !e.record.is_object()) return FormatError(StrCat(path, ": journal record is not JSON"));
+  if (head) {
+    const std::string text = meta ? meta->Get(kRecordKey).ValueOr("") : "";
+    e.record = json::parse(text, nullptr, false);
+    if (e.record.is_discarded() || !e.record.is_object()) return FormatError(StrCat(path, ": journal record is not JSON"));
+    const std::string pieces = meta->Get(kPiecesKey).ValueOr("1");
+    char* end = nullptr;
+    const unsigned long long n = std::strtoull(pieces.c_str(), &end, 10);
+    if (pieces.empty() || *end != '\0' || n == 0 || n > (1u << 20))
+      return FormatError(StrCat(path, ": journal piece count '", pieces, "'"));
+    e.pieces = static_cast<size_t>(n);
+  }
   if (reader->num_record_batches() != 1) return FormatError(StrCat(path, ": journal entry holds no single row"));
   std::shared_ptr<arrow::RecordBatch> batch;
   AQ_ARROW_ASSIGN(batch, reader->ReadRecordBatch(0), path);
@@ -75,26 +104,24 @@ Result<TensorJournal> TensorJournal::Open(const std::string& dir) {
   return TensorJournal(dir);
 }
 
-std::string TensorJournal::entry(size_t index) const { return (fs::path(dir_) / StrCat("t", index, ".arrow")).string(); }
+std::string TensorJournal::entry(size_t index, size_t piece) const {
+  return (fs::path(dir_) / (piece == 0 ? StrCat("t", index, ".arrow") : StrCat("t", index, ".", piece, ".arrow")))
+      .string();
+}
 
 Status TensorJournal::Append(size_t index, const StoredTensorInfo& info, const TensorPayload& payload,
-                             const json& record) const {
+                             const json& record, uint64_t unit_rows, uint64_t max_piece_bytes) const {
   const std::string path = entry(index);
-  const std::string tmp = path + ".part";
-  AQ_ASSIGN_OR_RETURN(auto table, tensor_row_table(info, payload, path));
-  auto schema = table->schema()->WithMetadata(arrow::key_value_metadata({kRecordKey}, {record.dump()}));
-  {
-    std::shared_ptr<arrow::io::FileOutputStream> out;
-    AQ_ARROW_ASSIGN(out, arrow::io::FileOutputStream::Open(tmp), tmp);
-    std::shared_ptr<arrow::ipc::RecordBatchWriter> writer;
-    AQ_ARROW_ASSIGN(writer, arrow::ipc::MakeFileWriter(out, schema), tmp);
-    AQ_ARROW_RETURN(writer->WriteTable(*table), tmp);
-    AQ_ARROW_RETURN(writer->Close(), tmp);
-    AQ_ARROW_RETURN(out->Close(), tmp);
+  AQ_ASSIGN_OR_RETURN(auto pieces, split_pieces(info, payload, unit_rows, max_piece_bytes));
+  // Later pieces first: the file of piece 0, with the record, is what makes the entry complete.
+  for (size_t k = pieces.size(); k-- > 0;) {
+    const PieceSpan* piece = pieces.size() > 1 ? &pieces[k] : nullptr;
+    AQ_ASSIGN_OR_RETURN(auto table, tensor_row_table(info, payload, path, piece));
+    if (k == 0)
+      table = table->ReplaceSchemaMetadata(
+          arrow::key_value_metadata({kRecordKey, kPiecesKey}, {record.dump(), std::to_string(pieces.size())}));
+    AQ_RETURN_IF_ERROR(write_entry(entry(index, k), *table));
   }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) return IoError(StrCat(path, ": cannot rename into place: ", ec.message()));
   return Status::OK();
 }
 
@@ -103,8 +130,11 @@ std::vector<json> TensorJournal::Records(size_t limit) const {
   for (size_t i = 0; i < limit; ++i) {
     std::error_code ec;
     if (!fs::is_regular_file(entry(i), ec)) break;
-    auto e = read_entry(entry(i));
+    auto e = read_entry(entry(i), true);
     if (!e.ok()) break;  // damaged: quantized again
+    bool whole = true;
+    for (size_t k = 1; k < e->pieces && whole; ++k) whole = read_entry(entry(i, k), false).ok();
+    if (!whole) break;
     out.push_back(std::move(e->record));
   }
   return out;
@@ -123,9 +153,14 @@ Status TensorJournal::Truncate(size_t index) const {
 
 Status TensorJournal::CopyInto(ParquetSink& sink, size_t count) const {
   for (size_t i = 0; i < count; ++i) {
-    AQ_ASSIGN_OR_RETURN(Entry e, read_entry(entry(i)));
+    AQ_ASSIGN_OR_RETURN(Entry e, read_entry(entry(i), true));
     const auto name = e.record.find("name");
-    AQ_RETURN_IF_ERROR(sink.WriteRow(*e.table, name != e.record.end() && name->is_string() ? name->get<std::string>() : ""));
+    const std::string tensor = name != e.record.end() && name->is_string() ? name->get<std::string>() : "";
+    AQ_RETURN_IF_ERROR(sink.WriteRow(*e.table, tensor));
+    for (size_t k = 1; k < e.pieces; ++k) {
+      AQ_ASSIGN_OR_RETURN(Entry piece, read_entry(entry(i, k), false));
+      AQ_RETURN_IF_ERROR(sink.WriteRow(*piece.table, tensor));
+    }
   }
   return Status::OK();
 }

@@ -1,12 +1,13 @@
 // The journal of a run in progress: each finished tensor of a component as its own small Arrow
 // IPC file (the row weights.parquet will hold, plus a JSON record of what the report takes from
-// it), written under a temporary name and renamed, so that a run killed at any moment leaves
+// it; a tensor in pieces as one file per piece), written under a temporary name and renamed, so that a run killed at any moment leaves
 // only complete entries. weights.parquet is then written from the journal in tensor order, and
 // a resumed run (quantize_model with resume) continues after the entries it finds.
 #pragma once
 
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,14 +25,15 @@ class TensorJournal {
   static Result<TensorJournal> Open(const std::string& dir);
 
   const std::string& dir() const { return dir_; }
-  // Entry `index`: the stored row and the record.
+  // Entry `index`: the stored row and the record; a tensor over max_piece_bytes as its pieces
+  // (split_pieces), each in its own file, the one holding piece 0 and the record written last.
   Status Append(size_t index, const StoredTensorInfo& info, const TensorPayload& payload,
-                const nlohmann::json& record) const;
+                const nlohmann::json& record, uint64_t unit_rows = 1, uint64_t max_piece_bytes = UINT64_MAX) const;
   // The records of entries 0, 1, ... up to the first one missing or unreadable (at most `limit`).
   std::vector<nlohmann::json> Records(size_t limit) const;
   // Removes entries from `index` on.
   Status Truncate(size_t index) const;
-  // Writes entries 0 .. count-1 into the sink, in order, one tensor in memory at a time.
+  // Writes entries 0 .. count-1 into the sink, in order, one piece in memory at a time.
   Status CopyInto(ParquetSink& sink, size_t count) const;
   // Marks the component finished (its weights.parquet is complete): `summary` is kept, the
   // entries are removed.
@@ -41,7 +43,7 @@ class TensorJournal {
 
  private:
   explicit TensorJournal(std::string dir) : dir_(std::move(dir)) {}
-  std::string entry(size_t index) const;
+  std::string entry(size_t index, size_t piece = 0) const;
   std::string dir_;
 };
 

@@ -666,6 +666,90 @@ struct Interrupted {
   }
 };
 
+// Tensors of several row blocks, to be stored in pieces with a small piece_bytes.
+std::vector<StEntry> big_tensors() {
+  std::vector<StEntry> t;
+  t.push_back(testing::f32_entry("blocks.0.ff.weight", {6000, 32}, testing::student_t4(6000 * 32, 11, 0.02f)));
+  t.push_back({"embed_tokens.weight", "BF16", {5000, 64}, testing::bf16_bytes(testing::gaussian(5000 * 64, 12, 0.05f))});
+  t.push_back(testing::f32_entry("blocks.0.norm.weight", {64}, testing::gaussian(64, 13)));
+  t.push_back({"kept.weight", "F16", {3000, 32}, testing::f16_bytes(testing::gaussian(3000 * 32, 14, 0.05f))});
+  return t;
+}
+
+class EnginePiecesTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(EnginePiecesTest, big_tensors_in_pieces_validate_and_match_the_tensors_stored_whole) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile, big_tensors());
+  const fs::path whole = dir / "whole", pieces = dir / "pieces";
+  json c = {{"scheme", GetParam()}, {"skip_patterns", {"^kept"}}};
+  if (std::string(GetParam()) == "q8_0") c["bit_width"] = 8;
+  ASSERT_OK_AND_ASSIGN(json a, quantize_model(m.input, whole.string(), config(c), RunHooks{}));
+  c["piece_bytes"] = 4096;
+  ASSERT_OK_AND_ASSIGN(json b, quantize_model(m.input, pieces.string(), config(c), RunHooks{}));
+  EXPECT_EQ(a["compression_ratio"], b["compression_ratio"]);
+  ASSERT_OK_AND_ASSIGN(auto sa, ParquetSource::Open((whole / "weights.parquet").string()));
+  ASSERT_OK_AND_ASSIGN(auto sb, ParquetSource::Open((pieces / "weights.parquet").string()));
+  ASSERT_EQ(sb->tensors().size(), m.tensors.size());
+  for (size_t i = 0; i < m.tensors.size(); ++i) {
+    const StoredTensorInfo &x = sa->tensors()[i], &y = sb->tensors()[i];
+    SCOPED_TRACE(x.name);
+    EXPECT_EQ(x.pieces.size(), 1u);
+    if (x.stored_bytes() > 4096) {
+      EXPECT_GT(y.pieces.size(), 1u);
+    }
+    EXPECT_EQ(y.stored_bytes(), x.stored_bytes());
+    EXPECT_EQ(y.cosine, x.cosine);
+    EXPECT_EQ(y.scheme, x.scheme);
+    ASSERT_OK_AND_ASSIGN(LoadedTensor lx, sa->read(i));
+    ASSERT_OK_AND_ASSIGN(LoadedTensor ly, sb->read(i));
+    EXPECT_TRUE(std::equal(lx.payload.codes.begin(), lx.payload.codes.end(), ly.payload.codes.begin(),
+                           ly.payload.codes.end()));
+    EXPECT_TRUE(std::equal(lx.payload.scales.begin(), lx.payload.scales.end(), ly.payload.scales.begin(),
+                           ly.payload.scales.end()));
+  }
+  EXPECT_TRUE(sb->tensors()[*sb->find("kept.weight")].pieces.size() > 1);
+  ASSERT_OK_AND_ASSIGN(json v, validate_model(m.input, pieces.string(), 2, RunHooks{}));
+  EXPECT_TRUE(v["passed"].get<bool>()) << v.dump(2);
+  for (const auto& l : v["layers"]) {
+    if (!l["quantized"].get<bool>()) {
+      EXPECT_TRUE(l["identical_to_source"].get<bool>()) << l.dump();
+      continue;
+    }
+    EXPECT_TRUE(l["matches_recorded"].get<bool>()) << l.dump();
+  }
+  // A resumed run of the pieced output: byte-identical too.
+  const fs::path out = dir / "resumed";
+  auto done = std::make_shared<size_t>(0);
+  ASSERT_EQ(quantize_model(m.input, out.string(), config(c), stop_after(1, done), true).status().code(),
+            StatusCode::kCancelled);
+  ASSERT_OK_AND_ASSIGN(json r, quantize_model(m.input, out.string(), config(c), RunHooks{}, true));
+  EXPECT_GE(r["resume"]["tensors"].get<uint64_t>(), 1u);
+  EXPECT_TRUE(tree(out) == tree(pieces));
+}
+
+INSTANTIATE_TEST_SUITE_P(Schemes, EnginePiecesTest, ::testing::Values("affine", "entropy", "q8_0"),
+                         [](const auto& p) { return std::string(p.param); });
+
+TEST(Engine, a_journal_entry_missing_a_piece_is_quantized_again) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile, big_tensors());
+  const json c = {{"piece_bytes", 4096}, {"skip_patterns", {"^kept"}}};
+  const fs::path straight = dir / "straight", out = dir / "out";
+  ASSERT_OK(quantize_model(m.input, straight.string(), config(c), RunHooks{}).status());
+  auto done = std::make_shared<size_t>(0);
+  ASSERT_EQ(quantize_model(m.input, out.string(), config(c), stop_after(2, done), true).status().code(),
+            StatusCode::kCancelled);
+  const auto left = staging_leftovers(dir.path());
+  ASSERT_EQ(left.size(), 1u);
+  const fs::path journal = dir / left[0] / kRunDirName / "c0";
+  ASSERT_TRUE(fs::exists(journal / "t0.1.arrow"));
+  fs::remove(journal / "t0.1.arrow");
+  ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out.string(), config(c), RunHooks{}, true));
+  EXPECT_EQ(report["resume"]["tensors"].get<uint64_t>(), 0u);
+  EXPECT_TRUE(tree(out) == tree(straight));
+}
+
 TEST(Engine, a_damaged_journal_entry_is_quantized_again) {
   Interrupted run;
   ASSERT_NO_FATAL_FAILURE(run.SetUp());

@@ -93,7 +93,7 @@ class StoreTest : public ::testing::Test {
       const Status st = (*sink)->Write(t.info, TensorPayload{t.codes, t.scales, t.zeros});
       EXPECT_TRUE(st.ok()) << st.ToString();
     }
-    EXPECT_EQ((*sink)->tensors_written(), tensors_.size());
+    EXPECT_EQ((*sink)->rows_written(), tensors_.size());
     const Status st = (*sink)->Close();
     EXPECT_TRUE(st.ok()) << st.ToString();
     return path;
@@ -146,7 +146,7 @@ TEST_F(StoreTest, writes_one_row_group_per_tensor_with_nulls_where_the_format_sa
   ASSERT_TRUE((*reader)->GetSchema(&schema).ok());
   ASSERT_NE(schema->metadata(), nullptr);
   EXPECT_EQ(schema->metadata()->Get("arrowquant.format").ValueOr(""), "arrowquant");
-  EXPECT_EQ(schema->metadata()->Get("arrowquant.format_version").ValueOr(""), "3");
+  EXPECT_EQ(schema->metadata()->Get("arrowquant.format_version").ValueOr(""), "4");
   EXPECT_EQ(schema->metadata()->Get("arrowquant.component").ValueOr(""), "unet");
   auto read = (*reader)->ReadTable();
   ASSERT_TRUE(read.ok()) << read.status().ToString();
@@ -166,6 +166,11 @@ TEST_F(StoreTest, writes_one_row_group_per_tensor_with_nulls_where_the_format_sa
     EXPECT_EQ(t.GetColumnByName("zero_points")->chunk(0)->IsNull(row), !info.quantized || info.scheme.symmetric)
         << info.name;
     EXPECT_FALSE(t.GetColumnByName("codes")->chunk(0)->IsNull(row)) << info.name;
+    // stored whole: piece 0 of all its rows
+    EXPECT_EQ(t.GetColumnByName("piece")->chunk(0)->GetScalar(row).ValueOrDie()->ToString(), "0");
+    EXPECT_EQ(t.GetColumnByName("row_start")->chunk(0)->GetScalar(row).ValueOrDie()->ToString(), "0");
+    EXPECT_EQ(t.GetColumnByName("row_count")->chunk(0)->GetScalar(row).ValueOrDie()->ToString(),
+              std::to_string(info.rows()));
   }
 }
 
@@ -439,14 +444,14 @@ TEST(Manifest, reads_only_complete_arrowquant_manifests_of_our_version) {
   EXPECT_EQ(read_manifest(dir.str()).status().code(), StatusCode::kFormatError);
   ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "other"}, {"format_version", 1}}));
   EXPECT_EQ(read_manifest(dir.str()).status().code(), StatusCode::kFormatError);
-  ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", 4}}));
+  ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", 5}}));
   auto wrong = read_manifest(dir.str());
   EXPECT_EQ(wrong.status().code(), StatusCode::kFormatError);
-  EXPECT_CONTAINS(wrong.status().message(), "4");
-  EXPECT_CONTAINS(wrong.status().message(), "versions 1 to 3");
+  EXPECT_CONTAINS(wrong.status().message(), "5");
+  EXPECT_CONTAINS(wrong.status().message(), "versions 1 to 4");
   ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", 0}}));
   EXPECT_EQ(read_manifest(dir.str()).status().code(), StatusCode::kFormatError);
-  for (int v : {1, 2, 3}) {
+  for (int v : {1, 2, 3, 4}) {
     ASSERT_OK(write_json_file((dir / "manifest.json").string(), {{"format", "arrowquant"}, {"format_version", v}}));
     EXPECT_TRUE(read_manifest(dir.str()).ok()) << v;
   }
@@ -504,6 +509,176 @@ TEST(StoreInputScale, refuses_scales_that_do_not_fit_the_tensor) {
     EXPECT_EQ(src.status().code(), StatusCode::kFormatError);
     EXPECT_CONTAINS(src.status().message(), "conv.weight");
     EXPECT_CONTAINS(src.status().message(), "input_scale");
+  }
+}
+
+// Tensors stored in pieces (format version 4): every kind read back exactly as stored whole.
+struct PieceCase {
+  StoredTensorInfo info;
+  EncodedTensor enc;  // quantized
+  std::vector<uint8_t> raw;
+  TensorPayload payload() const { return info.quantized ? enc.view() : TensorPayload{raw, {}, {}}; }
+};
+
+PieceCase piece_case(const std::string& name, size_t rows, size_t cols, QuantScheme s, uint32_t seed) {
+  PieceCase c;
+  const std::vector<uint8_t> bytes = testing::f32_bytes(testing::student_t4(rows * cols, seed, 0.02f));
+  RowSource src;
+  src.data = bytes.data();
+  src.rows = rows;
+  src.cols = cols;
+  src.name = name;
+  auto enc = encode_tensor(src, s, nullptr);
+  EXPECT_TRUE(enc.ok()) << enc.status().ToString();
+  c.enc = std::move(enc).value();
+  c.info.name = name;
+  c.info.shape = {static_cast<int64_t>(rows), static_cast<int64_t>(cols)};
+  c.info.dtype = DType::kF32;
+  c.info.quantized = true;
+  c.info.scheme = c.enc.scheme;
+  c.info.reason = "default";
+  c.info.cosine = c.enc.stats.cosine();
+  c.info.stored = c.enc.stored_bytes();
+  return c;
+}
+
+std::vector<PieceCase> piece_cases() {
+  std::vector<PieceCase> v;
+  v.push_back(piece_case("affine4.weight", 200, 300, QuantScheme{}, 1));  // g128: a short last group
+  QuantScheme b;
+  b.bits = 3;
+  b.group_size = 0;
+  b.symmetric = true;
+  b.scale_type = ScaleType::kF32;
+  v.push_back(piece_case("affine3.weight", 123, 17, b, 2));  // codes cross bytes; 8-row units
+  QuantScheme e;
+  e.kind = SchemeKind::kEntropy;
+  e.bits = 4;
+  e.target_bpw = 4.0;
+  v.push_back(piece_case("entropy.weight", 3000, 96, e, 3));  // chunks of rows_per_block(96)
+  QuantScheme g;
+  g.kind = SchemeKind::kGgml;
+  g.ggml = GgmlType::kQ4_K;
+  g.bits = 4;
+  g.group_size = 256;
+  g.symmetric = false;
+  g.scale_type = ScaleType::kF16;
+  v.push_back(piece_case("q4k.weight", 40, 512, g, 4));
+  PieceCase r;
+  r.info.name = "kept.weight";
+  r.info.shape = {400, 6};
+  r.info.dtype = DType::kF16;
+  r.info.reason = "kept";
+  r.raw = testing::f16_bytes(testing::gaussian(2400, 5));
+  r.info.stored = r.raw.size();
+  v.push_back(r);
+  return v;
+}
+
+TEST(StorePieces, a_tensor_in_pieces_reads_back_as_the_tensor_stored_whole) {
+  testing::TempDir dir;
+  const auto cases = piece_cases();
+  ASSERT_EQ(cases[2].enc.scheme.kind, SchemeKind::kEntropy);
+  const std::string whole = (dir / "whole.parquet").string(), pieces = (dir / "pieces.parquet").string();
+  for (const auto& [path, max_bytes] : {std::pair{whole, UINT64_MAX}, std::pair{pieces, uint64_t{700}}}) {
+    ASSERT_OK_AND_ASSIGN(auto sink, ParquetSink::Open(path, "unet"));
+    for (const auto& c : cases) ASSERT_OK(sink->Write(c.info, c.payload(), 8, max_bytes));
+    ASSERT_OK(sink->Close());
+  }
+  ASSERT_OK_AND_ASSIGN(auto a, ParquetSource::Open(whole));
+  ASSERT_OK_AND_ASSIGN(auto b, ParquetSource::Open(pieces));
+  ASSERT_EQ(b->tensors().size(), cases.size());
+  size_t row_groups = 0;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const StoredTensorInfo& got = b->tensors()[i];
+    SCOPED_TRACE(got.name);
+    EXPECT_EQ(a->tensors()[i].pieces.size(), 1u);
+    EXPECT_GT(got.pieces.size(), 1u);
+    row_groups += got.pieces.size();
+    EXPECT_EQ(got.stored_bytes(), cases[i].info.stored_bytes());  // the pieces' rows sum to the tensor
+    EXPECT_EQ(got.cosine, cases[i].info.cosine);
+    EXPECT_EQ(got.pieces.front().row_start, 0u);
+    EXPECT_EQ(got.pieces.back().row_start + got.pieces.back().row_count, got.rows());
+    // gathered: the values of the tensor stored whole, byte for byte
+    ASSERT_OK_AND_ASSIGN(LoadedTensor x, a->read(i));
+    ASSERT_OK_AND_ASSIGN(LoadedTensor y, b->read(i));
+    auto bytes = [](std::span<const uint8_t> s) { return std::vector<uint8_t>(s.begin(), s.end()); };
+    EXPECT_EQ(bytes(y.payload.codes), bytes(x.payload.codes));
+    EXPECT_EQ(bytes(y.payload.scales), bytes(x.payload.scales));
+    EXPECT_EQ(bytes(y.payload.zero_points), bytes(x.payload.zero_points));
+    if (x.entropy) {
+      ASSERT_NE(y.entropy, nullptr);
+      EXPECT_EQ(y.entropy->chunk_offsets, x.entropy->chunk_offsets);
+      EXPECT_EQ(y.entropy->frequencies, x.entropy->frequencies);
+    }
+    // dequantized (piece by piece) and each piece decoded on its own: the same floats
+    std::vector<float> dx(got.numel()), dy(got.numel());
+    ASSERT_OK(a->dequantize(i, dx.data()));
+    ASSERT_OK(b->dequantize(i, dy.data()));
+    EXPECT_EQ(dx, dy);
+    if (!got.quantized) continue;
+    for (size_t k = 0; k < got.pieces.size(); ++k) {
+      const StoredPiece& p = got.pieces[k];
+      ASSERT_OK_AND_ASSIGN(LoadedTensor t, b->read_piece(i, k));
+      std::vector<float> d(p.row_count * got.cols());
+      ASSERT_OK(decode_tensor(got.scheme, p.row_count, got.cols(), t.payload, d.data()));
+      EXPECT_TRUE(std::equal(d.begin(), d.end(), dx.begin() + static_cast<std::ptrdiff_t>(p.row_start * got.cols())))
+          << "piece " << k;
+    }
+  }
+  // The file: one row group per piece, the piece columns filled in, the entropy tables on piece 0 only.
+  auto file = arrow::io::ReadableFile::Open(pieces);
+  ASSERT_TRUE(file.ok());
+  auto reader = parquet::arrow::OpenFile(*file, arrow::default_memory_pool());
+  ASSERT_TRUE(reader.ok());
+  EXPECT_EQ(static_cast<size_t>((*reader)->num_row_groups()), row_groups);
+  auto read = (*reader)->ReadTable();
+  ASSERT_TRUE(read.ok());
+  std::shared_ptr<arrow::Table> table = (*read)->CombineChunks().ValueOrDie();
+  auto names = std::static_pointer_cast<arrow::StringArray>(table->GetColumnByName("name")->chunk(0));
+  auto piece = std::static_pointer_cast<arrow::Int32Array>(table->GetColumnByName("piece")->chunk(0));
+  auto entropy = table->GetColumnByName("entropy")->chunk(0);
+  auto stored = std::static_pointer_cast<arrow::Int64Array>(table->GetColumnByName("stored_bytes")->chunk(0));
+  int64_t entropy_rows_with_tables = 0, stored_sum = 0, stored_want = 0;
+  for (int64_t r = 0; r < table->num_rows(); ++r) {
+    if (names->GetString(r) == "entropy.weight" && !entropy->IsNull(r)) {
+      ++entropy_rows_with_tables;
+      EXPECT_EQ(piece->Value(r), 0);
+    }
+    stored_sum += stored->Value(r);
+  }
+  for (const auto& c : cases) stored_want += static_cast<int64_t>(c.info.stored_bytes());
+  EXPECT_EQ(entropy_rows_with_tables, 1);
+  EXPECT_EQ(stored_sum, stored_want);
+}
+
+TEST(StorePieces, pieces_out_of_order_or_missing_are_a_format_error_naming_the_tensor) {
+  testing::TempDir dir;
+  const auto cases = piece_cases();
+  const PieceCase& c = cases[0];
+  ASSERT_OK_AND_ASSIGN(auto pieces, split_pieces(c.info, c.payload(), 8, 700));
+  ASSERT_GT(pieces.size(), 2u);
+  auto write = [&](const std::string& path, std::vector<size_t> order) {
+    ASSERT_OK_AND_ASSIGN(auto sink, ParquetSink::Open(path, ""));
+    for (size_t k : order) {
+      ASSERT_OK_AND_ASSIGN(auto row, tensor_row_table(c.info, c.payload(), path, &pieces[k]));
+      ASSERT_OK(sink->WriteRow(*row, c.info.name));
+    }
+    ASSERT_OK(sink->Close());
+  };
+  const std::string missing = (dir / "missing.parquet").string(), swapped = (dir / "swapped.parquet").string();
+  std::vector<size_t> all(pieces.size());
+  for (size_t k = 0; k < all.size(); ++k) all[k] = k;
+  std::vector<size_t> head(all.begin(), all.end() - 1), order = all;
+  std::swap(order[1], order[2]);
+  write(missing, head);
+  write(swapped, order);
+  for (const auto& [path, words] : {std::pair{missing, "piece(s) hold rows 0.."}, std::pair{swapped, "does not follow"}}) {
+    auto src = ParquetSource::Open(path);
+    ASSERT_FALSE(src.ok()) << path;
+    EXPECT_EQ(src.status().code(), StatusCode::kFormatError);
+    EXPECT_CONTAINS(src.status().message(), "affine4.weight");
+    EXPECT_CONTAINS(src.status().message(), words);
   }
 }
 

@@ -87,8 +87,8 @@ def test_weights_parquet_names_the_type_and_the_manifest_is_version_3(quantized)
     assert rows["proj_out.weight"]["scheme"]["kind"] == "q8_0"
     assert rows["blocks.0.attn.to_q.weight"]["scales"] == b""
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == 3
-    assert pq.ParquetFile(out / "weights.parquet").schema_arrow.metadata[b"arrowquant.format_version"] == b"3"
+    assert manifest["format_version"] == 4
+    assert pq.ParquetFile(out / "weights.parquet").schema_arrow.metadata[b"arrowquant.format_version"] == b"4"
 
 
 def test_validate_and_inspect_read_ggml_models(quantized, capsys):
