@@ -34,7 +34,8 @@ _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 WEIGHTS_COLUMNS = ["name", "shape", "dtype", "encoding", "scheme", "codes", "scales", "zero_points", "entropy",
-                   "metrics", "reason", "rejected_bits", "stored_bytes", "input_scale"]
+                   "metrics", "reason", "rejected_bits", "stored_bytes", "input_scale",
+                   "piece", "row_start", "row_count"]
 
 
 def safetensors_header(path: "os.PathLike[str] | str") -> Tuple[Dict[str, dict], int]:

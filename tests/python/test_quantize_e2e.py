@@ -337,3 +337,25 @@ def test_unaligned_tensor_data_is_read_correctly(tmp_path, rng, quantizer):
     np.testing.assert_array_equal(model["c.weight"].numpy(), mem["c.weight"].dequantize())
     np.testing.assert_array_equal(model["a.u8"].numpy(), u)
     assert quantizer.validate_quality(src, out)["passed"] is True
+
+
+def test_big_tensors_in_pieces_load_and_validate_as_when_stored_whole(tmp_path, rng, quantizer):
+    arrays = {"blocks.0.ff.weight": rng.standard_t(4.0, size=(6000, 32)).astype(np.float32),
+              "blocks.0.proj.weight": rng.standard_normal((3000, 64)).astype(np.float32)}
+    (tmp_path / "src").mkdir()
+    src = write_model_file(tmp_path / "src" / "model.safetensors", arrays)
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    a = quantizer.quantize_diffusion_model(src, whole)
+    b = quantizer.quantize_diffusion_model(src, pieces, config=aq.DiffusionQuantConfig(piece_bytes=4096))
+    assert a["compression_ratio"] == b["compression_ratio"]
+    f = pq.ParquetFile(pieces / "weights.parquet")
+    assert f.metadata.num_row_groups > len(arrays)
+    t = f.read(columns=["name", "piece", "row_start", "row_count"]).to_pylist()
+    for name, w in arrays.items():
+        rows = [r for r in t if r["name"] == name]
+        assert [r["piece"] for r in rows] == list(range(len(rows))) and len(rows) > 1
+        assert sum(r["row_count"] for r in rows) == w.shape[0]
+    sa, sb = aq.load(whole).state_dict(), aq.load(pieces).state_dict()
+    for name in arrays:
+        np.testing.assert_array_equal(sa[name], sb[name])
+    assert quantizer.validate_quality(src, pieces)["passed"] is True
