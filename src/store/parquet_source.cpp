@@ -332,17 +332,25 @@ Result<LoadedTensor> ParquetSource::read(size_t index) const {
   for (size_t k = 0; k < info.pieces.size(); ++k) {
     AQ_ASSIGN_OR_RETURN(LoadedTensor p, read_piece(index, k));
     if (k == 0) {
-      g->codes.reserve(info.stored);  // an upper bound on the codes
+      // The sizes the whole values must have (a file that disagrees fails finish_loaded below),
+      // reserved once so appending never moves a big buffer.
+      QuantizedSize size;
+      if (!info.quantized) size.code_bytes = info.source_bytes();
+      else if (info.scheme.kind != SchemeKind::kEntropy) size = quantized_size(info.scheme, info.rows(), info.cols());
       if (p.entropy) {
         AQ_ASSIGN_OR_RETURN(auto tables, entropy_tables(index));
         out.entropy = std::make_shared<EntropySide>(*tables);
+        size.code_bytes = out.entropy->chunk_offsets.empty() ? 0 : out.entropy->chunk_offsets.back();
+        size.scale_bytes = info.rows() * 4;
       }
+      g->codes.reserve(size.code_bytes);
+      g->scales.reserve(size.scale_bytes);
+      g->zero_points.reserve(size.zero_point_bytes);
     }
     g->codes.insert(g->codes.end(), p.payload.codes.begin(), p.payload.codes.end());
     g->scales.insert(g->scales.end(), p.payload.scales.begin(), p.payload.scales.end());
     g->zero_points.insert(g->zero_points.end(), p.payload.zero_points.begin(), p.payload.zero_points.end());
   }
-  g->codes.shrink_to_fit();
   out.payload.codes = g->codes;
   out.payload.scales = g->scales;
   out.payload.zero_points = g->zero_points;
@@ -355,6 +363,7 @@ Result<LoadedTensor> ParquetSource::read(size_t index) const {
 Result<std::shared_ptr<const EntropySide>> ParquetSource::entropy_tables(size_t index) const {
   std::lock_guard<std::mutex> lock(state_->cache_mu);
   if (state_->cached_tables && state_->cached_index == index) return state_->cached_tables;
+  // A later piece read before piece 0 (readers in row order never get here).
   const auto& info = infos_[index];
   const std::string where = StrCat(path_, ": tensor '", info.name, "'");
   AQ_ASSIGN_OR_RETURN(LoadedTensor first, read_group(info.pieces[0].row_group, where));
@@ -376,6 +385,11 @@ Result<LoadedTensor> ParquetSource::read_piece(size_t index, size_t k) const {
     if (k > 0 && out.entropy)
       return FormatError(StrCat(where, ": holds entropy tables; only piece 0 does"));
     if (info.quantized && info.scheme.kind == SchemeKind::kEntropy) {
+      if (k == 0 && out.entropy) {  // the tables are here: keep them for the later pieces
+        std::lock_guard<std::mutex> lock(state_->cache_mu);
+        state_->cached_index = index;
+        state_->cached_tables = out.entropy;
+      }
       AQ_ASSIGN_OR_RETURN(auto tables, entropy_tables(index));
       auto local = entropy_rows(*tables, info.rows(), piece.row_start, piece.row_start + piece.row_count);
       if (!local.ok()) return local.status().WithPrefix(where + ": ");

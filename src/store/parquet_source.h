@@ -45,7 +45,8 @@ class ParquetSource {
   ParquetSource(std::string path, std::unique_ptr<State> s);
   // The data columns of one row group, unchecked.
   Result<LoadedTensor> read_group(int row_group, const std::string& where) const;
-  // Piece 0's entropy tables of tensor `index` (cached: the last tensor asked for).
+  // Piece 0's entropy tables of tensor `index` (cached: the last tensor whose piece 0 was read or
+  // asked for).
   Result<std::shared_ptr<const EntropySide>> entropy_tables(size_t index) const;
   std::string path_;
   std::unique_ptr<State> state_;
