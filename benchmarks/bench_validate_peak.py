@@ -1,9 +1,12 @@
-"""Peak RSS of validate_quality on a Dream-7B-shaped model (issue 13): this build against another
-build (`--baseline DIR`, a folder holding an older arrow_quant_v2 package), alternated in fresh
-processes. The model (Dream-7B's shapes, `--layers` decoder layers plus the 545 M-weight embedding
-and head, bf16) is generated and quantized with the `local` profile once, in `--workdir`.
+"""Peak RSS of validate_quality (and with --measure quantize, of the quantization itself) on a
+Dream-7B-shaped model (issue 13): this build against another build (`--baseline DIR`, a folder
+holding an older arrow_quant_v2 package), alternated in fresh processes. The model (Dream-7B's
+shapes, `--layers` decoder layers plus the embedding and head, bf16; `--vocab` sets their rows:
+152064 is Dream-7B's, a bigger one shows whether the peak follows the largest tensor) is
+generated once in `--workdir`; validate_quality checks the output of this build's quantization.
 
-    .venv/bin/python benchmarks/bench_validate_peak.py --baseline DIR [--layers 1] [--workdir W]
+    .venv/bin/python benchmarks/bench_validate_peak.py --baseline DIR [--layers 1] [--vocab 152064]
+        [--measure validate quantize] [--profile local] [--workdir W]
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from arrow_quant_v2.demo import generate_diffusion_lm
 
 # imports first: the baseline is the resident set with the package loaded
 CHILD = "import sys, time, json, arrow_quant_v2 as aq\n" + PEAK_PREAMBLE + r"""
+t = time.perf_counter()
 if sys.argv[3] == 'quantize':
     aq.ArrowQuantV2().quantize_diffusion_model(sys.argv[1], sys.argv[2],
-                                               aq.DiffusionQuantConfig.from_profile('local', overwrite=True))
-t = time.perf_counter()
-if sys.argv[3] == 'validate':
+                                               aq.DiffusionQuantConfig.from_profile(sys.argv[4], overwrite=True))
+else:
     aq.ArrowQuantV2().validate_quality(sys.argv[1], sys.argv[2])
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_mib": (status('VmHWM:') - base) / 2**20}))
 """
@@ -34,23 +37,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", required=True)
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--vocab", type=int, default=152064)
+    p.add_argument("--profile", default="local")
+    p.add_argument("--measure", nargs="+", choices=("validate", "quantize"), default=["validate"])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workdir")
     a = p.parse_args()
     work = a.workdir or tempfile.mkdtemp(prefix="aq-validate-")
-    model, quant = os.path.join(work, "dream"), os.path.join(work, "q")
+    model, quant = os.path.join(work, f"dream-{a.vocab}"), os.path.join(work, f"q-{a.vocab}-{a.profile}")
     if not os.path.exists(model):
-        generate_diffusion_lm(model, layers=a.layers, hidden=3584, intermediate=18944, vocab=152064,
+        generate_diffusion_lm(model, layers=a.layers, hidden=3584, intermediate=18944, vocab=a.vocab,
                               overwrite=True, kv_dim=512, qkv_bias=True)
-    subprocess.run([sys.executable, "-c", CHILD, model, quant, "quantize"], check=True, capture_output=True)
-    print("| build | validate_quality time | peak RSS above baseline |\n|---|---|---|")
+    child = [sys.executable, "-c", CHILD]
+    subprocess.run(child + [model, quant, "quantize", a.profile], check=True, capture_output=True)
+    print(f"Dream-7B shapes, {a.layers} decoder layer(s), vocabulary {a.vocab} (embedding and head "
+          f"{a.vocab * 3584 / 1e6:.0f} M weights each), profile `{a.profile}`:\n")
+    print("| build | work | time | peak RSS above baseline |\n|---|---|---|---|")
     for _ in range(a.rounds):
-        for name, path in (("this build", None), ("baseline", a.baseline)):
-            env = build_env(path)
-            r = subprocess.run([sys.executable, "-c", CHILD, model, quant, "validate"], capture_output=True,
-                               text=True, env=env, check=True)
-            d = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"| {name} | {d['seconds']:.1f} s | {d['peak_mib']:.0f} MiB |")
+        for work_kind in a.measure:
+            for name, path in (("this build", None), ("baseline", a.baseline)):
+                out = quant if work_kind == "validate" else quant + "-again"
+                r = subprocess.run(child + [model, out, work_kind, a.profile], capture_output=True, text=True,
+                                   env=build_env(path), check=True)
+                d = json.loads(r.stdout.strip().splitlines()[-1])
+                print(f"| {name} | {work_kind} | {d['seconds']:.1f} s | {d['peak_mib']:.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

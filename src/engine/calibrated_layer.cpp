@@ -171,21 +171,47 @@ void scale_columns(float* x, size_t rows, size_t cols, const std::vector<float>&
   }
 }
 
+namespace {
+
+// Every step-th row of the weight as float32 (rows 0, step, 2 step, ...).
+std::vector<float> sampled_rows(const RowSource& w, size_t step) {
+  const size_t rows = w.rows, cols = w.cols, n = rows == 0 ? 0 : (rows + step - 1) / step;
+  const size_t row_bytes = cols * dtype_size(w.dtype);
+  std::vector<float> out(n * cols);
+  for (size_t i = 0; i < n; ++i) convert_to_f32(w.dtype, w.data + i * step * row_bytes, cols, out.data() + i * cols);
+  return out;
+}
+
+}  // namespace
+
 Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const float* w, size_t rows, size_t cols,
                                                  size_t channels, const LayerCalibration& lc,
                                                  const std::vector<TimeGroup>& groups,
                                                  const CalibratedLayerOptions& o) {
+  RowSource src;
+  src.data = reinterpret_cast<const uint8_t*>(w);
+  src.dtype = DType::kF32;
+  src.rows = rows;
+  src.cols = cols;
+  src.name = name;
+  return prepare_calibrated_layer(name, src, channels, lc, groups, o);
+}
+
+Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const RowSource& w, size_t channels,
+                                                 const LayerCalibration& lc, const std::vector<TimeGroup>& groups,
+                                                 const CalibratedLayerOptions& o) {
   CalibratedLayer out;
-  const size_t ngroups = groups.size();
+  const size_t ngroups = groups.size(), rows = w.rows, cols = w.cols;
   // GPTQ's timestep-group weights: uniform, or (relative) 1 / the group's output energy
   // tr(W H_g W^T) / n_g, summed bin by bin over a strided subset of at most kSearchRows rows.
   std::vector<double> weights;
   if (o.relative_group_weights && rows > 0 && cols > 0) {
     const size_t step = std::max<size_t>(1, (rows + kSearchRows - 1) / kSearchRows);
     const Eigen::Index n = static_cast<Eigen::Index>((rows + step - 1) / step), C = static_cast<Eigen::Index>(cols);
+    const std::vector<float> sampled = sampled_rows(w, step);
     MatD ws(n, C);
     for (Eigen::Index r = 0; r < n; ++r)
-      for (Eigen::Index j = 0; j < C; ++j) ws(r, j) = w[static_cast<size_t>(r) * step * cols + static_cast<size_t>(j)];
+      for (Eigen::Index j = 0; j < C; ++j) ws(r, j) = sampled[static_cast<size_t>(r) * cols + static_cast<size_t>(j)];
     std::vector<double> energy(ngroups, 0.0);
     std::vector<int64_t> fit_rows(ngroups, 0);
     bool ok = true, pooled = false;
@@ -267,15 +293,30 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
                                         "or by an older version); activation-aware equalization is off for this layer"));
 
   std::vector<Candidate> cands(1);  // [0]: no equalization
-  bool finite = true;
-  for (size_t i = 0; i < rows * cols && finite; ++i) finite = std::isfinite(w[i]);
-  if (o.spatial && finite && (!act || have_samples) && cols > 0 && rows > 0) {
-    std::vector<float> xa(channels, 0.0f), wa(channels, 0.0f);
+  if (o.spatial && (!act || have_samples) && cols > 0 && rows > 0) {
+    // Each channel's largest |weight|, and whether every weight is finite: one pass in row
+    // blocks, each block's pages handed back once read.
+    std::vector<float> xa(channels, 0.0f), wa(channels, 0.0f), block;
+    bool finite = true;
+    const size_t block_rows = rows_per_block(cols), dsize = dtype_size(w.dtype);
+    for (size_t r0 = 0; r0 < rows && finite; r0 += block_rows) {
+      const size_t nr = std::min(block_rows, rows - r0);
+      block.resize(nr * cols);
+      convert_to_f32(w.dtype, w.data + r0 * cols * dsize, nr * cols, block.data());
+      if (w.release) w.release(r0 * cols * dsize, nr * cols * dsize);
+      for (size_t r = 0; r < nr; ++r) {
+        const float* row = block.data() + r * cols;
+        for (size_t j = 0; j < cols; ++j) {
+          finite = finite && std::isfinite(row[j]);
+          wa[j / k] = std::max(wa[j / k], std::fabs(row[j]));
+        }
+      }
+    }
+    // (a weight that is not finite: no search; the layer's job reports the value)
     for (const auto& b : lc.fit)
       for (size_t j = 0; j < cols; ++j) xa[j / k] = std::max(xa[j / k], b.absmax[j]);
-    for (size_t r = 0; r < rows; ++r)
-      for (size_t j = 0; j < cols; ++j) wa[j / k] = std::max(wa[j / k], std::fabs(w[r * cols + j]));
     for (double a : kAlphas) {
+      if (!finite) break;
       Candidate c;
       c.alpha = a;
       c.s = equalization_scales(xa, wa, a);
@@ -286,8 +327,7 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
   // The rows the search quantizes.
   const size_t row_step = std::max<size_t>(1, (rows + kSearchRows - 1) / kSearchRows);
   const size_t sub = rows == 0 ? 0 : (rows + row_step - 1) / row_step;
-  std::vector<float> w_sub(sub * cols);
-  for (size_t i = 0; i < sub; ++i) std::copy_n(w + i * row_step * cols, cols, w_sub.data() + i * cols);
+  const std::vector<float> w_sub = sampled_rows(w, row_step);
 
   const bool search = cands.size() > 1;
   for (Candidate& c : cands) {
@@ -402,9 +442,7 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
                         {"rows_searched", sub}, {"candidates", std::move(list)}};
   }
   if (chosen.alpha >= 0) {
-    auto scaled = std::make_shared<std::vector<float>>(w, w + rows * cols);
-    scale_columns(scaled->data(), rows, cols, chosen.s);
-    out.scaled = std::move(scaled);
+    out.column_scale = std::make_shared<const std::vector<float>>(expand(chosen.s, cols));
     out.input_scale.resize(channels);
     for (size_t c = 0; c < channels; ++c) out.input_scale[c] = 1.0f / chosen.s[c];
   }
@@ -471,34 +509,28 @@ Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const 
   return out;
 }
 
-OutputCheck check_layer_output(const float* w, const float* q, size_t rows, size_t cols, const CalibratedLayer& layer,
+size_t output_check_row_step(size_t rows) { return std::max<size_t>(1, rows / 256); }
+
+OutputCheck check_layer_output(const float* w, const float* q, size_t sampled, size_t cols, const CalibratedLayer& layer,
                                const LayerCalibration& lc, const std::vector<TimeGroup>& groups) {
   OutputCheck out;
   const LayerHessians& H = *layer.hessians;
-  const size_t row_step = std::max<size_t>(1, rows / 256);  // at most ~256 rows
   std::vector<GroupSamples> samples;
-  std::vector<float> w_sub, q_stored, inv;
-  size_t sub = 0;
+  std::vector<float> q_stored, inv;
   if (layer.activations) {
     samples = group_samples(lc, groups);
-    sub = rows == 0 ? 0 : (rows + row_step - 1) / row_step;
-    w_sub.resize(sub * cols);
-    q_stored.resize(sub * cols);
-    for (size_t i = 0; i < sub; ++i) {
-      std::copy_n(w + i * row_step * cols, cols, w_sub.data() + i * cols);
-      std::copy_n(q + i * row_step * cols, cols, q_stored.data() + i * cols);
-    }
+    q_stored.assign(q, q + sampled * cols);
     inv = expand(layer.input_scale, cols);
     // the stored weight Q' = Q S: the effective weight over input_scale (= 1 / s), column by column
     std::vector<float> s(layer.input_scale.size());
     for (size_t c = 0; c < s.size(); ++c) s[c] = 1.0f / layer.input_scale[c];
-    scale_columns(q_stored.data(), sub, cols, s);
+    scale_columns(q_stored.data(), sampled, cols, s);
   }
   std::optional<OutputError> on_gptq;  // shared by the groups checked on GPTQ's Hessian
   for (size_t g = 0; g < groups.size(); ++g) {
     if (H.rows[g] == 0 && !H.check_held_out[g]) continue;
-    if (H.uses_gptq(g) && !on_gptq) on_gptq = group_output_error(H, g, w, q, rows, cols, row_step);
-    const OutputError e = H.uses_gptq(g) ? *on_gptq : group_output_error(H, g, w, q, rows, cols, row_step);
+    if (H.uses_gptq(g) && !on_gptq) on_gptq = group_output_error(H, g, w, q, sampled, cols);
+    const OutputError e = H.uses_gptq(g) ? *on_gptq : group_output_error(H, g, w, q, sampled, cols);
     json entry = {{"group", g}, {"step_lo", groups[g].step_lo}, {"step_hi", groups[g].step_hi},
                   {"relative_error", e.rel_error}, {"cosine", e.cosine}, {"held_out", static_cast<bool>(H.check_held_out[g])},
                   {"checked_on", !H.check[g].empty() ? std::string("Hessian")
@@ -506,7 +538,7 @@ OutputCheck check_layer_output(const float* w, const float* q, size_t rows, size
                                                      : std::string("GPTQ's Hessian (no samples)")}};
     if (layer.activations && g < samples.size() && samples[g].check_rows > 0 && g < layer.activations->groups.size())
       entry["relative_error_with_activations"] =
-          output_error_with_activations(samples[g].check, samples[g].check_rows, cols, w_sub.data(), q_stored.data(), sub,
+          output_error_with_activations(samples[g].check, samples[g].check_rows, cols, w, q_stored.data(), sampled,
                                         inv, layer.activations->groups[g].params);
     out.groups.push_back(std::move(entry));
     out.worst_cosine = std::min(out.worst_cosine, e.cosine);

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "engine/tensor_job.h"
 #include "quant/gptq.h"
 #include "quant/metrics.h"
 #include "quant/scheme.h"
@@ -54,12 +55,19 @@ struct CalibratedLayer {
   // Channel equalization; input_scale empty when not applied.
   size_t channels = 0;
   std::vector<float> input_scale;                         // per input channel: 1 / s_c
-  std::shared_ptr<const std::vector<float>> scaled;       // W S, rows x cols float32
+  // s_c per column (cols values): the job quantizes W S, each row scaled as it is read
+  // (RowSource::col_scale), so no scaled copy of the weight is held. Null: no equalization.
+  std::shared_ptr<const std::vector<float>> column_scale;
   nlohmann::json equalization;                            // null, or the search: alpha, candidates
   std::vector<std::string> warnings;
 };
 
-// w: the layer's weight as float32, rows x cols (cols = channels x kernel positions).
+// w: the layer's weight, rows x cols (cols = channels x kernel positions), read in row blocks
+// (its pages handed back through w.release as it goes) and at sampled rows, never whole.
+Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const RowSource& w, size_t channels,
+                                                 const LayerCalibration& lc, const std::vector<TimeGroup>& groups,
+                                                 const CalibratedLayerOptions& options);
+// The same for a float32 array in memory.
 Result<CalibratedLayer> prepare_calibrated_layer(const std::string& name, const float* w, size_t rows, size_t cols,
                                                  size_t channels, const LayerCalibration& lc,
                                                  const std::vector<TimeGroup>& groups,
@@ -76,7 +84,10 @@ struct OutputCheck {
   nlohmann::json groups = nlohmann::json::array();
   double worst_cosine = 1;
 };
-OutputCheck check_layer_output(const float* w, const float* q, size_t rows, size_t cols, const CalibratedLayer& layer,
+// The check uses every output_check_row_step(rows)-th row of the layer (at most ~512 rows): w and
+// q hold those rows only, `sampled` of them.
+size_t output_check_row_step(size_t rows);
+OutputCheck check_layer_output(const float* w, const float* q, size_t sampled, size_t cols, const CalibratedLayer& layer,
                                const LayerCalibration& lc, const std::vector<TimeGroup>& groups);
 
 }  // namespace aq

@@ -72,6 +72,20 @@ bool well_formed_record(const json& r) {
   return true;
 }
 
+// A source tensor's rows as 2-D (rows = its first dimension), its pages handed back on release.
+RowSource row_source(const TensorRef& r) {
+  const TensorInfo& t = *r.info;
+  RowSource src;
+  src.data = r.file->data(t);
+  src.dtype = t.dtype;
+  src.rows = t.shape.empty() ? 1 : static_cast<uint64_t>(t.shape[0]);
+  src.cols = src.rows ? t.numel / src.rows : 0;
+  src.name = t.name;
+  src.file = r.file->path();
+  src.release = [file = r.file, info = r.info](uint64_t begin, uint64_t n) { file->release(*info, begin, n); };
+  return src;
+}
+
 std::string component_weights_path(const std::string& component) {
   return component.empty() ? std::string(kWeightsFile) : component + "/" + kWeightsFile;
 }
@@ -147,6 +161,7 @@ class QuantizeRun {
   json records_ = json::array();  // of the component being written
   uint64_t resumed_tensors_ = 0;   // taken from an interrupted run's journal
   double journal_copy_s_ = 0;      // writing weights.parquet from the journal
+  std::string spill_dir_;          // the run's folder: codes of tensors over piece_bytes go there
   std::atomic<bool> stop_{false};
   std::mutex mu_;
   std::condition_variable cv_;
@@ -214,21 +229,12 @@ void QuantizeRun::emit_progress(bool force, const std::string& current, uint64_t
 }
 
 void QuantizeRun::start_job(Slot& s) {
-  const TensorInfo& t = s.info();
-  RowSource src;
-  src.data = s.ref.file->data(t);
-  src.dtype = t.dtype;
-  src.rows = static_cast<uint64_t>(t.shape[0]);
-  src.cols = src.rows ? t.numel / src.rows : 0;
-  src.name = t.name;
-  src.file = s.ref.file->path();
-  if (s.cal && s.cal->scaled) {  // equalized: the job quantizes W S
-    src.data = reinterpret_cast<const uint8_t*>(s.cal->scaled->data());
-    src.dtype = DType::kF32;
-  } else {
-    src.release = [file = s.ref.file, info = &t](uint64_t begin, uint64_t n) { file->release(*info, begin, n); };
-  }
+  RowSource src = row_source(s.ref);
+  if (s.cal) src.col_scale = s.cal->column_scale;  // equalized: the job quantizes W S
   s.job = s.gptq() ? std::make_unique<TensorJob>(src, s.scheme, s.cal->gptq) : std::make_unique<TensorJob>(src, s.scheme);
+  // Codes bigger than a piece are written to a scratch file as they are made: a tensor of any
+  // size then costs its row blocks in flight and, when journaled, one piece at a time.
+  s.job->spill_codes(spill_dir_, cfg_.piece_bytes);
   if (importance_weighted(s)) {
     s.job->set_importance(std::make_shared<std::vector<float>>(
         hessian_importance(s.cal->hessians->gptq, s.cal->hessians->layout())));
@@ -293,11 +299,8 @@ bool QuantizeRun::attach_calibration(Slot& s) {
   // Input channels: a weight's second dimension (a convolution's channel spans its kernel positions).
   const uint64_t channels = t.shape.size() >= 2 ? static_cast<uint64_t>(t.shape[1]) : cols;
   Slot* slot = &s;
-  pool_.submit([this, slot, o, rows, cols, channels, qualified] {
-    const TensorInfo& ti = slot->info();
-    std::vector<float> w(rows * cols);
-    convert_to_f32(ti.dtype, slot->ref.file->data(ti), rows * cols, w.data());
-    auto r = prepare_calibrated_layer(qualified, w.data(), rows, cols, channels, *slot->calibration, groups_, o);
+  pool_.submit([this, slot, o, channels, qualified] {
+    auto r = prepare_calibrated_layer(qualified, row_source(slot->ref), channels, *slot->calibration, groups_, o);
     std::lock_guard<std::mutex> lock(mu_);
     slot->prepare_result = std::move(r);
     slot->prepared.store(true, std::memory_order_release);
@@ -333,25 +336,47 @@ void QuantizeRun::start_prepared(std::deque<std::unique_ptr<Slot>>& window) {
 
 Status QuantizeRun::measure_output(Slot& s, EncodedTensor& enc) {
   const TensorInfo& t = s.info();
-  const uint64_t rows = enc.rows, cols = enc.cols;
-  std::vector<float> w(rows * cols), q(rows * cols);
-  convert_to_f32(t.dtype, s.ref.file->data(t), rows * cols, w.data());
-  AQ_RETURN_IF_ERROR(decode_tensor(enc.scheme, rows, cols, enc.view(), q.data()));
-  if (!s.cal->input_scale.empty()) {
-    // The effective weight (stored weight times the input scale, column by column), compared
-    // with the original block by block exactly as validate_model does.
-    scale_columns(q.data(), rows, cols, s.cal->input_scale);
-    ErrorStats stats;
-    const uint64_t block = rows_per_block(cols);
-    for (uint64_t r0 = 0; r0 < rows; r0 += block) {
-      const uint64_t nr = std::min(block, rows - r0);
+  const uint64_t rows = enc.rows, cols = enc.cols, dsize = dtype_size(t.dtype);
+  // Row blocks: the source and the stored weight are decoded block by block (their pages handed
+  // back as it goes), keeping the rows the output check samples.
+  const EncodedView view = enc.view();
+  AQ_RETURN_IF_ERROR(check_encoded(enc.scheme, rows, cols, view));
+  std::shared_ptr<const FrequencyTable> table;
+  EncodedView v = view;
+  if (enc.scheme.kind == SchemeKind::kEntropy) {
+    AQ_ASSIGN_OR_RETURN(table, make_decode_table(view));
+    v.table = table.get();
+  }
+  const uint64_t block = rows_per_block(cols), step = output_check_row_step(rows);
+  std::vector<float> w, q, w_rows, q_rows;
+  ErrorStats stats;
+  for (uint64_t r0 = 0; r0 < rows; r0 += block) {
+    const uint64_t nr = std::min(block, rows - r0);
+    w.resize(nr * cols);
+    q.resize(nr * cols);
+    convert_to_f32(t.dtype, s.ref.file->data(t) + r0 * cols * dsize, nr * cols, w.data());
+    s.ref.file->release(t, r0 * cols * dsize, nr * cols * dsize);
+    AQ_RETURN_IF_ERROR(decode_rows(enc.scheme, rows, cols, v, r0, nr, q.data()));
+    if (enc.spill) {
+      const uint64_t begin = code_offset(enc.scheme, rows, cols, view, r0);
+      enc.spill->release(begin, code_offset(enc.scheme, rows, cols, view, r0 + nr) - begin);
+    }
+    if (!s.cal->input_scale.empty()) {
+      // The effective weight (stored weight times the input scale, column by column), compared
+      // with the original block by block exactly as validate_model does.
+      scale_columns(q.data(), nr, cols, s.cal->input_scale);
       ErrorStats b;
-      b.add(w.data() + r0 * cols, q.data() + r0 * cols, nr * cols);
+      b.add(w.data(), q.data(), nr * cols);
       stats.merge(b);
     }
-    enc.stats = stats;
+    for (uint64_t r = (r0 + step - 1) / step * step; r < r0 + nr; r += step) {
+      w_rows.insert(w_rows.end(), w.begin() + (r - r0) * cols, w.begin() + (r - r0 + 1) * cols);
+      q_rows.insert(q_rows.end(), q.begin() + (r - r0) * cols, q.begin() + (r - r0 + 1) * cols);
+    }
   }
-  const OutputCheck c = check_layer_output(w.data(), q.data(), rows, cols, *s.cal, *s.calibration, groups_);
+  if (!s.cal->input_scale.empty()) enc.stats = stats;
+  const OutputCheck c =
+      check_layer_output(w_rows.data(), q_rows.data(), cols ? w_rows.size() / cols : 0, cols, *s.cal, *s.calibration, groups_);
   s.output_error = c.groups;
   s.output_cosine = c.worst_cosine;
   return Status::OK();
@@ -429,6 +454,7 @@ Status QuantizeRun::write(Slot& s, size_t index, const TensorJournal& journal, j
   info.dtype = t.dtype;
   info.rejected_bits = s.rejected_bits;
   TensorPayload payload;
+  std::function<void(uint64_t, uint64_t)> release;  // each journaled piece's pages, handed back
   if (s.encoded) {
     const EncodedTensor& enc = *s.encoded;
     info.quantized = true;
@@ -443,14 +469,17 @@ Status QuantizeRun::write(Slot& s, size_t index, const TensorJournal& journal, j
     if (s.cal) info.input_scale = s.cal->input_scale;
     payload = enc.view();
     info.stored = enc.stored_bytes() + 4 * info.input_scale.size();
+    if (enc.spill) release = [spill = enc.spill.get()](uint64_t begin, uint64_t n) { spill->release(begin, n); };
   } else {
     info.quantized = false;
     info.reason = s.keep_reason.empty() ? s.plan.reason : s.keep_reason;
     payload.codes = std::span<const uint8_t>(s.ref.file->data(t), t.nbytes);
     info.stored = t.nbytes;
+    release = [file = s.ref.file, &t](uint64_t begin, uint64_t n) { file->release(t, begin, n); };
   }
   const json record = make_record(s, info);
-  AQ_RETURN_IF_ERROR(journal.Append(index, info, payload, record, rows_per_block(info.cols()), cfg_.piece_bytes));
+  AQ_RETURN_IF_ERROR(
+      journal.Append(index, info, payload, record, rows_per_block(info.cols()), cfg_.piece_bytes, release));
   s.ref.file->release(t);
   apply_record(record, comp_report);
   return Status::OK();
@@ -675,13 +704,7 @@ Status QuantizeRun::plan_budget(const std::string& component, const std::vector<
       L.fixed = 0;
       L.error.assign(L.types.size(), 0.0);
     } else {
-      RowSource src;
-      src.data = r.file->data(t);
-      src.dtype = t.dtype;
-      src.rows = rows;
-      src.cols = cols;
-      src.name = t.name;
-      src.file = r.file->path();
+      const RowSource src = row_source(r);
       // With calibration the layer's output error under its Hessian (timestep groups averaged),
       // else its weight error.
       std::optional<LayerHessians> h;
@@ -831,6 +854,7 @@ Result<json> QuantizeRun::write_output(const ModelSource& model, std::vector<std
     // Each finished tensor goes to the component's journal; weights.parquet is written from it
     // once all are there.
     AQ_ASSIGN_OR_RETURN(TensorJournal journal, TensorJournal::Open((fs::path(staging.run_dir()) / StrCat("c", i)).string()));
+    spill_dir_ = staging.run_dir();
     records_ = json::array();
     std::optional<json> finished = resuming ? journal.Finished() : std::nullopt;
     if (finished) {

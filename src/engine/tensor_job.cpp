@@ -56,11 +56,11 @@ TensorJob::TensorJob(RowSource source, QuantScheme scheme) : src_(std::move(sour
                                          src_.cols));
       blocks_ = 0;
     } else {
-      out_.codes.assign(src_.rows * ggml_row_bytes(scheme.ggml, src_.cols), 0);
+      code_bytes_ = src_.rows * ggml_row_bytes(scheme.ggml, src_.cols);
     }
   } else if (scheme.kind == SchemeKind::kAffine) {
     const QuantizedSize size = quantized_size(scheme, src_.rows, src_.cols);
-    out_.codes.assign(size.code_bytes, 0);
+    code_bytes_ = size.code_bytes;
     out_.scales.assign(size.scale_bytes, 0);
     out_.zero_points.assign(size.zero_point_bytes, 0);
     const uint64_t groups = src_.rows * groups_per_row(scheme, src_.cols);
@@ -108,6 +108,43 @@ void TensorJob::set_importance(std::shared_ptr<const std::vector<float>> importa
   importance_ = std::move(importance);
 }
 
+void TensorJob::spill_codes(std::string dir, uint64_t above_bytes) {
+  spill_dir_ = std::move(dir);
+  spill_above_ = above_bytes;
+}
+
+bool TensorJob::allocate_codes() {
+  const bool entropy = out_.scheme.kind == SchemeKind::kEntropy;
+  const double expected = entropy ? out_.scheme.entropy_budget() * static_cast<double>(src_.rows * src_.cols) / 8
+                                  : static_cast<double>(code_bytes_);
+  if (!spill_dir_.empty() && expected > static_cast<double>(spill_above_)) {
+    auto file = SpillFile::Create(spill_dir_, StrCat("tensor '", src_.name, "'"));
+    if (!file.ok()) {
+      init_error_ = file.status();
+      return false;
+    }
+    spill_ = std::move(*file);
+    if (entropy) {
+      spill_offset_.assign(blocks_, 0);
+      spill_size_.assign(blocks_, 0);
+    }
+  } else if (!entropy) {
+    out_.codes.assign(code_bytes_, 0);
+  }
+  return true;
+}
+
+void TensorJob::spill_block(uint64_t b, uint64_t offset, const uint8_t* p, uint64_t n) {
+  Status st = spill_->Write(offset, p, n);
+  if (!st.ok()) block_status_[b] = std::move(st);
+}
+
+void TensorJob::finish_codes() {
+  if (!spill_ || !status().ok()) return;
+  Status st = spill_->Map(code_bytes_);
+  if (!st.ok()) block_status_[0] = std::move(st);
+}
+
 uint64_t TensorJob::block_count_rows(uint64_t b) const {
   return std::min(block_rows_, src_.rows - block_begin(b));
 }
@@ -116,7 +153,7 @@ void TensorJob::start(ThreadPool& pool, const std::atomic<bool>* stop, std::func
   pool_ = &pool;
   stop_ = stop;
   on_block_done_ = std::move(on_block_done);
-  if (!init_error_.ok() || blocks_ == 0) {
+  if (!init_error_.ok() || blocks_ == 0 || !allocate_codes()) {
     finished_.store(true, std::memory_order_release);
     if (on_block_done_) on_block_done_();
     return;
@@ -149,13 +186,14 @@ void TensorJob::block_done(int pass) {
 }
 
 void TensorJob::run_inline() {
-  for (int pass = 0; pass >= 0 && blocks_ > 0 && init_error_.ok();) {
-    for (uint64_t b = 0; b < blocks_; ++b) {
-      run_block(pass, b);
-      work_done_.fetch_add(1);
+  if (blocks_ > 0 && init_error_.ok() && allocate_codes())
+    for (int pass = 0; pass >= 0;) {
+      for (uint64_t b = 0; b < blocks_; ++b) {
+        run_block(pass, b);
+        work_done_.fetch_add(1);
+      }
+      pass = after_pass(pass);
     }
-    pass = after_pass(pass);
-  }
   finished_ = true;
 }
 
@@ -191,8 +229,12 @@ bool TensorJob::load_block(uint64_t b, std::vector<float>& w, bool check) {
   const uint64_t r0 = block_begin(b), n = block_count_rows(b) * src_.cols;
   w.resize(n);
   convert_to_f32(src_.dtype, src_.data + r0 * src_.cols * dtype_size(src_.dtype), n, w.data());
-  if (src_.release && out_.scheme.kind != SchemeKind::kEntropy)  // read once: the block's pages can go
-    src_.release(r0 * src_.cols * dtype_size(src_.dtype), n * dtype_size(src_.dtype));
+  // The block's pages go back now (the entropy-coded scheme's later passes fault them in again
+  // from the page cache): a tensor of any size holds only the blocks being read.
+  if (src_.release) src_.release(r0 * src_.cols * dtype_size(src_.dtype), n * dtype_size(src_.dtype));
+  if (src_.col_scale)
+    for (uint64_t i = 0; i < n; i += src_.cols)
+      for (uint64_t j = 0; j < src_.cols; ++j) w[i + j] *= (*src_.col_scale)[j];
   if (!check || all_finite(w.data(), n)) return true;
   for (uint64_t i = 0; i < n; ++i) {
     if (!std::isfinite(w[i])) {
@@ -218,6 +260,12 @@ void TensorJob::run_block(int pass, uint64_t b) {
 }
 
 int TensorJob::after_pass(int pass) {
+  const int next = next_pass(pass);
+  if (next < 0) finish_codes();
+  return next;
+}
+
+int TensorJob::next_pass(int pass) {
   if (!status().ok()) return -1;
   if (out_.scheme.kind != SchemeKind::kEntropy) return -1;
   if (pass == 0) {
@@ -268,8 +316,18 @@ int TensorJob::after_pass(int pass) {
   // pass 2: lay the chunks end to end
   auto& e = *out_.entropy;
   e.chunk_offsets.assign(1, 0);
-  size_t total = 0;
-  for (const auto& bytes : block_bytes_) total += bytes.size();
+  uint64_t total = 0;
+  for (uint64_t b = 0; b < blocks_; ++b) total += spill_ ? spill_size_[b] : block_bytes_[b].size();
+  if (total > UINT32_MAX) {  // chunk offsets are 32-bit (docs/format.md)
+    block_status_[0] = QuantizationFailure(StrCat(src_.name, ": ", total, " bytes of entropy-coded codes; the "
+                                                  "format's chunk offsets reach 4 GiB"));
+    return -1;
+  }
+  if (spill_) {
+    Status st = entropy_order_spill();
+    if (!st.ok()) block_status_[0] = std::move(st);
+    return -1;
+  }
   out_.codes.reserve(total);
   for (auto& bytes : block_bytes_) {
     out_.codes.insert(out_.codes.end(), bytes.begin(), bytes.end());
@@ -278,6 +336,23 @@ int TensorJob::after_pass(int pass) {
   }
   if (src_.rows * src_.cols <= kEntropyCompareBelow) entropy_compare_affine();
   return -1;
+}
+
+Status TensorJob::entropy_order_spill() {
+  AQ_ASSIGN_OR_RETURN(auto ordered, SpillFile::Create(spill_dir_, StrCat("tensor '", src_.name, "'")));
+  auto& e = *out_.entropy;
+  std::vector<uint8_t> chunk;
+  uint64_t at = 0;
+  for (uint64_t b = 0; b < blocks_; ++b) {
+    chunk.resize(spill_size_[b]);
+    AQ_RETURN_IF_ERROR(spill_->Read(spill_offset_[b], chunk.data(), chunk.size()));
+    AQ_RETURN_IF_ERROR(ordered->Write(at, chunk.data(), chunk.size()));
+    at += chunk.size();
+    e.chunk_offsets.push_back(static_cast<uint32_t>(at));
+  }
+  spill_ = std::move(ordered);
+  code_bytes_ = at;
+  return Status::OK();
 }
 
 void TensorJob::entropy_compare_affine() {
@@ -311,7 +386,7 @@ void TensorJob::entropy_compare_affine() {
 
 void TensorJob::affine_block(uint64_t b) {
   thread_local std::vector<float> w, rot, deq;
-  thread_local std::vector<uint8_t> q;
+  thread_local std::vector<uint8_t> q, spilled;
   if (!load_block(b, w)) return;
   const QuantScheme& scheme = out_.scheme;
   const uint64_t cols = src_.cols, r0 = block_begin(b), nr = block_count_rows(b), n = nr * cols;
@@ -334,7 +409,14 @@ void TensorJob::affine_block(uint64_t b) {
   block_stats_[b].add(w.data(), deq.data(), n);
 
   // r0 is a multiple of 8, so r0 * cols * bits is a whole number of bytes.
-  pack_codes(q.data(), n, scheme.bits, out_.codes.data() + r0 * cols * static_cast<uint64_t>(scheme.bits) / 8);
+  const uint64_t at = r0 * cols * static_cast<uint64_t>(scheme.bits) / 8, packed = packed_code_bytes(scheme.bits, n);
+  if (spill_) {
+    spilled.resize(packed);
+    pack_codes(q.data(), n, scheme.bits, spilled.data());
+    spill_block(b, at, spilled.data(), packed);
+  } else {
+    pack_codes(q.data(), n, scheme.bits, out_.codes.data() + at);
+  }
   const size_t ssize = scale_type_size(scheme.scale_type);
   store_scales(scheme.scale_type, s, nr * gpr, out_.scales.data() + r0 * gpr * ssize);
   if (z) store_scales(scheme.scale_type, z, nr * gpr, out_.zero_points.data() + r0 * gpr * ssize);
@@ -344,6 +426,7 @@ void TensorJob::affine_block(uint64_t b) {
 
 void TensorJob::ggml_block(uint64_t b) {
   thread_local std::vector<float> w, deq;
+  thread_local std::vector<uint8_t> spilled;
   if (!load_block(b, w)) return;
   const GgmlType t = out_.scheme.ggml;
   const uint64_t cols = src_.cols, r0 = block_begin(b), nr = block_count_rows(b), n = nr * cols;
@@ -351,13 +434,15 @@ void TensorJob::ggml_block(uint64_t b) {
   GgmlEncodeOptions opt;
   opt.importance = importance_ ? importance_->data() : nullptr;
   opt.weighting = out_.scheme.ggml_weighting;
-  uint8_t* out = out_.codes.data() + r0 * row_bytes;
+  if (spill_) spilled.resize(nr * row_bytes);
+  uint8_t* out = spill_ ? spilled.data() : out_.codes.data() + r0 * row_bytes;
   if (gptq_) ggml_gptq_rows(t, *gptq_, w.data(), nr, cols, opt, out);
   else
     for (uint64_t r = 0; r < nr; ++r) ggml_encode_row(t, w.data() + r * cols, cols, out + r * row_bytes, opt);
   deq.resize(n);
   ggml_decode(t, out, n / static_cast<uint64_t>(ggml_traits(t).block), deq.data());
   block_stats_[b].add(w.data(), deq.data(), n);
+  if (spill_) spill_block(b, r0 * row_bytes, out, nr * row_bytes);
 }
 
 // ---- entropy-coded --------------------------------------------------------------------------
@@ -477,6 +562,13 @@ void TensorJob::entropy_code_block(uint64_t b) {
   entropy_codes_rows(x, nr, cols, scales_f_.data() + r0, q.data());
   block_bytes_[b].reserve(static_cast<size_t>(out_.scheme.entropy_budget() * static_cast<double>(n) / 8) + 1024);
   entropy_encode_chunk(table_, e, x, scales_f_.data() + r0, nr, cols, q.data(), &block_bytes_[b]);
+  if (spill_) {  // into the SpillFile where it fits now; finish_codes lays the chunks in order
+    std::vector<uint8_t>& bytes = block_bytes_[b];
+    spill_size_[b] = bytes.size();
+    spill_offset_[b] = spill_end_.fetch_add(bytes.size());
+    spill_block(b, spill_offset_[b], bytes.data(), bytes.size());
+    std::vector<uint8_t>().swap(bytes);
+  }
   // The reconstruction a reader will get, from the codes (rANS is lossless; validate_quality
   // decodes the files and checks these statistics bit for bit).
   deq.resize(n);
@@ -497,6 +589,7 @@ Status TensorJob::status() const {
 EncodedTensor TensorJob::take() {
   if (!replaced_)
     for (const auto& s : block_stats_) out_.stats.merge(s);
+  if (spill_) out_.spill = std::move(spill_);
   return std::move(out_);
 }
 

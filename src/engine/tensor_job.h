@@ -24,6 +24,7 @@
 #include "common/status.h"
 #include "common/thread_pool.h"
 #include "io/dtype.h"
+#include "io/spill_file.h"
 #include "quant/entropy_quant.h"
 #include "quant/gptq.h"
 #include "quant/metrics.h"
@@ -42,9 +43,13 @@ struct RowSource {
   std::string name;  // for error messages
   std::string file;  // for error messages ("" for in-memory arrays)
   // Memory-mapped sources: hands the pages of bytes [begin, begin + n) of `data` back to the OS
-  // once a single-pass scheme has read them, so a tensor of gigabytes (a 7B model's embedding)
-  // does not stay resident while it is encoded. Null: nothing to release.
+  // once a block has read them (the entropy-coded scheme's later passes fault them back in), so
+  // a tensor of gigabytes (a 7B model's embedding) does not stay resident while it is encoded.
+  // Null: nothing to release.
   std::function<void(uint64_t begin, uint64_t n)> release;
+  // Column j of every row is multiplied by (*col_scale)[j] once converted to float32 (channel
+  // equalization: the weight quantized is W S, made as its rows are read). Null: none.
+  std::shared_ptr<const std::vector<float>> col_scale;
 };
 
 struct EncodedTensor {
@@ -53,11 +58,15 @@ struct EncodedTensor {
   std::vector<uint8_t> codes, scales, zero_points;  // exactly as stored
   std::optional<EntropySide> entropy;               // entropy-coded tensors
   ErrorStats stats;
+  // Codes too big to hold in memory (TensorJob::spill_codes) are in this file instead of `codes`,
+  // mapped read-only: a reader hands back the pages of what it has read (SpillFile::release).
+  std::shared_ptr<SpillFile> spill;
 
+  std::span<const uint8_t> code_bytes() const { return spill ? spill->bytes() : std::span<const uint8_t>(codes); }
   uint64_t stored_bytes() const {
-    return codes.size() + scales.size() + zero_points.size() + (entropy ? entropy->stored_bytes() : 0);
+    return code_bytes().size() + scales.size() + zero_points.size() + (entropy ? entropy->stored_bytes() : 0);
   }
-  EncodedView view() const { return {codes, scales, zero_points, entropy ? &*entropy : nullptr, nullptr}; }
+  EncodedView view() const { return {code_bytes(), scales, zero_points, entropy ? &*entropy : nullptr, nullptr}; }
 };
 
 // Rows per block: a multiple of 8 (so every block starts on a byte boundary of the packed
@@ -75,6 +84,10 @@ class TensorJob {
   // ggml schemes: per input column weights of the squared error (the diagonal of the layer's
   // calibration Hessian), or null for plain squared error. Before start().
   void set_importance(std::shared_ptr<const std::vector<float>> importance);
+  // Before start(): codes of more than `above_bytes` (for the entropy-coded scheme: expected at
+  // its budget) are written to a SpillFile in `dir` as blocks finish, not held in memory, so a
+  // tensor of any size costs the blocks in flight. The result's codes are then `spill`.
+  void spill_codes(std::string dir, uint64_t above_bytes);
 
   // Submits the first pass to the pool; `on_block_done` runs on a worker after every block.
   void start(ThreadPool& pool, const std::atomic<bool>* stop, std::function<void()> on_block_done);
@@ -92,10 +105,19 @@ class TensorJob {
 
  private:
   int passes() const { return out_.scheme.kind == SchemeKind::kEntropy ? 3 : 1; }
+  // The codes' buffer (in memory, or a SpillFile), when the first pass starts; false after
+  // recording an error.
+  bool allocate_codes();
+  // Once the last pass is done: the spilled codes in block order, mapped for the readers.
+  void finish_codes();
+  // Codes of block b, n bytes at `offset` of the tensor's codes, into the SpillFile.
+  void spill_block(uint64_t b, uint64_t offset, const uint8_t* p, uint64_t n);
   void submit_pass(int pass);
   void run_block(int pass, uint64_t b);
-  // Runs the tensor-level step after `pass`; returns the pass to run next, or -1 when done.
+  // Runs the tensor-level step after `pass`; returns the pass to run next, or -1 when done (then
+  // finishes the codes).
   int after_pass(int pass);
+  int next_pass(int pass);
   void block_done(int pass);
   uint64_t block_begin(uint64_t b) const { return b * block_rows_; }
   uint64_t block_count_rows(uint64_t b) const;
@@ -118,9 +140,20 @@ class TensorJob {
   Status entropy_build_table();
   // Bits the tensor will take with the current table: codes at their rANS cost plus every side field.
   double entropy_predicted_bits() const;
+  // The spilled chunks, written in the order blocks finished, copied in block order into a new
+  // SpillFile (chunk offsets set).
+  Status entropy_order_spill();
 
   RowSource src_;
   EncodedTensor out_;
+  uint64_t code_bytes_ = 0;  // fixed-rate schemes: the size of the codes
+  std::string spill_dir_;
+  uint64_t spill_above_ = UINT64_MAX;
+  std::shared_ptr<SpillFile> spill_;
+  // entropy-coded, spilled: each block's chunk where it landed in the SpillFile (blocks are
+  // written in the order they finish, then laid out in block order by finish_codes)
+  std::atomic<uint64_t> spill_end_{0};
+  std::vector<uint64_t> spill_offset_, spill_size_;
   std::vector<ErrorStats> block_stats_;
   std::vector<Status> block_status_;
   std::vector<float> scales_f_, zeros_f_;

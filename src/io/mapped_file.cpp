@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -47,13 +48,12 @@ MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 
-void MappedFile::release(uint64_t offset, uint64_t length) const {
-  if (data_ == nullptr || length == 0) return;
+void release_pages(const uint8_t* base, uint64_t size, uint64_t offset, uint64_t length) {
+  if (base == nullptr || length == 0 || offset >= size) return;
   const auto page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  const uint64_t begin = (offset + page - 1) / page * page;
-  const uint64_t end = (offset + length) / page * page;
-  if (end <= begin) return;
-  ::madvise(const_cast<uint8_t*>(data_) + begin, end - begin, MADV_DONTNEED);
+  const uint64_t begin = offset / page * page;
+  const uint64_t end = (std::min(size, offset + length) + page - 1) / page * page;
+  ::madvise(const_cast<uint8_t*>(base) + begin, end - begin, MADV_DONTNEED);
 }
 
 }  // namespace aq

@@ -12,6 +12,13 @@
 
 namespace aq {
 
+// Drops every page of the read-only file mapping [base, base + size) that holds a byte of
+// [offset, offset + length) from this process's resident set (madvise MADV_DONTNEED). The file is
+// unchanged, and a later read of a page (a neighbouring range sharing the first or last one,
+// perhaps on another thread) faults it back in from the page cache: so pages are rounded
+// outwards, and a tensor released block by block leaves no page behind at its block boundaries.
+void release_pages(const uint8_t* base, uint64_t size, uint64_t offset, uint64_t length);
+
 class MappedFile {
  public:
   static Result<std::unique_ptr<MappedFile>> Open(const std::string& path);
@@ -23,9 +30,8 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   uint64_t size() const { return size_; }
 
-  // Drops the pages that lie wholly inside [offset, offset + length) from this process's
-  // resident set (the file is unchanged; a later read faults them back in).
-  void release(uint64_t offset, uint64_t length) const;
+  // release_pages over this file's mapping.
+  void release(uint64_t offset, uint64_t length) const { release_pages(data_, size_, offset, length); }
 
  private:
   MappedFile(std::string path, const uint8_t* data, uint64_t size)

@@ -125,6 +125,13 @@ uint64_t decode_granularity(const QuantScheme& scheme, const EncodedView& v) {
   return 1;
 }
 
+uint64_t code_offset(const QuantScheme& scheme, uint64_t rows, uint64_t cols, const EncodedView& v, uint64_t row) {
+  if (row >= rows) return v.codes.size();
+  if (scheme.kind == SchemeKind::kEntropy) return v.entropy->chunk_offsets[row / v.entropy->chunk_rows];
+  if (scheme.kind == SchemeKind::kGgml) return row * ggml_row_bytes(scheme.ggml, cols);
+  return row * cols * static_cast<uint64_t>(scheme.bits) / 8;
+}
+
 namespace {
 
 // Fused unpack-and-scale for byte-aligned groups of 2-, 4- and 8-bit codes: one pass from the

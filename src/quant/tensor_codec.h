@@ -40,6 +40,11 @@ Status check_encoded(const QuantScheme& scheme, uint64_t rows, uint64_t cols, co
 // Rows per unit of decoding: any row range for affine tensors, whole chunks for entropy-coded.
 uint64_t decode_granularity(const QuantScheme& scheme, const EncodedView& v);
 
+// Where row `row` starts in the codes (a multiple of decode_granularity, or `rows`: the codes'
+// size). Affine rows must start on a byte (row * cols * bits a multiple of 8), as every row block
+// and piece does. The view must have passed check_encoded.
+uint64_t code_offset(const QuantScheme& scheme, uint64_t rows, uint64_t cols, const EncodedView& v, uint64_t row);
+
 // Decodes rows [r0, r0 + nr) into out (nr * cols floats); r0 must be a multiple of
 // decode_granularity and nr too unless the range ends the tensor. The view must have passed
 // check_encoded.

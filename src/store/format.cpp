@@ -57,15 +57,12 @@ Result<std::vector<PieceSpan>> split_pieces(const StoredTensorInfo& info, const 
   auto at = [&](uint64_t r) {
     RowOffsets o;
     if (r >= rows) return RowOffsets{p.codes.size(), p.scales.size(), p.zero_points.size()};
+    o.codes = row_bytes ? r * row_bytes : code_offset(info.scheme, rows, cols, p, r);
     if (entropy) {
-      o.codes = p.entropy->chunk_offsets[r / unit];
       o.scales = r * 4;
     } else if (affine) {
-      o.codes = r * cols * static_cast<uint64_t>(info.scheme.bits) / 8;
       o.scales = r * group_bytes;
       o.zero_points = p.zero_points.empty() ? 0 : r * group_bytes;
-    } else {
-      o.codes = r * row_bytes;
     }
     return o;
   };

@@ -110,7 +110,8 @@ std::string TensorJournal::entry(size_t index, size_t piece) const {
 }
 
 Status TensorJournal::Append(size_t index, const StoredTensorInfo& info, const TensorPayload& payload,
-                             const json& record, uint64_t unit_rows, uint64_t max_piece_bytes) const {
+                             const json& record, uint64_t unit_rows, uint64_t max_piece_bytes,
+                             const std::function<void(uint64_t, uint64_t)>& release) const {
   const std::string path = entry(index);
   AQ_ASSIGN_OR_RETURN(auto pieces, split_pieces(info, payload, unit_rows, max_piece_bytes));
   // Later pieces first: the file of piece 0, with the record, is what makes the entry complete.
@@ -121,6 +122,10 @@ Status TensorJournal::Append(size_t index, const StoredTensorInfo& info, const T
       table = table->ReplaceSchemaMetadata(
           arrow::key_value_metadata({kRecordKey, kPiecesKey}, {record.dump(), std::to_string(pieces.size())}));
     AQ_RETURN_IF_ERROR(write_entry(entry(index, k), *table));
+    if (release) {
+      const auto codes = pieces[k].payload.codes;
+      release(codes.empty() ? 0 : static_cast<uint64_t>(codes.data() - payload.codes.data()), codes.size());
+    }
   }
   return Status::OK();
 }

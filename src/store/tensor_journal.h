@@ -8,6 +8,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -27,8 +28,11 @@ class TensorJournal {
   const std::string& dir() const { return dir_; }
   // Entry `index`: the stored row and the record; a tensor over max_piece_bytes as its pieces
   // (split_pieces), each in its own file, the one holding piece 0 and the record written last.
+  // `release`, when given, is called with each piece's byte range of payload.codes once the
+  // piece is written, to hand back the pages it was read from (a spilled or a source tensor's).
   Status Append(size_t index, const StoredTensorInfo& info, const TensorPayload& payload,
-                const nlohmann::json& record, uint64_t unit_rows = 1, uint64_t max_piece_bytes = UINT64_MAX) const;
+                const nlohmann::json& record, uint64_t unit_rows = 1, uint64_t max_piece_bytes = UINT64_MAX,
+                const std::function<void(uint64_t offset, uint64_t n)>& release = {}) const;
   // The records of entries 0, 1, ... up to the first one missing or unreadable (at most `limit`).
   std::vector<nlohmann::json> Records(size_t limit) const;
   // Removes entries from `index` on.

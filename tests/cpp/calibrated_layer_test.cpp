@@ -77,7 +77,10 @@ CalibratedLayerOptions options(int activation_bits, bool spatial) {
 
 // The stored layer's effective weight: the GPTQ codes of the (scaled) weight, times input_scale.
 std::vector<float> effective(const Fixture& f, const CalibratedLayer& cl, const CalibratedLayerOptions& o) {
-  const std::vector<float>& src = cl.scaled ? *cl.scaled : f.w;
+  std::vector<float> src = f.w;  // W S when equalized
+  if (cl.column_scale)
+    for (size_t r = 0; r < kRows; ++r)
+      for (size_t j = 0; j < kCols; ++j) src[r * kCols + j] *= (*cl.column_scale)[j];
   const size_t gpr = groups_per_row(o.gptq_scheme, kCols);
   std::vector<uint8_t> codes(kRows * kCols);
   std::vector<float> s(kRows * gpr), z(kRows * gpr), q(kRows * kCols);
@@ -101,17 +104,17 @@ TEST(Equalization, OutlierChannelIsScaledDownAndW8A8ErrorFalls) {
                        prepare_calibrated_layer("l", f.w.data(), kRows, kCols, kCols, f.lc, f.groups, o_plain));
   ASSERT_TRUE(eq.gptq && plain.gptq);
   ASSERT_EQ(eq.input_scale.size(), kCols);
-  EXPECT_TRUE(plain.input_scale.empty() && !plain.scaled && plain.equalization.is_null());
+  EXPECT_TRUE(plain.input_scale.empty() && !plain.column_scale && plain.equalization.is_null());
   EXPECT_TRUE(eq.equalization.at("applied").get<bool>());
   // the outlier column's input is divided most
   for (size_t j = 0; j < kCols; ++j)
     if (j != 3) {
       EXPECT_GT(eq.input_scale[j], eq.input_scale[3]) << j;
     }
-  // stored weight = W diag(1 / input_scale), exactly
-  for (size_t r = 0; r < kRows; ++r)
-    for (size_t j = 0; j < kCols; ++j)
-      EXPECT_FLOAT_EQ((*eq.scaled)[r * kCols + j], f.w[r * kCols + j] * (1.0f / eq.input_scale[j]));
+  // stored weight = W diag(1 / input_scale): the job scales column j by 1 / input_scale[j]
+  ASSERT_TRUE(eq.column_scale);
+  ASSERT_EQ(eq.column_scale->size(), kCols);
+  for (size_t j = 0; j < kCols; ++j) EXPECT_FLOAT_EQ((*eq.column_scale)[j], 1.0f / eq.input_scale[j]);
   // chosen = least score, and at least kMinGain below none's
   const auto& cands = eq.equalization.at("candidates");
   ASSERT_EQ(cands.size(), 1 + std::size(kAlphas));
@@ -140,9 +143,8 @@ TEST(Equalization, ConvolutionChannelsSpanTheirKernelPositions) {
                        prepare_calibrated_layer("conv", f.w.data(), kRows, kCols, 8, f.lc, f.groups, options(8, true)));
   ASSERT_EQ(cl.channels, 8u);
   ASSERT_EQ(cl.input_scale.size(), 8u) << cl.equalization.dump();
-  for (size_t r = 0; r < kRows; ++r)
-    for (size_t j = 0; j < kCols; ++j)
-      EXPECT_FLOAT_EQ((*cl.scaled)[r * kCols + j], f.w[r * kCols + j] * (1.0f / cl.input_scale[j / 4]));
+  ASSERT_TRUE(cl.column_scale);
+  for (size_t j = 0; j < kCols; ++j) EXPECT_FLOAT_EQ((*cl.column_scale)[j], 1.0f / cl.input_scale[j / 4]);
   for (size_t c = 0; c < 8; ++c)
     if (c != 1) {
       EXPECT_GT(cl.input_scale[c], cl.input_scale[1]) << c;

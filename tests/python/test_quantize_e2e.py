@@ -339,15 +339,25 @@ def test_unaligned_tensor_data_is_read_correctly(tmp_path, rng, quantizer):
     assert quantizer.validate_quality(src, out)["passed"] is True
 
 
-def test_big_tensors_in_pieces_load_and_validate_as_when_stored_whole(tmp_path, rng, quantizer):
+@pytest.mark.parametrize("settings", [{}, {"bit_width": 3}, {"scheme": "q4_k"}, {"scheme": "q8_0"},
+                                      {"scheme": "entropy"}], ids=["affine4", "affine3", "q4_k", "q8_0", "entropy"])
+def test_big_tensors_in_pieces_load_and_validate_as_when_stored_whole(tmp_path, rng, quantizer, settings):
+    # piece_bytes=4096: every tensor here is stored in pieces, and its codes are spilled to a
+    # scratch file while they are made (what a 7B model's embedding gets at the default 64 MiB)
     arrays = {"blocks.0.ff.weight": rng.standard_t(4.0, size=(6000, 32)).astype(np.float32),
-              "blocks.0.proj.weight": rng.standard_normal((3000, 64)).astype(np.float32)}
+              "blocks.0.proj.weight": rng.standard_normal((3000, 64)).astype(np.float32),
+              "blocks.0.attn.weight": rng.standard_normal((520, 256)).astype(np.float32),
+              "blocks.0.keep.weight": rng.standard_normal((4000, 48)).astype(np.float32)}
     (tmp_path / "src").mkdir()
     src = write_model_file(tmp_path / "src" / "model.safetensors", arrays)
-    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
-    a = quantizer.quantize_diffusion_model(src, whole)
-    b = quantizer.quantize_diffusion_model(src, pieces, config=aq.DiffusionQuantConfig(piece_bytes=4096))
-    assert a["compression_ratio"] == b["compression_ratio"]
+    whole, pieces, pieces1 = tmp_path / "whole", tmp_path / "pieces", tmp_path / "pieces1"
+    cfg = dict(settings, skip_patterns=["keep"])
+    a = quantizer.quantize_diffusion_model(src, whole, config=aq.DiffusionQuantConfig(**cfg))
+    b = quantizer.quantize_diffusion_model(src, pieces, config=aq.DiffusionQuantConfig(piece_bytes=4096, **cfg))
+    c = quantizer.quantize_diffusion_model(src, pieces1, config=aq.DiffusionQuantConfig(piece_bytes=4096, num_threads=1,
+                                                                                          **cfg))
+    assert a["compression_ratio"] == b["compression_ratio"] == c["compression_ratio"]
+    assert [x.get("cosine_similarity") for x in a["layers"]] == [x.get("cosine_similarity") for x in b["layers"]]
     f = pq.ParquetFile(pieces / "weights.parquet")
     assert f.metadata.num_row_groups > len(arrays)
     t = f.read(columns=["name", "piece", "row_start", "row_count"]).to_pylist()
@@ -355,7 +365,13 @@ def test_big_tensors_in_pieces_load_and_validate_as_when_stored_whole(tmp_path, 
         rows = [r for r in t if r["name"] == name]
         assert [r["piece"] for r in rows] == list(range(len(rows))) and len(rows) > 1
         assert sum(r["row_count"] for r in rows) == w.shape[0]
-    sa, sb = aq.load(whole).state_dict(), aq.load(pieces).state_dict()
+    ma, mb, mc = aq.load(whole), aq.load(pieces), aq.load(pieces1)
     for name in arrays:
-        np.testing.assert_array_equal(sa[name], sb[name])
+        pa, pb, pc = ma[name].packed(), mb[name].packed(), mc[name].packed()
+        assert bytes(pa.codes) == bytes(pb.codes) == bytes(pc.codes), name
+        np.testing.assert_array_equal(ma[name].numpy(), mb[name].numpy())
+    assert not mb["blocks.0.keep.weight"].quantized
+    np.testing.assert_array_equal(mb["blocks.0.keep.weight"].numpy(), arrays["blocks.0.keep.weight"])
+    # nothing of the run is left beside the output (the scratch files are unnamed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pieces", "pieces1", "src", "whole"]
     assert quantizer.validate_quality(src, pieces)["passed"] is True
