@@ -51,7 +51,13 @@ MappedFile::~MappedFile() {
 void release_pages(const uint8_t* base, uint64_t size, uint64_t offset, uint64_t length) {
   if (base == nullptr || length == 0 || offset >= size) return;
   const auto page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  const uint64_t begin = offset / page * page;
+  // Reading a page maps its neighbours too when they are in the page cache (the kernel's
+  // fault-around, 64 KiB aligned windows by default): the first read of a range maps again up to
+  // 64 KiB of a range released just before it. So each release also takes back the 64 KiB before
+  // its range, which a reader going forward has finished with (one that has not faults them in
+  // again).
+  constexpr uint64_t kFaultAround = 64 << 10;
+  const uint64_t begin = (offset > kFaultAround ? offset - kFaultAround : 0) / page * page;
   const uint64_t end = (std::min(size, offset + length) + page - 1) / page * page;
   ::madvise(const_cast<uint8_t*>(base) + begin, end - begin, MADV_DONTNEED);
 }
