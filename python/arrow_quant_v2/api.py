@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _core
 from ._progress import ProgressAdapter, TerminateAsInterrupt
+from .cluster import RaySession, quantize_distributed, ray_available, resolve_cluster, run_local_instead
 from .arrays import QuantizedArray, quantize_arrays
 from .config import DiffusionQuantConfig
 from .errors import ConfigurationError, QuantizationError, ValidationError
@@ -18,6 +19,22 @@ PathLike = Union[str, "os.PathLike[str]"]
 ProgressCallback = Callable[[str, float], object]
 
 MODES = ("diffusion",)
+
+
+def run_quantize(model_path: str, output_path: str, config: DiffusionQuantConfig, progress: Any, resume: bool,
+                 cluster: Any = None) -> Dict[str, Any]:
+    """One quantization, on this machine or (cluster) on Ray; progress in the core's raw form
+    (ProgressAdapter). The report as a dict."""
+    address = resolve_cluster(cluster)
+    if address is not None and not ray_available():
+        run_local_instead(cluster)
+        address = None
+    with TerminateAsInterrupt():
+        if address is None:
+            return json.loads(_core.quantize_model(model_path, output_path, config._engine_json(), progress, 10, 5.0,
+                                                   resume))
+        with RaySession(address):
+            return quantize_distributed(model_path, output_path, config, address, progress, resume)
 
 
 class ArrowQuantV2:
@@ -37,7 +54,7 @@ class ArrowQuantV2:
     def quantize_diffusion_model(self, model_path: PathLike, output_path: PathLike,
                                  config: Optional[DiffusionQuantConfig] = None,
                                  progress_callback: Optional[ProgressCallback] = None,
-                                 resume: bool = False) -> Dict[str, Any]:
+                                 resume: bool = False, cluster: Optional[str] = None) -> Dict[str, Any]:
         """Quantizes the model at ``model_path`` (a .safetensors file, a Hugging Face directory, or a
         diffusers pipeline) into a new directory ``output_path``.
 
@@ -55,14 +72,17 @@ class ArrowQuantV2:
         and source files are the same; the result is byte-identical to an uninterrupted run
         (``result["resume"]`` says what was taken over). An interruption of a resumable run keeps
         its staging directory for the next ``resume`` instead of removing it.
+
+        ``cluster="ray"`` (or a Ray address such as ``"auto"`` or ``"ray://head:10001"``): the run is
+        planned here and its tensors are quantized as Ray tasks on the cluster's workers, which must
+        see ``model_path`` and the output's parent folder at the same paths; the output is
+        byte-identical to a run on this machine (``result["cluster"]`` says how it was spread).
+        Without Ray installed it runs here, with a warning (docs/cluster.md).
         """
         config = _resolve_config(config)
         adapter = ProgressAdapter(progress_callback)
-        with TerminateAsInterrupt():
-            report_text = _core.quantize_model(
-                os.fspath(model_path), os.fspath(output_path), config._engine_json(),
-                adapter if progress_callback is not None else None, 10, 5.0, bool(resume))
-        report = json.loads(report_text)
+        report = run_quantize(os.fspath(model_path), os.fspath(output_path), config,
+                              adapter if progress_callback is not None else None, bool(resume), cluster)
         report["warnings"] = list(report.get("warnings", []))
         if adapter.errors:
             extra = f" (and {len(adapter.errors) - 1} more times)" if len(adapter.errors) > 1 else ""

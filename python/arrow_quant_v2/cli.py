@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import _core
 from ._progress import ProgressAdapter, TerminateAsInterrupt, format_eta
-from .api import ArrowQuantV2
+from .api import ArrowQuantV2, run_quantize
 from .config import BIT_WIDTHS, GGML_TYPES, GROUP_SIZES, MODALITIES, PROFILES, SCHEMES, DiffusionQuantConfig
 from .errors import ArrowQuantError, ConfigurationError
 
@@ -102,11 +102,14 @@ def _config_from_args(a: argparse.Namespace) -> DiffusionQuantConfig:
 
 
 def _quantize(model: str, out: str, config: DiffusionQuantConfig, show_progress: bool,
-              resume: bool = False) -> Dict[str, Any]:
+              resume: bool = False, cluster: Optional[str] = None) -> Dict[str, Any]:
     progress = _Progress(show_progress, "Quantizing")
     try:
-        with TerminateAsInterrupt():
-            report = json.loads(_core.quantize_model(model, out, config._engine_json(), progress, 1, 0.5, resume))
+        if cluster is None:
+            with TerminateAsInterrupt():
+                report = json.loads(_core.quantize_model(model, out, config._engine_json(), progress, 1, 0.5, resume))
+        else:
+            report = run_quantize(model, out, config, progress, resume, cluster)
     finally:
         progress.close()
     report["deployment_profile"] = config.deployment_profile
@@ -124,6 +127,11 @@ def _print_quantize_summary(r: Dict[str, Any]) -> None:
     print(f"  cosine similarity   mean {r['cosine_similarity']:.5f}, worst {r['min_cosine_similarity']:.5f} "
           f"({r['worst_layer']})")
     print(f"  time                {r['quantization_time_s']:.2f} s on {r['num_threads']} threads")
+    c = r.get("cluster")
+    if c:
+        print(f"  cluster             Ray ({c['address']}): {c['parts']} parts on {c['workers']} workers of "
+              f"{c['nodes']} nodes; {c['tensors_from_parts']} tensors from parts, {c['tensors_by_driver']} by the "
+              f"driver")
     resume = r.get("resume") or {}
     if resume.get("resumed_from"):
         print(f"  resumed             {resume['tensors']} tensors from {resume['resumed_from']}")
@@ -142,7 +150,7 @@ def _print_quantize_summary(r: Dict[str, Any]) -> None:
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     config = _config_from_args(a)
-    r = _quantize(a.model, a.output, config, not a.quiet and not a.json, resume=a.resume)
+    r = _quantize(a.model, a.output, config, not a.quiet and not a.json, resume=a.resume, cluster=a.ray)
     if a.json:
         json.dump(r, sys.stdout, indent=2)
         print()
@@ -374,6 +382,41 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0 if all(x["validate"]["passed"] for x in results.values()) else 1
 
 
+def cmd_zoo(a: argparse.Namespace) -> int:
+    from .zoo import format_summary, run_zoo
+
+    bar = None
+    show = not a.quiet and not a.json
+
+    def progress(done: int, total: int, row: Dict[str, Any]) -> None:
+        nonlocal bar
+        if not show:
+            return
+        status = "done" if row["status"] == "done" else f"FAILED ({row['error'].splitlines()[0][:80]})"
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            if bar is None:
+                bar = tqdm(total=total, unit="model", desc="Zoo", file=sys.stderr, dynamic_ncols=True)
+            bar.n = done
+            bar.set_postfix_str(f"{row['name']}-{row['profile']}: {status}", refresh=True)
+        else:
+            print(f"[{done}/{total}] {row['name']}-{row['profile']}: {status}", file=sys.stderr, flush=True)
+
+    try:
+        with TerminateAsInterrupt():
+            summary = run_zoo(a.config, cluster=a.ray, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if a.json:
+        json.dump(summary, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_summary(summary))
+    return 1 if summary["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="arrowquant", description="Quantize diffusion models (ArrowQuant).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -406,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into OUTPUT after the tensors it completed (same config and "
                         "source; byte-identical result); an interruption of this run keeps its progress for the next")
+    q.add_argument("--ray", nargs="?", const="ray", default=None, metavar="ADDRESS",
+                   help="quantize on a Ray cluster: its tensors as tasks on the workers, which must see MODEL and "
+                        "OUTPUT's folder at the same paths (default address: RAY_ADDRESS or a running cluster, else a "
+                        "local one); byte-identical output (needs pip install 'arrow_quant_v2[ray]')")
     q.add_argument("--calibration", metavar="PARQUET",
                    help="calibration file from arrow_quant_v2.calibration (default: MODEL/calibration.parquet if present)")
     q.add_argument("--time-groups", dest="time_groups", type=int, help="timestep groups (num_time_groups)")
@@ -413,6 +460,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     q.set_defaults(func=cmd_quantize)
+
+    z = sub.add_parser("zoo", help="quantize many models x profiles as one job (a Ray cluster's, or here); "
+                                   "exit status 1 when a model failed")
+    z.add_argument("config", help="YAML (or JSON): output, profiles, models (docs/cluster.md)")
+    z.add_argument("--ray", nargs="?", const="ray", default=None, metavar="ADDRESS",
+                   help="run the jobs as Ray tasks (default address: RAY_ADDRESS or a running cluster, else a local "
+                        "one); without it, the configuration's 'ray' key, else this machine")
+    z.add_argument("--json", action="store_true", help="print the summary as JSON")
+    z.add_argument("--quiet", action="store_true", help="no progress output")
+    z.set_defaults(func=cmd_zoo)
 
     v = sub.add_parser("validate", help="recompute quality from the files; exit status 1 when it fails")
     v.add_argument("original")

@@ -452,6 +452,63 @@ NB_MODULE(_core, m) {
         nb::arg("progress_every") = 10, nb::arg("progress_interval_s") = 5.0, nb::arg("resume") = false,
         "Quantizes a model directory; returns the report as JSON text.");
 
+  // Distributed runs (arrow_quant_v2.cluster): the driver's side.
+  nb::class_<aq::DistributedRun>(m, "DistributedRun")
+      .def("__init__",
+           [](aq::DistributedRun* self, const std::string& model, const std::string& out, const std::string& config,
+              bool resume) {
+             aq::EngineConfig cfg = parse_config(config);
+             std::optional<aq::Result<std::unique_ptr<aq::DistributedRun>>> r;
+             {
+               nb::gil_scoped_release release;
+               r.emplace(aq::DistributedRun::Plan(model, out, cfg, resume));
+             }
+             std::unique_ptr<aq::DistributedRun> run = unwrap(std::move(*r));
+             // nanobind constructs in place: move the planned run's state into self
+             new (self) aq::DistributedRun(std::move(*run));
+           },
+           nb::arg("model_path"), nb::arg("output_path"), nb::arg("config_json"), nb::arg("resume") = false,
+           "Validates the model, creates the staging directory and plans the run (plan_json).")
+      .def_prop_ro("plan_json", [](const aq::DistributedRun& r) { return r.plan().dump(); })
+      .def("keep", &aq::DistributedRun::Keep, "Leaves the staging directory for a later resume.")
+      .def("assemble",
+           [](aq::DistributedRun& run, nb::object progress, int every, double interval) {
+             PythonHooks py(std::move(progress), every, interval);
+             std::optional<aq::Result<json>> r;
+             {
+               nb::gil_scoped_release release;
+               r.emplace(run.Assemble(py.hooks));
+             }
+             if (py.interrupted) {
+               const std::string why = !r->ok() && r->status().code() == aq::StatusCode::kCancelled
+                                           ? "quantization " + r->status().message()
+                                           : std::string("quantization interrupted; no output was written");
+               PyErr_SetString(PyExc_KeyboardInterrupt, why.c_str());
+               throw nb::python_error();
+             }
+             return unwrap(std::move(*r)).dump();
+           },
+           nb::arg("progress").none() = nb::none(), nb::arg("progress_every") = 10,
+           nb::arg("progress_interval_s") = 5.0,
+           "Completes the output from the journal (quantizing what no part did); returns the report as JSON text.");
+
+  m.def("quantize_part",
+        [](const std::string& model, const std::string& plan, const std::string& config, size_t component,
+           size_t first, size_t last) {
+          aq::EngineConfig cfg = parse_config(config);
+          json p = json::parse(plan, nullptr, false);
+          if (p.is_discarded() || !p.is_object()) raise(aq::InvalidConfig("quantize_part: the plan is not a JSON object"));
+          std::optional<aq::Result<json>> r;
+          {
+            nb::gil_scoped_release release;
+            aq::RunHooks hooks;
+            r.emplace(aq::quantize_part(model, p, cfg, component, first, last, hooks));
+          }
+          return unwrap(std::move(*r)).dump();
+        },
+        nb::arg("model_path"), nb::arg("plan_json"), nb::arg("config_json"), nb::arg("component"), nb::arg("first"),
+        nb::arg("last"), "A worker's part of a distributed run; returns what it did as JSON text.");
+
   m.def("validate_model",
         [](const std::string& original, const std::string& quantized, int threads, nb::object progress) {
           PythonHooks py(std::move(progress), 1 << 30, 5.0);

@@ -122,13 +122,25 @@ class QuantizeRun {
       : cfg_(config), hooks_(hooks), resume_(resume), pool_(config.num_threads), start_(Clock::now()) {}
 
   Result<json> run(const std::string& model_path, const std::string& output_path);
-  // Everything after the staging directory exists: components, copied files, manifest, rename.
-  Result<json> write_output(const ModelSource& model, std::vector<std::vector<TensorRef>>& refs,
-                            const ModalityGuess& modality, StagingDir& staging, bool resuming, json& resume_report);
+
+  // The phases of a run, which a distributed run (DistributedRun, quantize_part) takes apart:
+  // Discovers the model and opens (validates) its selected components, reads the calibration,
+  // detects the modality. Nothing is written.
+  Status open_model(const std::string& model_path);
+  // In the staging directory: the run record (resume.json), or the check of an interrupted one's.
+  Status begin_run(StagingDir& staging);
+  // Everything after the staging directory exists: components (journaled tensors replayed, the
+  // others quantized), copied files, manifest, rename.
+  Result<json> write_output(StagingDir& staging);
+  // After begin_run: what the workers of a distributed run need (docs/architecture.md).
+  Result<json> plan(StagingDir& staging);
+  // A worker's part: tensors [first, last) of component `component` into the plan's journal.
+  Result<json> run_part(const std::string& model_path, const json& plan, size_t component, size_t first, size_t last);
+  const ModelSource& model() const { return *model_; }
 
  private:
-  // Quantizes tensors first.. of the component into its journal.
-  Status run_component(const ComponentSource& comp, const std::vector<TensorRef>& refs, size_t first,
+  // Quantizes tensors [first, last) of the component into its journal (with budget_ set).
+  Status run_component(const ComponentSource& comp, const std::vector<TensorRef>& refs, size_t first, size_t last,
                        const TensorJournal& journal, json& comp_report);
   void start_job(Slot& s);
   Status wait_for(Slot& s, std::deque<std::unique_ptr<Slot>>& window);
@@ -160,6 +172,7 @@ class QuantizeRun {
   const bool resume_;
   json records_ = json::array();  // of the component being written
   uint64_t resumed_tensors_ = 0;   // taken from an interrupted run's journal
+  uint64_t journaled_tensors_ = 0; // taken from the journal: resumed, or a distributed run's parts
   double journal_copy_s_ = 0;      // writing weights.parquet from the journal
   std::string spill_dir_;          // the run's folder: codes of tensors over piece_bytes go there
   std::atomic<bool> stop_{false};
@@ -193,8 +206,23 @@ class QuantizeRun {
   // Model budget (ggml schemes with target_bits_per_weight): per tensor of the component being
   // quantized, the bits of its chosen type and the reason.
   Status plan_budget(const std::string& component, const std::vector<TensorRef>& refs);
+  // budget_ and budget_report_ of component i: the plan's when a distributed run gave one, else
+  // planned here (ggml schemes with a model budget), else none.
+  Status component_budget(size_t i);
   std::map<std::string, std::pair<int, std::string>> budget_;
   json budget_report_ = nullptr;
+  std::map<size_t, json> planned_budgets_;  // component index -> {"layers": {name: [bits, reason]}, "report"}
+  // Per tensor of a component, the record of its complete journal entry, or null.
+  std::vector<json> journaled_records(const TensorJournal& journal, const std::vector<TensorRef>& refs) const;
+
+  // Set by open_model and begin_run.
+  std::optional<ModelSource> model_;
+  std::vector<std::vector<TensorRef>> refs_;
+  std::string calib_path_;
+  ModalityGuess modality_guess_;
+  json fingerprint_ = nullptr;
+  json resume_report_ = nullptr;
+  bool resuming_ = false;
   uint64_t gptq_layers_ = 0, calibrated_layers_ = 0, equalized_layers_ = 0;
   json output_errors_ = json::object();  // qualified layer -> output error per timestep group
   std::vector<ActivationRow> activation_rows_;
@@ -614,8 +642,10 @@ json QuantizeRun::run_fingerprint(const ModelSource& model, const std::string& c
   for (const auto& c : model.components)
     if (c.selected)
       for (const auto& f : c.weight_files) files.push_back(file(f));
+  json config = cfg_.as_json;
+  config.erase("num_threads");  // the output is the same for every thread count
   return {{"producer", std::string("arrow_quant_v2 ") + ARROWQUANT_VERSION}, {"format_version", kFormatVersion},
-          {"source", model.root}, {"config", cfg_.as_json}, {"files", files},
+          {"source", model.root}, {"config", config}, {"files", files},
           {"calibration", calib_path.empty() ? json(nullptr) : file(calib_path)}};
 }
 
@@ -630,16 +660,14 @@ void QuantizeRun::drain(std::deque<std::unique_ptr<Slot>>& window) {
 }
 
 Status QuantizeRun::run_component(const ComponentSource& comp, const std::vector<TensorRef>& refs, size_t first,
-                                  const TensorJournal& journal, json& comp_report) {
+                                  size_t last, const TensorJournal& journal, json& comp_report) {
   std::deque<std::unique_ptr<Slot>> window;
   uint64_t inflight = 0;
   size_t next = first, written = first;
-  budget_.clear();
-  if (ggml() && cfg_.target_bits_per_weight > 0) AQ_RETURN_IF_ERROR(plan_budget(comp.name, refs));
   const size_t max_window = 2 * static_cast<size_t>(pool_.size()) + 2;
   Status result = Status::OK();
-  while (next < refs.size() || !window.empty()) {
-    while (next < refs.size() &&
+  while (next < last || !window.empty()) {
+    while (next < last &&
            (window.empty() || (window.size() < max_window && inflight + refs[next].info->nbytes <= kInflightBudget))) {
       auto s = std::make_unique<Slot>();
       s->component = comp.name;
@@ -751,40 +779,41 @@ Status QuantizeRun::plan_budget(const std::string& component, const std::vector<
   return Status::OK();
 }
 
-Result<json> QuantizeRun::run(const std::string& model_path, const std::string& output_path) {
+Status QuantizeRun::open_model(const std::string& model_path) {
   AQ_ASSIGN_OR_RETURN(ModelSource model, discover_model(model_path, cfg_.components));
-
+  model_ = std::move(model);
+  const ModelSource& m = *model_;
   // Open (and so validate) every selected component before quantizing anything.
-  std::vector<std::vector<TensorRef>> refs(model.components.size());
+  refs_.assign(m.components.size(), {});
   std::vector<std::string> names;
-  for (size_t i = 0; i < model.components.size(); ++i) {
-    const auto& c = model.components[i];
+  for (size_t i = 0; i < m.components.size(); ++i) {
+    const auto& c = m.components[i];
     if (!c.selected) continue;
-    AQ_ASSIGN_OR_RETURN(refs[i], open_component_tensors(c));
-    for (const auto& r : refs[i]) {
+    AQ_ASSIGN_OR_RETURN(refs_[i], open_component_tensors(c));
+    for (const auto& r : refs_[i]) {
       names.push_back(r.info->name);
       progress_.tensors_total += 1;
       progress_.weights_total += r.info->numel;
     }
   }
   // Calibration: the configured file, or calibration.parquet beside the weights.
-  std::string calib_path = cfg_.calibration_path;
-  if (calib_path.empty()) {
+  calib_path_ = cfg_.calibration_path;
+  if (calib_path_.empty()) {
     // calibration.parquet in the model directory, else in a selected component's folder
-    const fs::path dir = model.layout == ModelLayout::kSingleFile ? fs::path(model.root).parent_path() : fs::path(model.root);
+    const fs::path dir = m.layout == ModelLayout::kSingleFile ? fs::path(m.root).parent_path() : fs::path(m.root);
     std::vector<fs::path> candidates = {dir / "calibration.parquet"};
-    for (const auto& c : model.components)
+    for (const auto& c : m.components)
       if (c.selected && !c.name.empty()) candidates.push_back(dir / c.name / "calibration.parquet");
     for (const auto& p : candidates) {
       std::error_code ec;
       if (fs::is_regular_file(p, ec)) {
-        calib_path = p.string();
+        calib_path_ = p.string();
         break;
       }
     }
   }
-  if (!calib_path.empty()) {
-    AQ_ASSIGN_OR_RETURN(CalibrationData data, read_calibration(calib_path));
+  if (!calib_path_.empty()) {
+    AQ_ASSIGN_OR_RETURN(CalibrationData data, read_calibration(calib_path_));
     if (cfg_.time_groups.empty()) {
       groups_ = group_time_bins(data, cfg_.num_time_groups);
     } else {
@@ -792,39 +821,50 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
     }
     calib_ = std::move(data);
   }
-  // Only now, with every header validated, is anything created on disk.
-  AQ_ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(output_path, model.root, cfg_.overwrite, resume_));
-  ModalityGuess modality = detect_modality(model, names);
-  if (!cfg_.modality.empty()) modality = {cfg_.modality, "set in the config (detected: " + modality.modality + ")"};
-  modality_ = modality.modality;
+  modality_guess_ = detect_modality(m, names);
+  if (!cfg_.modality.empty())
+    modality_guess_ = {cfg_.modality, "set in the config (detected: " + modality_guess_.modality + ")"};
+  modality_ = modality_guess_.modality;
+  return Status::OK();
+}
+
+Status QuantizeRun::begin_run(StagingDir& staging) {
   // Every run records what it quantizes with, so that an interrupted one can be resumed; a
   // resumed run continues only when that matches exactly.
-  const json fingerprint = run_fingerprint(model, calib_path);
+  fingerprint_ = run_fingerprint(*model_, calib_path_);
   const std::string resume_file = (fs::path(staging.run_dir()) / kResumeFile).string();
-  json resume_report = {{"requested", resume_}, {"resumed_from", nullptr}, {"tensors", 0}, {"reason", nullptr}};
-  bool resuming = false;
+  resume_report_ = {{"requested", resume_}, {"resumed_from", nullptr}, {"tensors", 0}, {"reason", nullptr}};
+  resuming_ = false;
   if (!staging.resumed_from().empty()) {
     auto previous = read_json(resume_file);
     std::string why;
     if (!previous.ok()) why = "its run record is unreadable";
-    else if ((*previous)["config"] != fingerprint["config"]) why = "the configuration differs";
-    else if ((*previous)["files"] != fingerprint["files"] || (*previous)["source"] != fingerprint["source"])
+    else if ((*previous)["config"] != fingerprint_["config"]) why = "the configuration differs";
+    else if ((*previous)["files"] != fingerprint_["files"] || (*previous)["source"] != fingerprint_["source"])
       why = "the source weights changed (paths, sizes or modification times)";
-    else if ((*previous)["calibration"] != fingerprint["calibration"]) why = "the calibration file changed";
-    else if (*previous != fingerprint) why = "it was written by another version";
+    else if ((*previous)["calibration"] != fingerprint_["calibration"]) why = "the calibration file changed";
+    else if (*previous != fingerprint_) why = "it was written by another version";
     if (why.empty()) {
-      resuming = true;
-      resume_report["resumed_from"] = staging.resumed_from();
+      resuming_ = true;
+      resume_report_["resumed_from"] = staging.resumed_from();
     } else {
       AQ_RETURN_IF_ERROR(staging.Reset());
-      resume_report["reason"] = StrCat("not resumed from ", staging.resumed_from(), ": ", why, "; quantized from the start");
-      warnings_.push_back(resume_report["reason"]);
+      resume_report_["reason"] = StrCat("not resumed from ", staging.resumed_from(), ": ", why, "; quantized from the start");
+      warnings_.push_back(resume_report_["reason"]);
     }
   } else if (resume_) {
-    resume_report["reason"] = "no interrupted run of this output was found; quantized from the start";
+    resume_report_["reason"] = "no interrupted run of this output was found; quantized from the start";
   }
-  if (!resuming) AQ_RETURN_IF_ERROR(write_json_file(resume_file, fingerprint));
-  auto result = write_output(model, refs, modality, staging, resuming, resume_report);
+  if (!resuming_) AQ_RETURN_IF_ERROR(write_json_file(resume_file, fingerprint_));
+  return Status::OK();
+}
+
+Result<json> QuantizeRun::run(const std::string& model_path, const std::string& output_path) {
+  AQ_RETURN_IF_ERROR(open_model(model_path));
+  // Only now, with every header validated, is anything created on disk.
+  AQ_ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(output_path, model_->root, cfg_.overwrite, resume_));
+  AQ_RETURN_IF_ERROR(begin_run(staging));
+  auto result = write_output(staging);
   if (!result.ok() && result.status().code() == StatusCode::kCancelled && resume_) {
     staging.Keep();
     return Cancelled(StrCat("interrupted after ", progress_.tensors_done, " of ", progress_.tensors_total,
@@ -834,10 +874,101 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
   return result;
 }
 
-Result<json> QuantizeRun::write_output(const ModelSource& model, std::vector<std::vector<TensorRef>>& refs,
-                                       const ModalityGuess& modality, StagingDir& staging, bool resuming,
-                                       json& resume_report) {
+Status QuantizeRun::component_budget(size_t i) {
+  budget_.clear();
+  budget_report_ = nullptr;
+  const ComponentSource& c = model_->components[i];
+  if (auto p = planned_budgets_.find(i); p != planned_budgets_.end()) {
+    for (const auto& [name, v] : p->second["layers"].items())
+      budget_[name] = {v.at(0).get<int>(), v.at(1).get<std::string>()};
+    budget_report_ = p->second["report"];
+    return Status::OK();
+  }
+  if (ggml() && cfg_.target_bits_per_weight > 0) AQ_RETURN_IF_ERROR(plan_budget(c.name, refs_[i]));
+  return Status::OK();
+}
 
+Result<json> QuantizeRun::plan(StagingDir& staging) {
+  json components = json::array();
+  for (size_t i = 0; i < model_->components.size(); ++i) {
+    const ComponentSource& c = model_->components[i];
+    if (!c.selected) continue;
+    AQ_ASSIGN_OR_RETURN(TensorJournal journal, TensorJournal::Open((fs::path(staging.run_dir()) / StrCat("c", i)).string()));
+    AQ_RETURN_IF_ERROR(component_budget(i));
+    json layers = json::object();
+    for (const auto& [name, b] : budget_) layers[name] = json::array({b.first, b.second});
+    planned_budgets_[i] = {{"layers", layers}, {"report", budget_report_}};
+    json tensors = json::array();
+    const std::vector<json> journaled = resuming_ ? journaled_records(journal, refs_[i]) : std::vector<json>{};
+    for (size_t k = 0; k < refs_[i].size(); ++k) {
+      const TensorInfo& t = *refs_[i][k].info;
+      tensors.push_back({{"name", t.name}, {"numel", t.numel}, {"bytes", t.nbytes},
+                         {"journaled", k < journaled.size() && !journaled[k].is_null()}});
+    }
+    components.push_back({{"index", i}, {"name", c.name}, {"tensors", tensors}, {"budget", planned_budgets_[i]}});
+  }
+  return json{{"staging", staging.path()}, {"run_dir", staging.run_dir()}, {"fingerprint", fingerprint_},
+              {"modality", modality_}, {"resume", resume_report_}, {"components", components}};
+}
+
+Result<json> QuantizeRun::run_part(const std::string& model_path, const json& plan, size_t component, size_t first,
+                                   size_t last) {
+  AQ_RETURN_IF_ERROR(open_model(model_path));
+  const std::string run_dir = plan.at("run_dir").get<std::string>();
+  std::error_code ec;
+  if (!fs::is_directory(run_dir, ec))
+    return NotFound(StrCat(run_dir, ": the run folder of the output is not visible here; every worker must see the "
+                           "output's parent folder at the same path as the driver (a shared file system)"));
+  const json mine = run_fingerprint(*model_, calib_path_);
+  const json& theirs = plan.at("fingerprint");
+  if (mine != theirs) {
+    std::string why = mine["config"] != theirs["config"] ? "the configuration differs"
+                      : mine["calibration"] != theirs["calibration"]
+                          ? "the calibration file differs (path, size or modification time)"
+                          : mine["producer"] != theirs["producer"] ? "another version of arrow_quant_v2 runs here"
+                                                                   : "the source weights differ (paths, sizes or "
+                                                                     "modification times)";
+    return InvalidConfig(StrCat(model_path, ": this worker does not see what the driver planned: ", why));
+  }
+  if (component >= model_->components.size() || !model_->components[component].selected)
+    return InvalidConfig(StrCat("component index ", component, " is not one the plan quantizes"));
+  const std::vector<TensorRef>& refs = refs_[component];
+  if (first > last || last > refs.size())
+    return InvalidConfig(StrCat("tensors ", first, "..", last, " of component ", component, ", which has ", refs.size()));
+  modality_ = plan.at("modality").get<std::string>();
+  const json* planned = nullptr;
+  for (const json& c : plan.at("components"))
+    if (c.at("index").get<size_t>() == component) planned = &c;
+  if (!planned) return InvalidConfig(StrCat("component index ", component, " is not in the plan"));
+  planned_budgets_[component] = planned->at("budget");
+  AQ_RETURN_IF_ERROR(component_budget(component));
+  AQ_ASSIGN_OR_RETURN(TensorJournal journal, TensorJournal::Open((fs::path(run_dir) / StrCat("c", component)).string()));
+  spill_dir_ = run_dir;
+  json comp = {{"tensors", 0}, {"quantized", 0}, {"source_bytes", 0}, {"stored_bytes", 0}};
+  AQ_RETURN_IF_ERROR(run_component(model_->components[component], refs, first, last, journal, comp));
+  return json{{"tensors", last - first}, {"weights", progress_.weights_done},
+              {"seconds", std::chrono::duration<double>(Clock::now() - start_).count()}, {"threads", pool_.size()}};
+}
+
+std::vector<json> QuantizeRun::journaled_records(const TensorJournal& journal, const std::vector<TensorRef>& refs) const {
+  std::vector<json> out(refs.size());
+  for (size_t k = 0; k < refs.size(); ++k) {
+    std::optional<json> rec = journal.Record(k);
+    if (!rec) continue;
+    const TensorInfo& t = *refs[k].info;
+    if (well_formed_record(*rec) && (*rec)["name"] == t.name && (*rec)["shape"] == json(t.shape) &&
+        (*rec)["dtype"] == dtype_name(t.dtype))
+      out[k] = std::move(*rec);
+  }
+  return out;
+}
+
+Result<json> QuantizeRun::write_output(StagingDir& staging) {
+  const ModelSource& model = *model_;
+  std::vector<std::vector<TensorRef>>& refs = refs_;
+  const ModalityGuess& modality = modality_guess_;
+  const bool resuming = resuming_;
+  json& resume_report = resume_report_;
   json components = json::array();
   for (size_t i = 0; i < model.components.size(); ++i) {
     const auto& c = model.components[i];
@@ -869,20 +1000,26 @@ Result<json> QuantizeRun::write_output(const ModelSource& model, std::vector<std
       budget_report_ = (*finished)["budget"];
       resumed_tensors_ += refs[i].size();
     } else {
-      size_t first = 0;
-      if (resuming) {
-        for (const json& rec : journal.Records(refs[i].size())) {
-          const TensorInfo& t = *refs[i][first].info;
-          if (!well_formed_record(rec) || rec["name"] != t.name || rec["shape"] != json(t.shape) ||
-              rec["dtype"] != dtype_name(t.dtype))
-            break;
-          apply_record(rec, comp);
-          ++first;
+      // Journaled tensors (an interrupted run's, or a distributed run's parts) are replayed, the
+      // others quantized here, in tensor order either way.
+      AQ_RETURN_IF_ERROR(component_budget(i));
+      const size_t n = refs[i].size();
+      const std::vector<json> journaled = journaled_records(journal, refs[i]);
+      auto replay = [&](size_t k) { return !journaled[k].is_null(); };
+      for (size_t k = 0; k < n;) {
+        if (replay(k)) {
+          apply_record(journaled[k], comp);
+          ++journaled_tensors_;
+          if (resuming) ++resumed_tensors_;
+          ++k;
+          continue;
         }
-        resumed_tensors_ += first;
+        size_t end = k + 1;
+        while (end < n && !replay(end)) ++end;
+        AQ_RETURN_IF_ERROR(run_component(c, refs[i], k, end, journal, comp));
+        k = end;
       }
-      AQ_RETURN_IF_ERROR(journal.Truncate(first));
-      AQ_RETURN_IF_ERROR(run_component(c, refs[i], first, journal, comp));
+      AQ_RETURN_IF_ERROR(journal.Truncate(n));  // what torn writes left
       const auto copy_start = Clock::now();
       AQ_ASSIGN_OR_RETURN(auto sink, ParquetSink::Open(file.string(), c.name));
       AQ_RETURN_IF_ERROR(journal.CopyInto(*sink, refs[i].size()));
@@ -1016,6 +1153,7 @@ Result<json> QuantizeRun::write_output(const ModelSource& model, std::vector<std
   report["model_size_mb"] = static_cast<double>(dir_bytes) / (1024.0 * 1024.0);
   report["quantization_time_s"] = seconds;
   report["parquet_from_journal_s"] = journal_copy_s_;
+  report["journaled_tensors"] = journaled_tensors_;
   report["num_threads"] = pool_.size();
   report["components"] = components;
   report["layers"] = layers_;
@@ -1039,6 +1177,61 @@ Result<json> quantize_model(const std::string& model_path, const std::string& ou
                             const EngineConfig& config, const RunHooks& hooks, bool resume) {
   QuantizeRun run(config, hooks, resume);
   return run.run(model_path, output_path);
+}
+
+struct DistributedRun::Impl {
+  EngineConfig cfg;
+  RunHooks hooks;  // QuantizeRun refers to these two
+  bool resume = false;
+  std::unique_ptr<QuantizeRun> run;
+  std::optional<StagingDir> staging;
+  json plan;
+  bool assembled = false;
+};
+
+DistributedRun::DistributedRun(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+DistributedRun::DistributedRun(DistributedRun&&) noexcept = default;
+DistributedRun::~DistributedRun() = default;
+
+Result<std::unique_ptr<DistributedRun>> DistributedRun::Plan(const std::string& model_path,
+                                                             const std::string& output_path,
+                                                             const EngineConfig& config, bool resume) {
+  auto impl = std::make_unique<Impl>();
+  impl->cfg = config;
+  impl->resume = resume;
+  impl->run = std::make_unique<QuantizeRun>(impl->cfg, impl->hooks, resume);
+  QuantizeRun& run = *impl->run;
+  AQ_RETURN_IF_ERROR(run.open_model(model_path));
+  AQ_ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(output_path, run.model().root, config.overwrite, resume));
+  impl->staging.emplace(std::move(staging));
+  AQ_RETURN_IF_ERROR(run.begin_run(*impl->staging));
+  AQ_ASSIGN_OR_RETURN(impl->plan, run.plan(*impl->staging));
+  return std::unique_ptr<DistributedRun>(new DistributedRun(std::move(impl)));
+}
+
+const json& DistributedRun::plan() const { return impl_->plan; }
+
+void DistributedRun::Keep() {
+  if (impl_->staging && !impl_->assembled) impl_->staging->Keep();
+}
+
+Result<json> DistributedRun::Assemble(const RunHooks& hooks) {
+  if (impl_->assembled) return Internal("DistributedRun::Assemble called twice");
+  impl_->assembled = true;
+  impl_->hooks = hooks;
+  auto result = impl_->run->write_output(*impl_->staging);
+  if (!result.ok() && result.status().code() == StatusCode::kCancelled && impl_->resume) {
+    impl_->staging->Keep();
+    return Cancelled(StrCat("interrupted; the tensors journaled so far are kept in ", impl_->staging->path(),
+                            ": the same command with resume continues from there"));
+  }
+  return result;
+}
+
+Result<json> quantize_part(const std::string& model_path, const json& plan, const EngineConfig& config,
+                           size_t component, size_t first, size_t last, const RunHooks& hooks) {
+  QuantizeRun run(config, hooks, false);
+  return run.run_part(model_path, plan, component, first, last);
 }
 
 }  // namespace aq

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -47,6 +48,46 @@ struct RunHooks {
 // run's staging directory for the next resume instead of removing it.
 Result<nlohmann::json> quantize_model(const std::string& model_path, const std::string& output_path,
                                       const EngineConfig& config, const RunHooks& hooks, bool resume = false);
+
+// A distributed run (arrow_quant_v2.cluster; docs/architecture.md, "Distributed runs"): the
+// driver plans once and owns the staging directory; workers quantize parts of the plan into its
+// journal (quantize_part), each reading its tensors from the same source path; the driver then
+// assembles the output from the journal -- quantizing itself any tensor no part journaled -- and
+// renames it into place. The output is byte-identical to quantize_model's for the same config.
+class DistributedRun {
+ public:
+  // Validates the model and config, creates the staging directory (with resume, takes over an
+  // interrupted run's, as quantize_model does) and plans the model budget once.
+  static Result<std::unique_ptr<DistributedRun>> Plan(const std::string& model_path, const std::string& output_path,
+                                                      const EngineConfig& config, bool resume = false);
+  ~DistributedRun();  // removes the staging directory unless assembled or kept
+  DistributedRun(DistributedRun&&) noexcept;
+  DistributedRun& operator=(DistributedRun&&) = delete;
+
+  // What the workers need: "staging", "run_dir", "fingerprint" (config, source files, producer),
+  // "modality", "resume", and "components": per selected component its "index", "name",
+  // "tensors" (name, numel, bytes, journaled) and "budget".
+  const nlohmann::json& plan() const;
+  // Completes the output from the journal and renames it into place; once. Interrupted with
+  // resume, the staging directory is kept for the next run.
+  Result<nlohmann::json> Assemble(const RunHooks& hooks);
+  // Leaves the staging directory (and the parts journaled so far) for a later resume.
+  void Keep();
+
+ private:
+  struct Impl;
+  explicit DistributedRun(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// A worker's part of a distributed run: tensors [first, last) of the plan's component `component`
+// (its index in the model) quantized into the plan's journal. The worker must see the source and
+// the output's parent folder at the driver's paths, and the same files (checked against the
+// plan's fingerprint). Entries are written atomically and are the same every time, so a part can
+// be retried. Returns {"tensors", "weights", "seconds", "threads"}.
+Result<nlohmann::json> quantize_part(const std::string& model_path, const nlohmann::json& plan,
+                                     const EngineConfig& config, size_t component, size_t first, size_t last,
+                                     const RunHooks& hooks);
 
 // Recomputes quality from the files: every stored tensor against its source tensor.
 Result<nlohmann::json> validate_model(const std::string& original_path, const std::string& quantized_path,

@@ -130,19 +130,14 @@ Status TensorJournal::Append(size_t index, const StoredTensorInfo& info, const T
   return Status::OK();
 }
 
-std::vector<json> TensorJournal::Records(size_t limit) const {
-  std::vector<json> out;
-  for (size_t i = 0; i < limit; ++i) {
-    std::error_code ec;
-    if (!fs::is_regular_file(entry(i), ec)) break;
-    auto e = read_entry(entry(i), true);
-    if (!e.ok()) break;  // damaged: quantized again
-    bool whole = true;
-    for (size_t k = 1; k < e->pieces && whole; ++k) whole = read_entry(entry(i, k), false).ok();
-    if (!whole) break;
-    out.push_back(std::move(e->record));
-  }
-  return out;
+std::optional<json> TensorJournal::Record(size_t index) const {
+  std::error_code ec;
+  if (!fs::is_regular_file(entry(index), ec)) return std::nullopt;
+  auto e = read_entry(entry(index), true);
+  if (!e.ok()) return std::nullopt;  // damaged: quantized again
+  for (size_t k = 1; k < e->pieces; ++k)
+    if (!read_entry(entry(index, k), false).ok()) return std::nullopt;
+  return std::move(e->record);
 }
 
 Status TensorJournal::Truncate(size_t index) const {

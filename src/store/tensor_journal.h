@@ -33,8 +33,8 @@ class TensorJournal {
   Status Append(size_t index, const StoredTensorInfo& info, const TensorPayload& payload,
                 const nlohmann::json& record, uint64_t unit_rows = 1, uint64_t max_piece_bytes = UINT64_MAX,
                 const std::function<void(uint64_t offset, uint64_t n)>& release = {}) const;
-  // The records of entries 0, 1, ... up to the first one missing or unreadable (at most `limit`).
-  std::vector<nlohmann::json> Records(size_t limit) const;
+  // The record of entry `index` when the entry is complete (every piece readable), else nullopt.
+  std::optional<nlohmann::json> Record(size_t index) const;
   // Removes entries from `index` on.
   Status Truncate(size_t index) const;
   // Writes entries 0 .. count-1 into the sink, in order, one piece in memory at a time.

@@ -746,7 +746,8 @@ TEST(Engine, a_journal_entry_missing_a_piece_is_quantized_again) {
   ASSERT_TRUE(fs::exists(journal / "t0.1.arrow"));
   fs::remove(journal / "t0.1.arrow");
   ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out.string(), config(c), RunHooks{}, true));
-  EXPECT_EQ(report["resume"]["tensors"].get<uint64_t>(), 0u);
+  EXPECT_EQ(report["resume"]["tensors"].get<uint64_t>(), 1u);  // t1 is taken, t0 redone
+  EXPECT_EQ(report["journaled_tensors"].get<uint64_t>(), 1u);
   EXPECT_TRUE(tree(out) == tree(straight));
 }
 
@@ -760,7 +761,8 @@ TEST(Engine, a_damaged_journal_entry_is_quantized_again) {
   fs::resize_file(journal / "t1.arrow", fs::file_size(journal / "t1.arrow") / 2);  // a torn entry
   testing::write_text(journal / "t2.arrow.part", "half-written");
   ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out.string(), config(), RunHooks{}, true));
-  EXPECT_EQ(report["resume"]["tensors"].get<uint64_t>(), 1u);  // entries after the torn one are redone
+  // the torn entry alone is redone: the complete ones on either side of it are taken
+  EXPECT_EQ(report["resume"]["tensors"].get<uint64_t>(), 2u);
   EXPECT_TRUE(tree(out) == tree(straight));
 }
 
@@ -780,7 +782,7 @@ TEST(Engine, a_journal_record_of_the_wrong_shape_is_not_replayed) {
   // a readable entry whose record has a number where a name belongs
   ASSERT_OK(journal.Append(0, info, payload, json{{"name", 5}, {"numel", "many"}}));
   ASSERT_OK_AND_ASSIGN(json report, quantize_model(m.input, out.string(), config(), RunHooks{}, true));
-  EXPECT_EQ(report["resume"]["tensors"].get<uint64_t>(), 0u);
+  EXPECT_EQ(report["resume"]["tensors"].get<uint64_t>(), 2u);  // t0 redone, t1 and t2 taken
   EXPECT_TRUE(tree(out) == tree(straight));
 }
 
@@ -815,6 +817,83 @@ TEST(Engine, reports_progress_ending_with_every_tensor_done) {
   EXPECT_EQ(events.back().tensors_total, m.tensors.size());
   EXPECT_DOUBLE_EQ(events.back().fraction(), 1.0);
   for (size_t i = 1; i < events.size(); ++i) EXPECT_GE(events[i].tensors_done, events[i - 1].tensors_done);
+}
+
+}  // namespace
+}  // namespace aq
+
+namespace aq {
+namespace {
+
+// A distributed run done by hand: the plan, its tensors in parts (some left to the driver), the
+// assembly -- byte for byte the output of quantize_model.
+TEST(Distributed, parts_and_assembly_give_the_output_of_one_run) {
+  for (const json& c : {json::object(), json{{"scheme", "q4_k"}, {"target_bits_per_weight", 4.8}},
+                        json{{"piece_bytes", 4096}, {"skip_patterns", {"^kept"}}}}) {
+    testing::TempDir dir;
+    const Model m = make_model(dir.path(), c.contains("piece_bytes") ? Layout::kSingleFile : Layout::kPipeline,
+                               c.contains("piece_bytes") ? big_tensors() : unet_tensors());
+    const fs::path straight = dir / "straight", out = dir / "out";
+    ASSERT_OK(quantize_model(m.input, straight.string(), config(c), RunHooks{}).status());
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<DistributedRun> run, DistributedRun::Plan(m.input, out.string(), config(c)));
+    const json& plan = run->plan();
+    ASSERT_EQ(plan["components"].size(), 1u) << plan.dump();
+    const json& comp = plan["components"][0];
+    const size_t n = comp["tensors"].size(), index = comp["index"].get<size_t>();
+    ASSERT_GE(n, 3u);
+    if (c.contains("target_bits_per_weight")) {
+      EXPECT_FALSE(comp["budget"]["layers"].empty()) << comp.dump();
+    }
+    // parts of one tensor and of two, one thread each; the last tensor left to the driver
+    json one_thread = c;
+    one_thread["num_threads"] = 1;
+    for (size_t a = 0; a + 1 < n; a += 2) {
+      const size_t b = std::min(n - 1, a + 2);
+      ASSERT_OK_AND_ASSIGN(json part, quantize_part(m.input, plan, config(one_thread), index, a, b, RunHooks{}));
+      EXPECT_EQ(part["tensors"].get<size_t>(), b - a);
+    }
+    // a part done twice (a retry) changes nothing
+    ASSERT_OK(quantize_part(m.input, plan, config(c), index, 0, 1, RunHooks{}).status());
+    ASSERT_OK_AND_ASSIGN(json report, run->Assemble(RunHooks{}));
+    EXPECT_EQ(report["journaled_tensors"].get<size_t>(), n - 1) << c.dump();
+    EXPECT_TRUE(tree(out) == tree(straight)) << c.dump();
+    EXPECT_TRUE(staging_leftovers(dir.path()).empty());
+  }
+}
+
+TEST(Distributed, a_part_refuses_other_sources_and_an_unseen_run_folder) {
+  testing::TempDir dir;
+  const Model m = make_model(dir.path(), Layout::kSingleFile);
+  const fs::path out = dir / "out";
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<DistributedRun> run, DistributedRun::Plan(m.input, out.string(), config()));
+  json plan = run->plan();
+  const size_t index = plan["components"][0]["index"].get<size_t>();
+  // another configuration than the plan's
+  auto r = quantize_part(m.input, plan, config({{"bit_width", 3}}), index, 0, 1, RunHooks{});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidConfig);
+  EXPECT_CONTAINS(r.status().message(), "the configuration differs");
+  // the source changed after the plan
+  json changed = plan;
+  changed["fingerprint"]["files"][0][1] = 1;
+  r = quantize_part(m.input, changed, config(), index, 0, 1, RunHooks{});
+  ASSERT_FALSE(r.ok());
+  EXPECT_CONTAINS(r.status().message(), "the source weights differ");
+  // a run folder this worker does not see
+  json elsewhere = plan;
+  elsewhere["run_dir"] = (dir / "nowhere").string();
+  r = quantize_part(m.input, elsewhere, config(), index, 0, 1, RunHooks{});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kNotFound);
+  EXPECT_CONTAINS(r.status().message(), "shared file system");
+  // a range beyond the component
+  r = quantize_part(m.input, plan, config(), index, 0, 1000, RunHooks{});
+  ASSERT_FALSE(r.ok());
+  EXPECT_CONTAINS(r.status().message(), "which has");
+  // dropped without assembling: nothing is left
+  run.reset();
+  EXPECT_TRUE(staging_leftovers(dir.path()).empty());
+  EXPECT_FALSE(fs::exists(out));
 }
 
 }  // namespace
