@@ -117,6 +117,11 @@ SCHEMA_FIELDS: List[Tuple[str, pa.DataType, bool]] = [
     # a uniform random sample of input rows (X's rows), row-major, rows x in_features float32
     ("inputs", pa.list_(pa.float32()), True),
 ]
+# Shard files only (CalibrationRecorder(shard=True), merged by merge_calibration): each sampled
+# input row's key (the input rows kept are those of the smallest keys, under holdout_rule="sample")
+SHARD_FIELDS: List[Tuple[str, pa.DataType, bool]] = [("input_keys", pa.list_(pa.uint64()), True)]
+SHARD_KEY = "arrowquant.shard"
+HOLDOUT_RULES = ("bin", "sample")
 HIST_COLUMNS = ("hist_pos", "hist_neg", "hist_zero")
 OPTIONAL_COLUMNS = HIST_COLUMNS + ("inputs", "hessian_block")
 # hessian_block is a multiple of this, so that no quantization group (affine groups of up to 256
@@ -129,6 +134,8 @@ __all__ = [
     "record_pipeline",
     "calibrate_and_quantize",
     "load_calibration",
+    "merge_calibration",
+    "holdout_by_sample",
     "calibration_schema",
     "step_bin",
     "sample_indices",
@@ -141,9 +148,14 @@ __all__ = [
 # small pure helpers (the rules the file format documents)
 # ---------------------------------------------------------------------------------------------
 
-def calibration_schema(metadata: Optional[Mapping[str, str]] = None) -> pa.Schema:
-    """The Arrow schema of ``calibration.parquet`` (version 1), with ``metadata`` attached."""
-    schema = pa.schema([pa.field(n, t, nullable=nullable) for n, t, nullable in SCHEMA_FIELDS])
+def calibration_schema(metadata: Optional[Mapping[str, str]] = None, shard: bool = False) -> pa.Schema:
+    """The Arrow schema of ``calibration.parquet`` (version 1), with ``metadata`` attached. ``shard``:
+    the schema of a shard (a part of a recording, to merge): float64 Hessians and the inputs' keys."""
+    fields = [(n, pa.list_(pa.float64()) if shard and n == "hessian" else t, nullable)
+              for n, t, nullable in SCHEMA_FIELDS]
+    if shard:
+        fields += SHARD_FIELDS
+    schema = pa.schema([pa.field(n, t, nullable=nullable) for n, t, nullable in fields])
     if metadata:
         schema = schema.with_metadata({k.encode(): v.encode() for k, v in metadata.items()})
     return schema
@@ -174,6 +186,31 @@ def sample_indices(total_calls: int, max_samples: int) -> List[int]:
         return [0]
     step = (total_calls - 1) / (n - 1)
     return sorted({int(math.floor(i * step + 0.5)) for i in range(n)})
+
+
+def holdout_by_sample(sample: int, holdout_every: int) -> bool:
+    """The held-out split of ``holdout_rule="sample"``: of every ``holdout_every`` consecutive sample
+    numbers (``0 .. h-1``, ``h .. 2h-1``, ...) exactly one is held out, at a place hashed from the
+    group's number. A function of the sample number alone, so recorders that each see a share of
+    the calls agree with one that sees them all; consecutive recorded calls (those of one bin in
+    one run) are split exactly 1 in ``holdout_every``, and a bin visited once per run (samples a
+    stride apart) gets independent draws, which no stride can starve the way a fixed pattern can."""
+    if holdout_every <= 0:
+        return False
+    group = np.array([sample // holdout_every], np.uint64)
+    return sample % holdout_every == int(_mix64(group)[0] % np.uint64(holdout_every))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 values: a fixed, well-mixed 64-bit hash."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
 
 
 def _is_int(v: Any) -> bool:
@@ -247,6 +284,8 @@ class _Stats:
     inputs: Optional[torch.Tensor] = None
     offered: int = 0
     generator: Optional[np.random.Generator] = None
+    # holdout_rule="sample": the kept rows' keys (the rows of the smallest keys are kept)
+    keys: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -276,6 +315,7 @@ class _Call:
     seen: Dict[int, Tuple[Any, str]] = field(default_factory=dict)
     inputs_of: Dict[str, Tuple[Any, Optional[torch.Tensor]]] = field(default_factory=dict)
     runs: Dict[str, int] = field(default_factory=dict)  # layer -> times it ran in this call
+    offered: Dict[Tuple[str, int, str], int] = field(default_factory=dict)  # rows offered per stats key
 
 
 def _layer_info(module: nn.Module) -> Optional[Tuple[str, int, int]]:
@@ -499,6 +539,22 @@ class CalibrationRecorder:
     device:
         Where statistics are accumulated. ``None``: on the device of each layer's input (CPU for
         Apple ``mps``, which has no float64).
+    holdout_rule:
+        ``"bin"`` (default): the held-out split as described under ``holdout_every``, which counts the
+        calls of each bin in the order they arrive; input samples by reservoir sampling.
+        ``"sample"``: every decision is a function of the call's place in the whole recording, so
+        that recorders each given a share of the calls (``call_offset``) make the same ones as one
+        recorder given them all: a recorded call is held out by :func:`holdout_by_sample` of its
+        sample number, and the input rows kept are those of the smallest 64-bit keys hashed from
+        (layer, bin, split, sample number, row within the call) -- a uniform sample too.
+    call_offset:
+        The number, in the whole recording, of this recorder's first call (needs ``total_calls``, the
+        whole recording's, and ``holdout_rule="sample"``): for recording a share of the runs.
+    shard:
+        Save a shard (``save`` writes float64 Hessians and the sampled rows' keys, and the engine
+        refuses the file): the shards of one recording are combined by :func:`merge_calibration`
+        into the file one recorder would have written (needs ``holdout_rule="sample"`` and
+        ``total_calls``).
 
     A forward call is counted, and possibly recorded, inside ``with rec.step(t):`` or, after
     :meth:`attach_timestep`, for each forward of the attached module. Layers that run outside both
@@ -511,7 +567,8 @@ class CalibrationRecorder:
                  device: Optional[Union[str, "torch.device"]] = None, input_samples: int = 64,
                  hessian_bins: Optional[int] = None, holdout_hessians: bool = True,
                  share_inputs: bool = True, fit_input_samples: Optional[int] = None,
-                 hessian_block: int = 4096) -> None:
+                 hessian_block: int = 4096, holdout_rule: str = "bin", call_offset: int = 0,
+                 shard: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if step_kind not in STEP_KINDS:
@@ -553,9 +610,17 @@ class CalibrationRecorder:
         if not _is_int(hessian_bins) or not 1 <= hessian_bins <= num_bins or num_bins % hessian_bins:
             raise ConfigurationError(f"hessian_bins must be None or an integer from 1 to num_bins={num_bins} that "
                                      f"divides it; got {hessian_bins!r}")
-        for what, v in (("holdout_hessians", holdout_hessians), ("share_inputs", share_inputs)):
+        for what, v in (("holdout_hessians", holdout_hessians), ("share_inputs", share_inputs), ("shard", shard)):
             if not isinstance(v, bool):
                 raise ConfigurationError(f"{what} must be True or False; got {v!r}")
+        if holdout_rule not in HOLDOUT_RULES:
+            raise ConfigurationError(f"holdout_rule must be one of {', '.join(map(repr, HOLDOUT_RULES))}; "
+                                     f"got {holdout_rule!r}")
+        if not _is_int(call_offset) or call_offset < 0:
+            raise ConfigurationError(f"call_offset must be an integer >= 0; got {call_offset!r}")
+        if (call_offset or shard) and (holdout_rule != "sample" or total_calls is None):
+            raise ConfigurationError("call_offset and shard record a share of a recording: they need "
+                                     "holdout_rule='sample' and total_calls (the whole recording's calls)")
         if device is not None:
             try:
                 device = torch.device(device)
@@ -581,9 +646,13 @@ class CalibrationRecorder:
         self.hessian_span = self.num_bins // self.hessian_bins  # step bins per Hessian
         self.holdout_hessians = holdout_hessians
         self.share_inputs = share_inputs
+        self.holdout_rule = holdout_rule
+        self.call_offset = int(call_offset)
+        self.shard = shard
 
+        # total_calls known: the recorded calls' numbers in the whole recording -> sample number
         self._selected = (None if self.total_calls is None
-                          else frozenset(sample_indices(self.total_calls, self.max_samples)))
+                          else {c: s for s, c in enumerate(sample_indices(self.total_calls, self.max_samples))})
         self._calls = 0          # calls counted
         self._recorded = 0       # calls recorded
         self._recorded_in_bin: Dict[int, int] = {}  # calls recorded per bin
@@ -713,7 +782,7 @@ class CalibrationRecorder:
                                      "create a new one to record more")
 
     def _begin_call(self, step: float) -> _Call:
-        index = self._calls
+        index = self.call_offset + self._calls  # in the whole recording
         self._calls += 1
         if self._selected is not None:
             record = index in self._selected
@@ -733,7 +802,9 @@ class CalibrationRecorder:
         if step < lo - tol or step > hi + tol:
             self._warn_once("range", f"CalibrationRecorder: {self.step_kind} value {step!r} is outside step_range "
                             f"[{lo}, {hi}]; it is counted in the {'first' if step < lo else 'last'} bin")
-        sample = self._recorded
+        # the call's sample number in the whole recording (the same as counting here when this
+        # recorder sees every call from the first)
+        sample = self._selected[index] if self.holdout_rule == "sample" else self._recorded
         self._recorded += 1
         b = step_bin(step, self.step_range, self.num_bins)
         # stratified by bin: bin b's k-th recorded call is held out when (k + b) % holdout_every is
@@ -742,7 +813,10 @@ class CalibrationRecorder:
         # not hold out the same timesteps in every run (as counting over all calls did)
         in_bin = self._recorded_in_bin.get(b, 0)
         self._recorded_in_bin[b] = in_bin + 1
-        holdout = self.holdout_every > 0 and (in_bin + b) % self.holdout_every == self.holdout_every - 1
+        if self.holdout_rule == "sample":
+            holdout = holdout_by_sample(sample, self.holdout_every)
+        else:
+            holdout = self.holdout_every > 0 and (in_bin + b) % self.holdout_every == self.holdout_every - 1
         return _Call(index, True, step, b, "holdout" if holdout else "fit", sample)
 
     @contextlib.contextmanager
@@ -933,7 +1007,12 @@ class CalibrationRecorder:
                 h.rows += int(chunk.shape[0])
             capacity = self.fit_input_samples if call.split == "fit" else self.input_samples
             if st.with_hessian and capacity and not self._stats_only:
-                _offer_rows(st, xf, capacity, key)
+                if self.holdout_rule == "sample":
+                    first = call.offered.get(key, 0)
+                    call.offered[key] = first + int(xf.shape[0])
+                    _offer_rows_keyed(st, xf, capacity, key, call.sample, first)
+                else:
+                    _offer_rows(st, xf, capacity, key)
             st.rows += int(chunk.shape[0])
             if st.last_call != call.index:
                 st.last_call = call.index
@@ -958,6 +1037,15 @@ class CalibrationRecorder:
             "arrowquant.hist_bins_per_octave": str(HIST_BINS_PER_OCTAVE),
             "arrowquant.hist_min_exp": str(HIST_MIN_EXP),
             "arrowquant.hist_max_exp": str(HIST_MAX_EXP),
+            **({"arrowquant.holdout_rule": self.holdout_rule} if self.holdout_rule != "bin" else {}),
+            **({SHARD_KEY: json.dumps({"call_offset": self.call_offset, "calls": self._calls,
+                                       "total_calls": self.total_calls, "max_samples": self.max_samples,
+                                       "holdout_every": self.holdout_every, "input_samples": self.input_samples,
+                                       "fit_input_samples": self.fit_input_samples,
+                                       "hessian_span": self.hessian_span, "component": self.component,
+                                       "layers": [layer.name for layer in self._layers],
+                                       "owners": {k: v for k, v in self._owner.items() if k != v}})}
+               if self.shard else {}),
         }
 
     def _rows(self, names: Optional[Sequence[str]] = None) -> Iterator[Dict[str, Any]]:
@@ -1003,7 +1091,7 @@ class CalibrationRecorder:
             packed = []
             for (first, _), m in zip(layer.blocks(), h.blocks):
                 full = m.detach().cpu().numpy()
-                big = np.abs(full) > np.finfo(np.float32).max
+                big = np.abs(full) > np.finfo(np.float32).max if not self.shard else np.zeros_like(full, bool)
                 if not np.isfinite(full).all() or big.any():
                     bad = np.argwhere(~np.isfinite(full) | big)[0]
                     raise QuantizationError(
@@ -1011,11 +1099,15 @@ class CalibrationRecorder:
                         f"value {full[bad[0], bad[1]]!r} at ({first + bad[0]}, {first + bad[1]}) is not finite or "
                         f"beyond float32's range (the file stores float32); the layer's inputs reach "
                         f"{float(absmax.max())!r}")
-                packed.append(_pack_upper(full))
+                packed.append(_pack_upper(full, np.float64 if self.shard else np.float32))
             hessian = packed[0] if len(packed) == 1 else np.concatenate(packed)
             if self._free_written:
                 h.blocks = []  # written: its rows count is all later rows need
-        return {
+        inputs, keys = st.inputs, st.keys
+        if inputs is not None and keys is not None:  # holdout_rule="sample": rows in the order of their keys
+            order = np.argsort(keys, kind="stable")
+            inputs, keys = inputs[torch.as_tensor(order, device=inputs.device)], keys[order]
+        row = {
             "component": self.component, "layer": name, "bin": b, "step_lo": lo, "step_hi": hi,
             "split": split, "samples": st.samples, "rows": st.rows, "step_sum": st.step_sum,
             "in_features": st.in_features,
@@ -1031,8 +1123,11 @@ class CalibrationRecorder:
             "hist_pos": hist[:HIST_BINS],
             "hist_neg": hist[HIST_BINS:2 * HIST_BINS],
             "hist_zero": int(hist[2 * HIST_BINS]),
-            "inputs": None if st.inputs is None else st.inputs.detach().cpu().numpy().reshape(-1),
+            "inputs": None if inputs is None else inputs.detach().cpu().numpy().reshape(-1),
         }
+        if self.shard:
+            row["input_keys"] = keys
+        return row
 
     def save(self, path: PathLike) -> str:
         """Writes ``calibration.parquet`` (docs/calibration.md): one row per (layer, bin, split) with at
@@ -1045,7 +1140,7 @@ class CalibrationRecorder:
             warnings.warn(f"CalibrationRecorder.save({os.fspath(path)!r}): no call was recorded (run the model "
                           f"inside rec.step(t) or after rec.attach_timestep()); the file has no rows", UserWarning,
                           stacklevel=2)
-        with _CalibrationWriter(path, self.metadata()) as writer:
+        with _CalibrationWriter(path, self.metadata(), shard=self.shard) as writer:
             for row in self._rows():
                 writer.write(row)
         return writer.path
@@ -1113,6 +1208,34 @@ def _offer_rows(st: "_Stats", x: torch.Tensor, capacity: int, key: Tuple[str, in
     st.offered += m
 
 
+def _offer_rows_keyed(st: "_Stats", x: torch.Tensor, capacity: int, key: Tuple[str, int, str], sample: int,
+                      first: int) -> None:
+    """holdout_rule="sample": each row gets a 64-bit key hashed from the statistics' key (layer, bin,
+    split), the call's sample number and the row's place among the rows this call offered (first,
+    first + 1, ...); the rows of the ``capacity`` smallest keys are kept. A uniform sample of the
+    rows, whatever order the calls come in, and the union of two recorders' samples keeps the
+    rows one recorder would have."""
+    seed = np.uint64(zlib.crc32(f"{key[0]}\0{key[1]}\0{key[2]}".encode()))
+    m = int(x.shape[0])
+    pos = (np.uint64(sample) << np.uint64(32)) + np.arange(first, first + m, dtype=np.uint64)
+    keys = _mix64(_mix64(pos) ^ seed)
+    if st.keys is None:
+        st.keys = np.empty(0, np.uint64)
+        st.inputs = torch.empty(0, x.shape[1], dtype=torch.float32, device=x.device)
+    if st.keys.size >= capacity:  # only rows below the largest key kept can enter
+        new = np.flatnonzero(keys < st.keys.max())
+    else:
+        new = np.arange(m)
+    if new.size:
+        all_keys = np.concatenate([st.keys, keys[new]])
+        rows = torch.cat([st.inputs, x[torch.as_tensor(new, device=x.device)].float()])
+        if all_keys.size > capacity:
+            keep = np.argpartition(all_keys, capacity - 1)[:capacity]
+            all_keys, rows = all_keys[keep], rows[torch.as_tensor(keep, device=x.device)]
+        st.keys, st.inputs = all_keys, rows
+    st.offered += m
+
+
 def _stats_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.device.type == "mps" else t.device
 
@@ -1147,7 +1270,8 @@ def _list_array(values: Optional[np.ndarray], value_type: pa.DataType) -> pa.Arr
 
 def _row_table(row: Dict[str, Any], schema: pa.Schema) -> pa.Table:
     cols = []
-    for name, typ, _ in SCHEMA_FIELDS:
+    for f in schema:
+        name, typ = f.name, f.type
         if pa.types.is_list(typ):
             cols.append(_list_array(row[name], typ.value_type))
         else:
@@ -1155,11 +1279,11 @@ def _row_table(row: Dict[str, Any], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _pack_upper(h: np.ndarray) -> np.ndarray:
+def _pack_upper(h: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
     """The upper triangle of a symmetric n x n matrix, row by row (H[0, 0..n-1], H[1, 1..n-1], ...),
-    as float32."""
+    as float32 (or ``dtype``)."""
     n = h.shape[0]
-    out = np.empty(n * (n + 1) // 2, dtype=np.float32)
+    out = np.empty(n * (n + 1) // 2, dtype=dtype)
     at = 0
     for i in range(n):
         out[at:at + n - i] = h[i, i:]
@@ -1182,19 +1306,19 @@ class _CalibrationWriter:
     """Writes calibration.parquet row by row into a temporary file beside ``path`` and renames it onto
     ``path`` when closed without an error (a reader never sees a partial file)."""
 
-    def __init__(self, path: PathLike, metadata: Mapping[str, str]) -> None:
+    def __init__(self, path: PathLike, metadata: Mapping[str, str], shard: bool = False) -> None:
         self.path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise ModelNotFoundError(f"cannot save calibration data to {self.path!r}: directory {directory!r} "
                                      f"does not exist")
-        self.schema = calibration_schema(metadata)
+        self.schema = calibration_schema(metadata, shard)
         fd, self.tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".parquet.tmp", dir=directory)
         os.close(fd)
         try:
             self.writer = pq.ParquetWriter(self.tmp, self.schema,
                                            compression={n: ("NONE" if n == "hessian" else "ZSTD")
-                                                        for n, _, _ in SCHEMA_FIELDS},
+                                                        for n in self.schema.names},
                                            use_dictionary=["component", "layer", "split", "hessian_reason",
                                                            "hessian_from"],
                                            write_statistics=["component", "layer", "bin", "split"])
@@ -1296,6 +1420,7 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
                     holdout_hessians: bool = True, share_inputs: bool = True, fit_input_samples: Optional[int] = None,
                     max_memory: Optional[int] = None, progress_callback: Optional[Any] = None,
                     progress: bool = True, step_kind: str = "timestep", step_arg: Optional[Any] = None,
+                    holdout_rule: str = "bin", shard: Optional[Tuple[int, int]] = None,
                     **pipe_kwargs: Any) -> CalibrationRecorder:
     """Runs a diffusers pipeline and records its denoiser (``pipe.transformer``, ``pipe.unet`` or ``pipe.model``).
 
@@ -1323,6 +1448,13 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
     ``progress`` shows a progress bar of the replay passes (pass, layers, calls, ETA) beside the
     pipeline's own bar of the first.
 
+    ``shard=(first_run, total_runs)``: ``prompts_or_kwargs`` are runs ``first_run ..`` of a recording
+    of ``total_runs`` runs split between workers; this one records its share as a shard
+    (``holdout_rule="sample"``, calls numbered in the whole recording), and
+    :func:`merge_calibration` combines the shards into the file one recorder would have written
+    (``arrow_quant_v2.cluster.record_on_ray`` does it all on a Ray cluster). ``holdout_rule``: as
+    for :class:`CalibrationRecorder` (``"sample"`` gives an unsharded recording the shards' rules).
+
     The recorder is returned closed (hooks removed), ready for ``save``; with ``output_path`` it is
     also saved there.
     """
@@ -1336,7 +1468,16 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
         dict(max_samples=max_samples, num_bins=num_bins, holdout_every=holdout_every,
              max_hessian_features=max_hessian_features, input_samples=input_samples, device=device,
              hessian_bins=hessian_bins, holdout_hessians=holdout_hessians, share_inputs=share_inputs,
-             fit_input_samples=fit_input_samples, hessian_block=hessian_block))
+             fit_input_samples=fit_input_samples, hessian_block=hessian_block, holdout_rule=holdout_rule))
+    expected_calls = options["total_calls"]
+    if shard is not None:
+        if (not isinstance(shard, (tuple, list)) or len(shard) != 2 or not all(_is_int(v) for v in shard)
+                or not 0 <= shard[0] < shard[1] or shard[0] + len(runs) > shard[1]):
+            raise ConfigurationError(f"record_pipeline: shard must be (first_run, total_runs) with the given "
+                                     f"{len(runs)} runs inside 0..total_runs; got {shard!r}")
+        per_run = num_inference_steps * calls_per_step
+        options.update(total_calls=per_run * shard[1], call_offset=per_run * shard[0], holdout_rule="sample",
+                       shard=True)
     rec = CalibrationRecorder(denoiser, **options)
     report = _reporter(progress_callback)
     first = None
@@ -1345,7 +1486,7 @@ def record_pipeline(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int,
         first = _partition([layer.name for layer in rec._layers], sizes, max_memory)[0]
     captured = _pipeline_pass(pipe, rec, denoiser, runs, num_inference_steps, pipe_kwargs, step_arg, timestep_scale,
                               capture=max_memory is not None, accumulate_only=first, report=report,
-                              share=1.0 if max_memory is None else 0.5)
+                              share=1.0 if max_memory is None else 0.5, expected_calls=expected_calls)
     if max_memory is None:
         if output_path is not None:
             rec.save(output_path)
@@ -1406,13 +1547,13 @@ def _recording_setup(pipe: Any, prompts_or_kwargs: Any, num_inference_steps: int
 def _pipeline_pass(pipe: Any, rec: CalibrationRecorder, denoiser: "nn.Module", runs: List[Any],
                    num_inference_steps: int, pipe_kwargs: Mapping[str, Any], step_arg: Optional[Any],
                    timestep_scale: float, capture: bool, accumulate_only: Optional[Sequence[str]], report: Any,
-                   share: float) -> List[Tuple[_Call, Any, Any]]:
+                   share: float, expected_calls: Optional[int] = None) -> List[Tuple[_Call, Any, Any]]:
     """Runs the pipeline once over ``runs`` with ``rec`` attached to the denoiser (accumulating
     ``accumulate_only``, default every layer) and closes it; with ``capture``, returns a copy of the
     denoiser's arguments of every recorded call, for replays. ``share``: the fraction of the
     recording's progress this pass stands for."""
     captured: List[Tuple[_Call, Any, Any]] = []
-    total_calls = rec.total_calls
+    total_calls = rec.total_calls if expected_calls is None else expected_calls  # this recorder's calls
     try:
         rec.attach_timestep(denoiser, arg=step_arg, scale=timestep_scale)
         if accumulate_only is not None:
@@ -1444,9 +1585,9 @@ def _pipeline_pass(pipe: Any, rec: CalibrationRecorder, denoiser: "nn.Module", r
         rec.close()
     rec.passes.append({"layers": len(rec._accumulate_only) if rec._accumulate_only is not None else len(rec._layers),
                        "calls": rec.calls, "seconds": time.perf_counter() - started, "hook_seconds": rec.hook_seconds})
-    if rec.calls != rec.total_calls:
+    if rec.calls != total_calls:
         warnings.warn(f"record_pipeline: the denoiser was called {rec.calls} times, not the expected "
-                      f"{rec.total_calls} (num_inference_steps * calls_per_step * runs); pass calls_per_step so "
+                      f"{total_calls} (num_inference_steps * calls_per_step * runs); pass calls_per_step so "
                       f"the samples spread over the whole loop", UserWarning, stacklevel=3)
     return captured
 
@@ -1481,7 +1622,7 @@ def _record_remaining_passes(rec: CalibrationRecorder, denoiser: "nn.Module", ca
 
         bar = tqdm(total=len(passes) * len(captured), desc="calibration passes", unit="call")
     rec._free_written = True
-    with contextlib.ExitStack() as stack, _CalibrationWriter(output_path, rec.metadata()) as writer:
+    with contextlib.ExitStack() as stack, _CalibrationWriter(output_path, rec.metadata(), shard=rec.shard) as writer:
         if bar is not None:
             stack.callback(bar.close)
         for row in rec._rows(with_aliases([n for n in done if n in rec._run_order])):
@@ -1938,6 +2079,140 @@ def _sequential_quantize(pipe: Any, denoiser: "nn.Module", runs: List[Any], num_
 # reading
 # ---------------------------------------------------------------------------------------------
 
+def merge_calibration(shards: Sequence[PathLike], output_path: PathLike) -> str:
+    """Combines the shard files of one recording -- each written by a recorder with ``shard=True``
+    that saw a share of the calls (``call_offset``), e.g. one per worker of a cluster -- into the
+    ``calibration.parquet`` one recorder seeing every call would have written: counts, step sums,
+    histograms and Hessians summed (Hessians in float64, then stored as float32 as always), column
+    ranges maxed / minned, the input samples those of the smallest keys over all shards. Equal to
+    the single recorder's file but for floating-point summation order in ``step_sum`` and the
+    Hessians (each a float64 sum in another order, rounded to float32 at the end). The shards must
+    come from the same recording setup (model, bins, samples, ...) and cover disjoint calls. Returns
+    the output path (written atomically)."""
+    paths = [os.fspath(p) for p in shards]
+    if not paths:
+        raise ConfigurationError("merge_calibration: no shard files given")
+    files, infos, metas = [], [], []
+    for p in paths:
+        if not os.path.exists(p):
+            raise ModelNotFoundError(f"calibration shard {p!r} does not exist")
+        try:
+            pf = pq.ParquetFile(p)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ModelFormatError(f"{p!r} is not a Parquet file: {e}") from e
+        meta = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
+        if SHARD_KEY not in meta:
+            raise ModelFormatError(f"{p!r} is not a calibration shard (record with CalibrationRecorder(shard=True) "
+                                   f"or record_pipeline(shard=...))")
+        try:
+            info = json.loads(meta[SHARD_KEY])
+        except json.JSONDecodeError as e:
+            raise ModelFormatError(f"{p!r}: {SHARD_KEY} is not JSON: {e}") from e
+        files.append(pf)
+        infos.append(info)
+        metas.append(meta)
+    same_meta = [k for k in metas[0] if k not in (SHARD_KEY, "arrowquant.samples", "arrowquant.producer")]
+    same_info = ("total_calls", "max_samples", "holdout_every", "input_samples", "fit_input_samples",
+                 "hessian_span", "component", "layers")
+    for p, meta, info in zip(paths[1:], metas[1:], infos[1:]):
+        for k in same_meta:
+            if meta.get(k) != metas[0][k]:
+                raise ConfigurationError(f"merge_calibration: {p!r} has {k}={meta.get(k)!r} but {paths[0]!r} has "
+                                         f"{metas[0][k]!r}: shards of one recording share its setup")
+        for k in same_info:
+            if info.get(k) != infos[0].get(k):
+                raise ConfigurationError(f"merge_calibration: {p!r} has {k}={info.get(k)!r} but {paths[0]!r} has "
+                                         f"{infos[0].get(k)!r}: shards of one recording share its setup")
+    ranges = sorted((info["call_offset"], info["call_offset"] + info["calls"], p) for p, info in zip(paths, infos))
+    for (a0, a1, pa_), (b0, b1, pb) in zip(ranges, ranges[1:]):
+        if b0 < a1:
+            raise ConfigurationError(f"merge_calibration: {pa_!r} (calls {a0}..{a1 - 1}) and {pb!r} (calls "
+                                     f"{b0}..{b1 - 1}) overlap: each call must be recorded by one shard")
+    owners: Dict[str, str] = {}
+    for p, info in zip(paths, infos):
+        for layer, owner in info.get("owners", {}).items():
+            if owners.setdefault(layer, owner) != owner:
+                raise ConfigurationError(f"merge_calibration: {p!r} records {layer!r} with {owner!r}'s statistics, "
+                                         f"another shard with {owners[layer]!r}'s")
+    span = int(infos[0]["hessian_span"])
+    capacity = {"fit": int(infos[0]["fit_input_samples"]), "holdout": int(infos[0]["input_samples"])}
+    light = [n for n, _, _ in SCHEMA_FIELDS if n not in ("hessian", "inputs")] + [n for n, _, _ in SHARD_FIELDS]
+    # (layer, bin, split) -> [(file, row group, light row)]
+    groups: Dict[Tuple[str, int, str], List[Tuple[int, int, Dict[str, Any]]]] = {}
+    for f, pf in enumerate(files):
+        table = pf.read(columns=light)
+        for g, row in enumerate(table.to_pylist()):
+            if pf.metadata.num_row_groups != table.num_rows:
+                raise ModelFormatError(f"{paths[f]!r}: not one row per row group (not written by save)")
+            groups.setdefault((row["layer"], row["bin"], row["split"]), []).append((f, g, row))
+
+    def heavy(f: int, g: int, column: str) -> Optional[np.ndarray]:
+        v = files[f].read_row_group(g, columns=[column]).column(0)[0].values
+        return None if v is None else v.to_numpy(zero_copy_only=False)
+
+    metadata = {k: v for k, v in metas[0].items() if k != SHARD_KEY}
+    metadata["arrowquant.samples"] = str(sum(int(m.get("arrowquant.samples", "0")) for m in metas))
+    from . import __version__
+    metadata["arrowquant.producer"] = f"arrow_quant_v2 {__version__}"
+    with _CalibrationWriter(output_path, metadata) as writer:
+        for name in infos[0]["layers"]:
+            keys = sorted((k for k in groups if k[0] == name), key=lambda k: (k[1], SPLITS.index(k[2])))
+            holder: Dict[Tuple[int, str], int] = {}
+            for _, b, split in keys:
+                holder.setdefault((b // span, split), b)
+            for key in keys:
+                _, b, split = key
+                parts = groups[key]
+                first = parts[0][2]
+                row = dict(first)
+                for k in ("samples", "rows", "hist_zero"):
+                    row[k] = sum(int(r[k] or 0) for _, _, r in parts)
+                row["step_sum"] = math.fsum(r["step_sum"] for _, _, r in parts)
+                for k, op in (("absmax", np.maximum), ("min", np.minimum), ("max", np.maximum)):
+                    acc = np.asarray(first[k], np.float32)
+                    for _, _, r in parts[1:]:
+                        acc = op(acc, np.asarray(r[k], np.float32))
+                    row[k] = acc
+                for k in ("hist_pos", "hist_neg"):
+                    row[k] = np.sum([np.asarray(r[k], np.int64) for _, _, r in parts], axis=0)
+                # the span's Hessian: every shard's rows of this layer, span and split that hold one
+                hessian, hessian_rows = None, None
+                if holder[(b // span, split)] == b:
+                    for (_, hb, hs) in keys:
+                        if hb // span != b // span or hs != split:
+                            continue
+                        for f, g, r in groups[(name, hb, hs)]:
+                            if r["hessian_rows"] is not None:
+                                hessian_rows = (hessian_rows or 0) + int(r["hessian_rows"])
+                            h = heavy(f, g, "hessian")
+                            if h is not None:
+                                hessian = h.astype(np.float64) if hessian is None else hessian + h
+                if hessian is not None:
+                    if not np.isfinite(hessian).all() or (np.abs(hessian) > np.finfo(np.float32).max).any():
+                        raise QuantizationError(f"merge_calibration: the merged Hessian of layer {name!r} ({b}, "
+                                                f"{split!r}) is not finite or beyond float32's range")
+                    hessian = hessian.astype(np.float32)
+                row["hessian"], row["hessian_rows"] = hessian, hessian_rows
+                row["hessian_from"] = next((r["hessian_from"] for _, _, r in parts if r["hessian_from"]), None)
+                # the input samples: the smallest keys over every shard, in the order of their keys
+                rows_in, keys_in = [], []
+                for f, g, r in parts:
+                    x = heavy(f, g, "inputs")
+                    k = r["input_keys"]
+                    if x is not None and k:
+                        rows_in.append(x.reshape(len(k), -1))
+                        keys_in.append(np.asarray(k, np.uint64))
+                if rows_in:
+                    allk, allx = np.concatenate(keys_in), np.concatenate(rows_in)
+                    order = np.argsort(allk, kind="stable")[:capacity[split]]
+                    row["inputs"] = allx[order].reshape(-1)
+                else:
+                    row["inputs"] = None
+                row.pop("input_keys", None)
+                writer.write(row)
+    return writer.path
+
+
 class CalibrationData(dict):
     """``{(layer, bin, split): entry}`` read from calibration.parquet, plus ``metadata`` (the file's
     key-value metadata, decoded) and ``step_range`` / ``num_bins`` / ``step_kind``.
@@ -1991,6 +2266,9 @@ def load_calibration(path: PathLike, hessians: bool = True) -> CalibrationData:
     raw = pf.schema_arrow.metadata or {}
     meta = {k.decode(): v.decode() for k, v in raw.items()}
     version = meta.get("arrowquant.calibration_version")
+    if SHARD_KEY in meta:
+        raise ModelFormatError(f"{path!r} is a shard of a recording (a share of its calls); merge the shards with "
+                               f"merge_calibration")
     if version not in READABLE_VERSIONS:
         raise ModelFormatError(f"{path!r}: arrowquant.calibration_version is {version!r}; this reader reads "
                                f"versions {', '.join(READABLE_VERSIONS)}")

@@ -231,10 +231,98 @@ def quantize_distributed(model_path: str, output_path: str, config: DiffusionQua
     return report
 
 
+def _record_share(make_pipe: Callable[[], Any], runs: List[Any], first: int, total: int, num_inference_steps: int,
+                  shard_path: str, record_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The body of a recording task (on a worker): its share of the runs, saved as a shard."""
+    import ray
+
+    from .calibration import record_pipeline
+
+    t = time.perf_counter()
+    rec = record_pipeline(make_pipe(), runs, num_inference_steps, output_path=shard_path, shard=(first, total),
+                          progress=False, **record_kwargs)
+    return {"calls": rec.calls, "recorded": rec.recorded_calls, "seconds": time.perf_counter() - t,
+            "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+def record_on_ray(make_pipe: Callable[[], Any], prompts_or_kwargs: Any, num_inference_steps: int,
+                  output_path: str, cluster: Any = "ray", workers: Optional[int] = None, cpus_per_task: int = 1,
+                  **record_kwargs: Any) -> Dict[str, Any]:
+    """Records calibration on a Ray cluster: the runs (prompts or pipeline-argument dicts, as for
+    ``record_pipeline``) are split into ``workers`` contiguous shares (default: one per CPU slot of
+    ``cpus_per_task``, at most one per run); each share is a task that builds the pipeline with
+    ``make_pipe()`` (a function the workers can call: it loads the pipeline there) and records its
+    runs as a shard, numbering its calls in the whole recording; the driver merges the shards
+    (``merge_calibration``) into ``output_path``. The file is the one ``record_pipeline`` of every
+    run on one machine writes with ``holdout_rule="sample"``, but for floating-point summation
+    order in the Hessians and step sums. ``record_kwargs`` go to ``record_pipeline`` (max_samples,
+    num_bins, max_memory, ...). Shards are written beside ``output_path`` (a folder every worker
+    must see) and removed. Without Ray the runs are recorded here, in one shard-free pass.
+    Returns {"path", "shards", "calls", "seconds", "nodes_used", "backend"}."""
+    from .calibration import merge_calibration, record_pipeline
+
+    if isinstance(prompts_or_kwargs, (str, dict)):
+        runs = [prompts_or_kwargs]
+    else:
+        runs = list(prompts_or_kwargs)
+    if not runs:
+        raise ConfigurationError("record_on_ray: no runs given")
+    for k in ("shard", "output_path", "holdout_rule"):
+        if k in record_kwargs:
+            raise ConfigurationError(f"record_on_ray sets {k} itself")
+    output_path = os.path.abspath(os.fspath(output_path))
+    address = resolve_cluster(cluster)
+    t0 = time.perf_counter()
+    if address is not None and not ray_available():
+        run_local_instead(cluster)
+        address = None
+    if address is None:
+        rec = record_pipeline(make_pipe(), runs, num_inference_steps, output_path=output_path, holdout_rule="sample",
+                              **record_kwargs)
+        return {"path": output_path, "shards": 0, "calls": rec.calls, "seconds": time.perf_counter() - t0,
+                "nodes_used": 1, "backend": "local"}
+    import shutil
+    import tempfile
+
+    import ray
+
+    with RaySession(address):
+        if workers is None:
+            slots = int(ray.cluster_resources().get("CPU", 1)) // cpus_per_task
+            workers = max(1, min(len(runs), slots))
+        if not isinstance(workers, int) or workers < 1:
+            raise ConfigurationError(f"workers must be a positive integer; got {workers!r}")
+        workers = min(workers, len(runs))
+        bounds = [len(runs) * w // workers for w in range(workers + 1)]
+        folder = tempfile.mkdtemp(prefix=f".{os.path.basename(output_path)}.shards-",
+                                  dir=os.path.dirname(output_path))
+        try:
+            remote = ray.remote(_record_share).options(num_cpus=cpus_per_task, max_retries=3, retry_exceptions=False,
+                                                       name="arrowquant_record", scheduling_strategy="SPREAD")
+            refs = [remote.remote(make_pipe, runs[a:b], a, len(runs), num_inference_steps,
+                                  os.path.join(folder, f"shard-{w}.parquet"), record_kwargs)
+                    for w, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+            try:
+                results = ray.get(refs)
+            except ray.exceptions.RayTaskError as e:
+                raise _cause(e) from None
+            except BaseException:
+                for ref in refs:
+                    ray.cancel(ref, force=True)
+                raise
+            merge_calibration([os.path.join(folder, f"shard-{w}.parquet") for w in range(workers)], output_path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return {"path": output_path, "shards": workers, "calls": sum(r["calls"] for r in results),
+            "seconds": time.perf_counter() - t0, "nodes_used": len({r["node"] for r in results}), "backend": "ray",
+            "shard_seconds": [r["seconds"] for r in results]}
+
+
 def run_local_instead(cluster: Any) -> None:
     """Warns that Ray is missing and the run goes on here."""
     warnings.warn(f"cluster={cluster!r} needs Ray, which is not installed ({RAY_INSTALL}); quantizing on this "
                   f"machine instead", RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["quantize_distributed", "resolve_cluster", "ray_available", "plan_parts", "RaySession", "PART_BYTES"]
+__all__ = ["quantize_distributed", "record_on_ray", "resolve_cluster", "ray_available", "plan_parts", "RaySession",
+           "PART_BYTES"]

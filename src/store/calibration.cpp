@@ -195,6 +195,9 @@ Result<CalibrationData> read_calibration(const std::string& path) {
     return FormatError(StrCat(path, ": not an ArrowQuant calibration file (no arrowquant.calibration_version metadata)"));
   if (version != "1" && version != "2")
     return FormatError(StrCat(path, ": calibration version ", version, "; this build reads versions 1 and 2"));
+  if (meta->Contains("arrowquant.shard"))
+    return FormatError(StrCat(path, ": a shard of a recording (a share of its calls, float64 sums); merge the shards "
+                                    "into one file with arrow_quant_v2.calibration.merge_calibration"));
   const bool v2 = version == "2";
   // Every column but the Hessians, which are read layer by layer when the engine needs them.
   const int hessian_col = file_schema->GetFieldIndex("hessian");

@@ -250,3 +250,41 @@ def test_without_ray_the_same_calls_run_here(tmp_path, rng, monkeypatch):
 def test_cluster_argument_is_checked(tmp_path):
     with pytest.raises(aq.ConfigurationError, match="cluster must be"):
         aq.ArrowQuantV2().quantize_diffusion_model(tmp_path, tmp_path / "out", cluster=3)
+
+
+def test_calibration_recorded_on_two_nodes_is_the_file_one_machine_records(cluster, tmp_path):
+    pytest.importorskip("torch")
+    from ray import cloudpickle
+
+    import test_calibration_scale
+    from arrow_quant_v2.cluster import record_on_ray
+    from arrow_quant_v2.calibration import record_pipeline
+    from test_calibration_shards import RUNS, SETUP, assert_same_recording
+
+    # the workers cannot import the test modules: their classes travel by value
+    cloudpickle.register_pickle_by_value(test_calibration_scale)
+
+    Pipe, model = test_calibration_scale.Pipe, test_calibration_scale._model
+
+    def make_pipe():
+        return Pipe(model())
+
+    single = tmp_path / "single.parquet"
+    record_pipeline(make_pipe(), RUNS, 6, holdout_rule="sample", output_path=single, progress=False, **SETUP)
+    r = record_on_ray(make_pipe, RUNS, 6, tmp_path / "ray.parquet", cluster=cluster.address, workers=3, **SETUP)
+    assert r["backend"] == "ray" and r["shards"] == 3 and r["calls"] == 24 and r["nodes_used"] == 2, r
+    assert_same_recording(r["path"], single)
+    assert sorted(os.listdir(tmp_path)) == ["ray.parquet", "single.parquet"]  # the shards are gone
+    # and the quantized model is the one the single file gives
+    state = {k: v.detach().numpy() for k, v in make_pipe().transformer.state_dict().items()}
+    (tmp_path / "model").mkdir()
+    write_model_file(tmp_path / "model" / "model.safetensors", state)
+    outs = []
+    for name, calib in (("a", single), ("b", r["path"])):
+        res = aq.ArrowQuantV2().quantize_diffusion_model(
+            tmp_path / "model", tmp_path / name,
+            aq.DiffusionQuantConfig(calibration_path=str(calib), min_tensor_size=0, num_time_groups=2))
+        assert res["time_aware"]["applied"]
+        outs.append(res)
+    cos = [[l["cosine_similarity"] for l in o["layers"] if l["quantized"]] for o in outs]
+    assert cos[0] and cos[0] == pytest.approx(cos[1], rel=1e-5)
