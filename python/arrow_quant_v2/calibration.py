@@ -1696,7 +1696,8 @@ def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathL
                            max_memory: int = 1 << 30, calibration_path: Optional[PathLike] = None,
                            source_dir: Optional[PathLike] = None, progress: bool = True,
                            progress_callback: Optional[Any] = None, sequential: bool = False,
-                           keep_dequantized: bool = False, **record_kwargs: Any) -> Dict[str, Any]:
+                           keep_dequantized: bool = False, cluster: Optional[str] = None,
+                           **record_kwargs: Any) -> Dict[str, Any]:
     """Records ``pipe``'s denoiser along its own sampling runs and quantizes it with that calibration,
     in one call and in bounded memory. Returns :meth:`ArrowQuantV2.quantize_diffusion_model`'s
     result, with ``result["calibration_recording"]`` (seconds, the recorder's own seconds, passes,
@@ -1736,6 +1737,11 @@ def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathL
     first. The denoiser's weights are restored from the checkpoint afterwards, unless
     ``keep_dequantized`` leaves it holding the output's dequantized weights (to run the quantized
     pipeline in torch). Needs the ``safetensors`` package.
+
+    ``cluster`` (``"ray"`` or a Ray address): the quantizations -- each block's in the sequential
+    mode, and the final one -- run their tensors as tasks on the cluster
+    (``quantize_diffusion_model(cluster=...)``); the recording stays here (to record on several
+    workers, see ``arrow_quant_v2.cluster.record_on_ray``).
     """
     import shutil
 
@@ -1766,9 +1772,14 @@ def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathL
     if keep_dequantized and not sequential:
         raise ConfigurationError("calibrate_and_quantize: keep_dequantized applies to sequential=True")
     if sequential:
-        return _sequential_quantize(pipe, denoiser, runs, num_inference_steps, output_path, parent, config,
-                                    os.fspath(calibration_path), source_dir, options, progress, progress_callback,
-                                    keep_dequantized)
+        from .cluster import RaySession, ray_available, resolve_cluster
+
+        address = resolve_cluster(cluster)
+        # one Ray session for every block's run (each would otherwise start and stop its own)
+        with (RaySession(address) if address is not None and ray_available() else contextlib.nullcontext()):
+            return _sequential_quantize(pipe, denoiser, runs, num_inference_steps, output_path, parent, config,
+                                        os.fspath(calibration_path), source_dir, options, progress,
+                                        progress_callback, keep_dequantized, cluster)
     started = time.perf_counter()
     rec = record_pipeline(pipe, runs, num_inference_steps, output_path=calibration_path, progress=progress,
                           progress_callback=stage("calibration", 0.0, 0.5), **options)
@@ -1786,7 +1797,8 @@ def calibrate_and_quantize(pipe: Any, prompts_or_kwargs: Any, output_path: PathL
             source_dir = _save_denoiser(denoiser, tmp)
         config.calibration_path = os.fspath(calibration_path)
         quant_cb = stage("quantization", 0.5, 1.0)
-        result = ArrowQuantV2().quantize_diffusion_model(source_dir, output_path, config, progress_callback=quant_cb)
+        result = ArrowQuantV2().quantize_diffusion_model(source_dir, output_path, config, progress_callback=quant_cb,
+                                                         cluster=cluster)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1872,7 +1884,8 @@ def _read_tensors(index: Mapping[str, str], names: Sequence[str]) -> Dict[str, "
 def _sequential_quantize(pipe: Any, denoiser: "nn.Module", runs: List[Any], num_inference_steps: int,
                          output_path: str, parent: str, config: Any, calibration_path: str,
                          source_dir: Optional[PathLike], options: Dict[str, Any], progress: bool,
-                         progress_callback: Optional[Any], keep_dequantized: bool) -> Dict[str, Any]:
+                         progress_callback: Optional[Any], keep_dequantized: bool,
+                         cluster: Optional[str] = None) -> Dict[str, Any]:
     """calibrate_and_quantize(sequential=True): see its documentation."""
     import inspect
     import shutil
@@ -1978,7 +1991,7 @@ def _sequential_quantize(pipe: Any, denoiser: "nn.Module", runs: List[Any], num_
             os.makedirs(src)
             save_file(_read_tensors(index, names), os.path.join(src, "model.safetensors"))
             cfg = part_config if calibration is None else part_config.replace(calibration_path=calibration)
-            ArrowQuantV2().quantize_diffusion_model(src, out, cfg)
+            ArrowQuantV2().quantize_diffusion_model(src, out, cfg, cluster=cluster)
             quantized = load(out)
             with torch.no_grad():
                 for n in names:
@@ -2059,7 +2072,8 @@ def _sequential_quantize(pipe: Any, denoiser: "nn.Module", runs: List[Any], num_
         final = config.replace(time_groups=groups, calibration_path=calibration_path)
         cb = None if progress_callback is None else (lambda m, f: progress_callback(f"quantization: {m}",
                                                                                       0.7 + 0.3 * f))
-        result = ArrowQuantV2().quantize_diffusion_model(source_dir, output_path, final, progress_callback=cb)
+        result = ArrowQuantV2().quantize_diffusion_model(source_dir, output_path, final, progress_callback=cb,
+                                                         cluster=cluster)
         result["calibration_recording"] = recording
         succeeded = True
         return result

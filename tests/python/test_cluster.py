@@ -288,3 +288,23 @@ def test_calibration_recorded_on_two_nodes_is_the_file_one_machine_records(clust
         outs.append(res)
     cos = [[l["cosine_similarity"] for l in o["layers"] if l["quantized"]] for o in outs]
     assert cos[0] and cos[0] == pytest.approx(cos[1], rel=1e-5)
+
+
+def test_the_sequential_calibrated_path_quantizes_its_blocks_on_the_cluster(cluster, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    import torch
+
+    from arrow_quant_v2.calibration import calibrate_and_quantize
+    from test_calibration_scale import SavablePipe
+    from test_calibration_sequential import RUNS as SEQ_RUNS, PosDiT, _config
+
+    torch.manual_seed(1)
+    model = PosDiT(32).eval()
+    kw = dict(num_inference_steps=4, num_bins=4, sequential=True, progress=False)
+    here = calibrate_and_quantize(SavablePipe(model), SEQ_RUNS, tmp_path / "here", _config(), **kw)
+    there = calibrate_and_quantize(SavablePipe(model), SEQ_RUNS, tmp_path / "there", _config(),
+                                   cluster=cluster.address, **kw)
+    assert there["cluster"]["backend"] == "ray" and "cluster" not in here
+    # every block's run and the final one on the cluster: the same weights, the same file
+    assert (tmp_path / "here" / "weights.parquet").read_bytes() == (tmp_path / "there" / "weights.parquet").read_bytes()
