@@ -26,8 +26,18 @@ echo "==> Python tests"
 # consumers whose own loader and decompressor the export tests read our files with; diffusers'
 # GGUF loader needs accelerate (low_cpu_mem_usage).
 # Ray: the cluster tests start a two-node cluster on this machine (tests/python/test_cluster.py).
+# matplotlib draws the quality report's plots; Debian's chromium renders the page in the report
+# tests (tests/python/test_report.py).
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" "gguf>=0.10" "ggml-python>=0.0.40" \
-  "diffusers==0.42.1" "accelerate==1.15.0" "compressed-tensors==0.20.0" "ray==2.60.0" 2>&1 | grep -v "^WARNING: Location" || true
+  "diffusers==0.42.1" "accelerate==1.15.0" "compressed-tensors==0.20.0" "ray==2.60.0" "matplotlib>=3.7" \
+  2>&1 | grep -v "^WARNING: Location" || true
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "==> installing chromium (headless rendering of the report in the tests)"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 
 # libFuzzer targets (fuzz/): clang build with ASan + UBSan, then each target a short run
 # (scripts/fuzz.sh --smoke; ARROWQUANT_SKIP_FUZZ=1 skips it). After the installs above: the

@@ -31,6 +31,14 @@ def export_gguf(quant_dir, out_path, **kwargs):
 
     return _export(quant_dir, out_path, **kwargs)
 
+def report(quant_dir, out_path=None, against=None, figures_dir=None, result=None):
+    """Writes the HTML quality report of a quantized model (plots embedded, no network) and returns
+    its path (see :func:`arrow_quant_v2.quality_report.report`). Needs matplotlib."""
+    from .quality_report import report as _report
+
+    return _report(quant_dir, out_path, against=against, figures_dir=figures_dir, result=result)
+
+
 __version__ = "0.1.0"
 FORMAT_VERSION = _core.FORMAT_VERSION
 
@@ -42,6 +50,7 @@ __all__ = [
     "QuantizedTensor",
     "load",
     "export_gguf",
+    "report",
     "ArrowQuantError",
     "QuantizationError",
     "ConfigurationError",

@@ -54,7 +54,8 @@ class ArrowQuantV2:
     def quantize_diffusion_model(self, model_path: PathLike, output_path: PathLike,
                                  config: Optional[DiffusionQuantConfig] = None,
                                  progress_callback: Optional[ProgressCallback] = None,
-                                 resume: bool = False, cluster: Optional[str] = None) -> Dict[str, Any]:
+                                 resume: bool = False, cluster: Optional[str] = None,
+                                 report: bool = False) -> Dict[str, Any]:
         """Quantizes the model at ``model_path`` (a .safetensors file, a Hugging Face directory, or a
         diffusers pipeline) into a new directory ``output_path``.
 
@@ -78,17 +79,31 @@ class ArrowQuantV2:
         see ``model_path`` and the output's parent folder at the same paths; the output is
         byte-identical to a run on this machine (``result["cluster"]`` says how it was spread).
         Without Ray installed it runs here, with a warning (docs/cluster.md).
+
+        ``report=True``: also writes the HTML quality report (plots of the error per layer, per
+        timestep group, where the bits went; :func:`arrow_quant_v2.report`) beside the output, as
+        ``<output_path>.report.html``; ``result["report_path"]`` names it. Needs matplotlib.
         """
         config = _resolve_config(config)
+        if not isinstance(report, bool):
+            raise ConfigurationError(f"report must be True or False; got {report!r}")
+        if report:
+            from .quality_report import _require_matplotlib
+
+            _require_matplotlib()  # before quantizing, not after
         adapter = ProgressAdapter(progress_callback)
-        report = run_quantize(os.fspath(model_path), os.fspath(output_path), config,
+        result = run_quantize(os.fspath(model_path), os.fspath(output_path), config,
                               adapter if progress_callback is not None else None, bool(resume), cluster)
-        report["warnings"] = list(report.get("warnings", []))
+        result["warnings"] = list(result.get("warnings", []))
         if adapter.errors:
             extra = f" (and {len(adapter.errors) - 1} more times)" if len(adapter.errors) > 1 else ""
-            report["warnings"].append(adapter.errors[0] + extra)
-        report["deployment_profile"] = config.deployment_profile
-        return report
+            result["warnings"].append(adapter.errors[0] + extra)
+        result["deployment_profile"] = config.deployment_profile
+        if report:
+            from .quality_report import report as write_report
+
+            result["report_path"] = write_report(result["quantized_path"], result=result)
+        return result
 
     def validate_quality(self, original_path: PathLike, quantized_path: PathLike,
                          num_threads: int = 0) -> Dict[str, Any]:

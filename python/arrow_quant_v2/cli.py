@@ -146,11 +146,21 @@ def _print_quantize_summary(r: Dict[str, Any]) -> None:
         print(f"  error               {e['name']}: {e['error']}")
     for w in r.get("warnings", []):
         print(f"  warning             {w}")
+    if r.get("report_path"):
+        print(f"  report              {r['report_path']}")
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     config = _config_from_args(a)
+    if a.report:
+        from .quality_report import _require_matplotlib
+
+        _require_matplotlib()
     r = _quantize(a.model, a.output, config, not a.quiet and not a.json, resume=a.resume, cluster=a.ray)
+    if a.report:
+        from .quality_report import report
+
+        r["report_path"] = report(r["quantized_path"], result=r)
     if a.json:
         json.dump(r, sys.stdout, indent=2)
         print()
@@ -382,6 +392,19 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0 if all(x["validate"]["passed"] for x in results.values()) else 1
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from .quality_report import report
+
+    t = time.perf_counter()
+    path = report(a.path, a.output, against=a.against, figures_dir=a.figures)
+    if a.json:
+        json.dump({"report_path": path, "seconds": time.perf_counter() - t}, sys.stdout)
+        print()
+    else:
+        print(f"Report: {path} ({time.perf_counter() - t:.1f} s)")
+    return 0
+
+
 def cmd_zoo(a: argparse.Namespace) -> int:
     from .zoo import format_summary, run_zoo
 
@@ -457,9 +480,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration file from arrow_quant_v2.calibration (default: MODEL/calibration.parquet if present)")
     q.add_argument("--time-groups", dest="time_groups", type=int, help="timestep groups (num_time_groups)")
     q.add_argument("--no-time-aware", action="store_true", help="no GPTQ: calibration only measures output error")
+    q.add_argument("--report", action="store_true",
+                   help="also write OUTPUT.report.html, the quality report with plots (needs matplotlib)")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress output")
     q.set_defaults(func=cmd_quantize)
+
+    rp = sub.add_parser("report", help="an HTML page of plots: error per layer and per timestep group, where the "
+                                        "bits went, activation ranges (self-contained; needs matplotlib)")
+    rp.add_argument("path", help="the quantized model directory")
+    rp.add_argument("-o", "--output", help="the HTML file (default: PATH.report.html beside the directory)")
+    rp.add_argument("--against", metavar="ORIGINAL",
+                    help="the source model: recompute every layer's error from the files and say whether it matches")
+    rp.add_argument("--figures", metavar="DIR", help="also write each figure as a PNG into DIR")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_report)
 
     z = sub.add_parser("zoo", help="quantize many models x profiles as one job (a Ray cluster's, or here); "
                                    "exit status 1 when a model failed")

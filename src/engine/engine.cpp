@@ -1058,6 +1058,13 @@ Result<json> QuantizeRun::write_output(StagingDir& staging) {
                    {"activation_bits", cfg_.activation_bits},
                    {"activation_params", activation_rows_.empty() ? json(nullptr) : json(kActivationsFile)},
                    {"output_error", output_errors_}};
+    if (!activation_rows_.empty()) {
+      // each layer's one static set (activations.parquet holds the per-group ones), for reports
+      json statics = json::object();
+      for (const json& l : layers_)
+        if (l.contains("activation")) statics[l["name"].get<std::string>()] = l["activation"]["static"];
+      calibration["activation_static"] = std::move(statics);
+    }
     if (cfg_.enable_time_aware && ggml()) {
       time_aware["applied"] = importance_layers_ > 0;
       time_aware["reason"] = importance_layers_ > 0
