@@ -409,6 +409,19 @@ class WeightsReader {
   mutable std::mutex mu_;
 };
 
+// A run's report as JSON text; KeyboardInterrupt when the user stopped it (the engine says what it
+// left: nothing, or with resume the kept staging directory).
+std::string quantization_report(const PythonHooks& py, aq::Result<json> r) {
+  if (py.interrupted) {
+    const std::string why = !r.ok() && r.status().code() == aq::StatusCode::kCancelled
+                                ? "quantization " + r.status().message()
+                                : std::string("quantization interrupted; no output was written");
+    PyErr_SetString(PyExc_KeyboardInterrupt, why.c_str());
+    throw nb::python_error();
+  }
+  return unwrap(std::move(r)).dump();
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -438,15 +451,7 @@ NB_MODULE(_core, m) {
             nb::gil_scoped_release release;
             r.emplace(aq::quantize_model(model, out, cfg, py.hooks, resume));
           }
-          if (py.interrupted) {
-            // the engine says what it left (nothing, or with resume the kept staging directory)
-            const std::string why = !r->ok() && r->status().code() == aq::StatusCode::kCancelled
-                                        ? "quantization " + r->status().message()
-                                        : std::string("quantization interrupted; no output was written");
-            PyErr_SetString(PyExc_KeyboardInterrupt, why.c_str());
-            throw nb::python_error();
-          }
-          return unwrap(std::move(*r)).dump();
+          return quantization_report(py, std::move(*r));
         },
         nb::arg("model_path"), nb::arg("output_path"), nb::arg("config_json"), nb::arg("progress").none(),
         nb::arg("progress_every") = 10, nb::arg("progress_interval_s") = 5.0, nb::arg("resume") = false,
@@ -479,14 +484,7 @@ NB_MODULE(_core, m) {
                nb::gil_scoped_release release;
                r.emplace(run.Assemble(py.hooks));
              }
-             if (py.interrupted) {
-               const std::string why = !r->ok() && r->status().code() == aq::StatusCode::kCancelled
-                                           ? "quantization " + r->status().message()
-                                           : std::string("quantization interrupted; no output was written");
-               PyErr_SetString(PyExc_KeyboardInterrupt, why.c_str());
-               throw nb::python_error();
-             }
-             return unwrap(std::move(*r)).dump();
+             return quantization_report(py, std::move(*r));
            },
            nb::arg("progress").none() = nb::none(), nb::arg("progress_every") = 10,
            nb::arg("progress_interval_s") = 5.0,

@@ -593,28 +593,29 @@ EncodedTensor TensorJob::take() {
   return std::move(out_);
 }
 
+void TensorJob::run(ThreadPool* pool) {
+  if (pool == nullptr) return run_inline();
+  // Shared so that a worker still signalling after the job finished finds it alive.
+  struct Signal {
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto sig = std::make_shared<Signal>();
+  start(*pool, nullptr, [sig] {
+    std::lock_guard<std::mutex> lock(sig->mu);
+    sig->cv.notify_all();
+  });
+  std::unique_lock<std::mutex> lock(sig->mu);
+  sig->cv.wait(lock, [&] { return finished(); });
+}
+
 Result<EncodedTensor> encode_tensor(const RowSource& source, QuantScheme scheme, ThreadPool* pool,
                                     std::shared_ptr<const std::vector<float>> importance) {
   AQ_RETURN_IF_ERROR(validate_scheme(scheme));
   for (int attempt = 0; attempt < 2; ++attempt) {
     TensorJob job(source, scheme);
     if (importance) job.set_importance(importance);
-    if (pool) {
-      // Shared so that a worker still signalling after the job finished finds it alive.
-      struct Signal {
-        std::mutex mu;
-        std::condition_variable cv;
-      };
-      auto sig = std::make_shared<Signal>();
-      job.start(*pool, nullptr, [sig] {
-        std::lock_guard<std::mutex> lock(sig->mu);
-        sig->cv.notify_all();
-      });
-      std::unique_lock<std::mutex> lock(sig->mu);
-      sig->cv.wait(lock, [&] { return job.finished(); });
-    } else {
-      job.run_inline();
-    }
+    job.run(pool);
     AQ_RETURN_IF_ERROR(job.status());
     if (job.needs_f32_scales() && scheme.scale_type == ScaleType::kF16) {
       scheme.scale_type = ScaleType::kF32;

@@ -93,6 +93,8 @@ class TensorJob {
   void start(ThreadPool& pool, const std::atomic<bool>* stop, std::function<void()> on_block_done);
   // Runs every pass on the calling thread.
   void run_inline();
+  // Runs every pass on the pool's workers, the calling thread waiting for them; inline without one.
+  void run(ThreadPool* pool);
 
   bool finished() const { return finished_.load(std::memory_order_acquire); }
   uint64_t blocks_done() const { return work_done_.load(); }

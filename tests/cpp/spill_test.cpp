@@ -5,9 +5,7 @@
 #include <signal.h>
 #include <sys/resource.h>
 
-#include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -25,21 +23,7 @@ Result<EncodedTensor> run_job(const RowSource& src, const QuantScheme& scheme, T
                               const std::string& dir) {
   TensorJob job(src, scheme);
   if (!dir.empty()) job.spill_codes(dir, 0);
-  if (pool) {
-    struct Signal {
-      std::mutex mu;
-      std::condition_variable cv;
-    };
-    auto sig = std::make_shared<Signal>();
-    job.start(*pool, nullptr, [sig] {
-      std::lock_guard<std::mutex> lock(sig->mu);
-      sig->cv.notify_all();
-    });
-    std::unique_lock<std::mutex> lock(sig->mu);
-    sig->cv.wait(lock, [&] { return job.finished(); });
-  } else {
-    job.run_inline();
-  }
+  job.run(pool);
   AQ_RETURN_IF_ERROR(job.status());
   return job.take();
 }
