@@ -24,7 +24,7 @@ import os
 import socket
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import _core
 from .config import DiffusionQuantConfig
@@ -116,6 +116,22 @@ def _run_part(model_path: str, plan_json: str, config_json: str, component: int,
     return out
 
 
+def as_completed(pending: Dict[Any, int]) -> Iterator[Tuple[int, Callable[[], Any]]]:
+    """Yields (index, get) for Ray tasks {ref: index} as they finish; ``get()`` returns the task's
+    result or raises its error. The tasks still running are cancelled when the caller stops early
+    (an exception, Ctrl-C)."""
+    import ray
+
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                yield pending.pop(ref), (lambda ref=ref: ray.get(ref))
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
 def _cause(err: BaseException) -> BaseException:
     """The exception a Ray task raised (ArrowQuantError subclasses come back as themselves)."""
     cause = getattr(err, "cause", None)
@@ -174,28 +190,23 @@ def quantize_distributed(model_path: str, output_path: str, config: DiffusionQua
         for i, (c, a, b, _) in enumerate(parts):
             pending[remote.remote(model_abs, plan_json, task_config, c, a, b)] = i
         say(f"{len(parts)} parts on the Ray cluster")
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for ref in ready:
-                i = pending.pop(ref)
-                try:
-                    r = ray.get(ref)
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                        ray.exceptions.RaySystemError, ray.exceptions.ObjectLostError) as e:
-                    # out of retries: the driver quantizes what the part did not journal
-                    failed.append({"part": list(parts[i][:3]), "error": f"{type(e).__name__}: {e}"})
-                    continue
-                except ray.exceptions.RayTaskError as e:
-                    raise _cause(e) from None
-                c, a, b, _ = parts[i]
-                r["part"] = [c, a, b]
-                done.append(r)
-                count["tensors"] += b - a
-                count["weights"] += sum(t["numel"] for t in tensors[c][a:b])
-                say(f"part {len(done)}/{len(parts)} on {r['host']}: {tensors[c][b - 1]['name']}")
+        for i, get in as_completed(pending):
+            try:
+                r = get()
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                    ray.exceptions.RaySystemError, ray.exceptions.ObjectLostError) as e:
+                # out of retries: the driver quantizes what the part did not journal
+                failed.append({"part": list(parts[i][:3]), "error": f"{type(e).__name__}: {e}"})
+                continue
+            except ray.exceptions.RayTaskError as e:
+                raise _cause(e) from None
+            c, a, b, _ = parts[i]
+            r["part"] = [c, a, b]
+            done.append(r)
+            count["tensors"] += b - a
+            count["weights"] += sum(t["numel"] for t in tensors[c][a:b])
+            say(f"part {len(done)}/{len(parts)} on {r['host']}: {tensors[c][b - 1]['name']}")
     except BaseException:
-        for ref in pending:
-            ray.cancel(ref, force=True)
         if resume:
             run.keep()  # the parts journaled so far stay for the next run with resume
         del run
@@ -324,5 +335,5 @@ def run_local_instead(cluster: Any) -> None:
                   f"machine instead", RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["quantize_distributed", "record_on_ray", "resolve_cluster", "ray_available", "plan_parts", "RaySession",
+__all__ = ["quantize_distributed", "record_on_ray", "as_completed", "resolve_cluster", "ray_available", "plan_parts", "RaySession",
            "PART_BYTES"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from . import _core
-from .cluster import RaySession, ray_available, resolve_cluster, run_local_instead
+from .cluster import RaySession, as_completed, ray_available, resolve_cluster, run_local_instead
 from .config import PROFILES, DiffusionQuantConfig
 from .errors import ArrowQuantError, ConfigurationError
 
@@ -200,22 +200,14 @@ def run_zoo(config: Any, cluster: Any = None, progress: Optional[Callable[[int, 
             remote = ray.remote(_ray_job).options(num_cpus=cpus, max_retries=3, name="arrowquant_zoo_job",
                                                   scheduling_strategy="SPREAD")
             pending = {remote.remote(job, cpus): i for i, job in enumerate(jobs)}
-            try:
-                while pending:
-                    ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-                    for ref in ready:
-                        i = pending.pop(ref)
-                        try:
-                            row = ray.get(ref)
-                        except ray.exceptions.RayError as e:  # the worker died beyond its retries
-                            job = jobs[i]
-                            row = {"name": job.name, "model": job.model, "profile": job.profile,
-                                   "output": job.output, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-                        finished(i, row)
-            except BaseException:
-                for ref in pending:
-                    ray.cancel(ref, force=True)
-                raise
+            for i, get in as_completed(pending):
+                try:
+                    row = get()
+                except ray.exceptions.RayError as e:  # the worker died beyond its retries
+                    job = jobs[i]
+                    row = {"name": job.name, "model": job.model, "profile": job.profile, "output": job.output,
+                           "status": "failed", "error": f"{type(e).__name__}: {e}"}
+                finished(i, row)
             backend = "ray"
             workers = len({r.get("node") for r in rows if r and r.get("node")})
     summary = {"jobs": rows, "done": sum(r["status"] == "done" for r in rows),
