@@ -4,7 +4,8 @@
 //   safetensors        small valid files (several dtypes, metadata, a 0-d and an empty tensor)
 //   weights_parquet    weights.parquet files of small random tensors encoded with every scheme
 //                      (affine 2..8 bits, grouped / per channel, symmetric, f32 scales, rotated;
-//                      entropy-coded; every ggml type) plus raw tensors and an input_scale
+//                      entropy-coded; every ggml type) plus raw tensors and an input_scale, and
+//                      one file with its tensors stored in pieces
 //   tensor_decode      the same encoded tensors in fuzz_util.h's structured layout
 //   export_requantize  those, each with a target-scheme byte in front
 //   manifest_json      a manifest, a full engine configuration, a shard index, a model_index.json
@@ -122,7 +123,10 @@ aq::fuzz::FuzzTensor as_fuzz(const aq::EncodedTensor& e) {
   return t;
 }
 
-void write_weights(const fs::path& path, const std::vector<std::pair<Case, aq::EncodedTensor>>& tensors, bool raw) {
+// max_piece_bytes: tensors storing more are written in pieces (format version 4), as the engine
+// writes big tensors.
+void write_weights(const fs::path& path, const std::vector<std::pair<Case, aq::EncodedTensor>>& tensors, bool raw,
+                   uint64_t max_piece_bytes = UINT64_MAX) {
   using namespace aq;
   fs::create_directories(path.parent_path());
   auto sink = ParquetSink::Open(path.string(), "unet");
@@ -140,7 +144,7 @@ void write_weights(const fs::path& path, const std::vector<std::pair<Case, aq::E
     info.max_abs_error = 0.01;
     info.stored = e.stored_bytes();
     if (c.name == "int4_f32") info.input_scale.assign(c.cols, 1.5f);
-    const Status st = (*sink)->Write(info, e.view());
+    const Status st = (*sink)->Write(info, e.view(), 1, max_piece_bytes);
     if (!st.ok()) std::fprintf(stderr, "%s\n", st.ToString().c_str()), std::exit(1);
   }
   if (raw) {
@@ -155,7 +159,7 @@ void write_weights(const fs::path& path, const std::vector<std::pair<Case, aq::E
     norm.dtype = DType::kF16;
     norm.reason = "kept: 1-D tensor";
     norm.stored = f16.size();
-    (void)(*sink)->Write(norm, TensorPayload{f16, {}, {}});
+    (void)(*sink)->Write(norm, TensorPayload{f16, {}, {}}, 1, max_piece_bytes);
     std::vector<uint8_t> ids(16, 0);
     ids[0] = 7, ids[8] = 42;
     StoredTensorInfo pos;
@@ -209,6 +213,8 @@ int main(int argc, char** argv) {
     write_weights(out / "weights_parquet" / ("seed_" + all[i].first.name), {all[i]}, false);
   }
   write_weights(out / "weights_parquet" / "seed_mixed", {all[0], all[6], all[8], all[12]}, true);
+  // every tensor over 96 bytes in pieces: affine 2..8 bits, entropy (pieces of whole chunks), ggml
+  write_weights(out / "weights_parquet" / "seed_pieces", {all[0], all[1], all[2], all[6], all[8], all[12]}, true, 96);
 
   // manifest_json: a manifest (its config a full engine configuration), a shard index, a model_index
   {
