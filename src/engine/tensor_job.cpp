@@ -324,17 +324,24 @@ int TensorJob::next_pass(int pass) {
     return -1;
   }
   if (spill_) {
-    Status st = entropy_order_spill();
-    if (!st.ok()) block_status_[0] = std::move(st);
-    return -1;
+    if (Status st = entropy_order_spill(); !st.ok()) {
+      block_status_[0] = std::move(st);
+      return -1;
+    }
+  } else {
+    out_.codes.reserve(total);
+    for (auto& bytes : block_bytes_) {
+      out_.codes.insert(out_.codes.end(), bytes.begin(), bytes.end());
+      e.chunk_offsets.push_back(static_cast<uint32_t>(out_.codes.size()));
+      std::vector<uint8_t>().swap(bytes);
+    }
   }
-  out_.codes.reserve(total);
-  for (auto& bytes : block_bytes_) {
-    out_.codes.insert(out_.codes.end(), bytes.begin(), bytes.end());
-    e.chunk_offsets.push_back(static_cast<uint32_t>(out_.codes.size()));
-    std::vector<uint8_t>().swap(bytes);
+  // Spilled or not (piece_bytes decides only where the codes wait), a small tensor is stored
+  // as the better of the two.
+  if (src_.rows * src_.cols <= kEntropyCompareBelow) {
+    entropy_compare_affine();
+    if (replaced_) spill_.reset();  // the affine alternative's codes are in memory
   }
-  if (src_.rows * src_.cols <= kEntropyCompareBelow) entropy_compare_affine();
   return -1;
 }
 

@@ -6,6 +6,7 @@
 #include <sys/resource.h>
 
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -89,6 +90,39 @@ TEST(Spill, spilled_codes_equal_the_codes_held_in_memory_for_every_scheme_and_th
     }
   }
   EXPECT_EQ(entries(dir), 0u) << "scratch files are unnamed: nothing is left in the folder";
+}
+
+TEST(Spill, a_small_entropy_tensor_is_stored_as_the_better_scheme_whether_spilled_or_not) {
+  // Uniform weights (a fresh layer's initialization): the rANS codes save nothing, and the plain
+  // affine codes of the same budget are stored instead. piece_bytes (where the codes wait) must
+  // not change that choice.
+  const size_t rows = 256, cols = 64;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> u(-0.125f, 0.125f);
+  std::vector<float> w(rows * cols);
+  for (float& x : w) x = u(rng);
+  const std::vector<uint8_t> bytes = testing::f32_bytes(w);
+  RowSource src;
+  src.data = bytes.data();
+  src.rows = rows;
+  src.cols = cols;
+  src.name = "context_embedder.weight";
+  QuantScheme s;
+  s.kind = SchemeKind::kEntropy;
+  testing::TempDir dir;
+  ASSERT_OK_AND_ASSIGN(EncodedTensor memory, run_job(src, s, nullptr, ""));
+  ASSERT_EQ(memory.scheme.kind, SchemeKind::kAffine) << "the test needs a tensor the affine codes win";
+  ThreadPool p2(2);
+  for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &p2}) {
+    ASSERT_OK_AND_ASSIGN(EncodedTensor spilled, run_job(src, s, pool, dir.str()));
+    EXPECT_EQ(scheme_name(spilled.scheme), scheme_name(memory.scheme));
+    EXPECT_FALSE(spilled.spill);
+    EXPECT_EQ(spilled.codes, memory.codes);
+    EXPECT_EQ(spilled.scales, memory.scales);
+    EXPECT_EQ(spilled.zero_points, memory.zero_points);
+    EXPECT_EQ(spilled.stats.sum_ee, memory.stats.sum_ee);
+  }
+  EXPECT_EQ(entries(dir), 0u);
 }
 
 TEST(Spill, a_job_below_the_threshold_keeps_its_codes_in_memory) {
