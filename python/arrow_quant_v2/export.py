@@ -13,19 +13,20 @@ quantized, stable-diffusion.cpp runs convolutions in F16), and a GGUF tensor kee
 only in a float type.
 
 The file is written to a temporary name beside the output and renamed when complete; tensors
-stream from the model one at a time.
+stream from the model one at a time, and a big tensor a block of rows at a time (one stored
+piece in memory).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
 from . import _core
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ModelFormatError
 from .loader import load
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -214,22 +215,22 @@ def export_gguf(quant_dir: PathLike, out_path: PathLike, component: Optional[str
                 block, nbytes = gguf.GGML_QUANT_SIZES[gtype]
                 rows, cols = e["shape"][0], int(np.prod(e["shape"][1:]))
                 byte_shape = (rows, cols // block * nbytes)
-                writer.add_tensor_info(e["name"], byte_shape, np.dtype(np.uint8), rows * byte_shape[1],
-                                       raw_dtype=gtype)
+                e["nbytes"] = rows * byte_shape[1]
+                writer.add_tensor_info(e["name"], byte_shape, np.dtype(np.uint8), e["nbytes"], raw_dtype=gtype)
                 if len(e["shape"]) > 2:  # packed convolution: ComfyUI-GGUF restores the shape
                     writer.add_array(f"comfy.gguf.orig_shape.{e['name']}", list(e["shape"]))
             else:
                 np_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float32}[e["type"]]
                 numel = int(np.prod(e["shape"])) if e["shape"] else 1
-                writer.add_tensor_info(e["name"], e["shape"] or (1,), np.dtype(np_dtype),
-                                       numel * np.dtype(np_dtype).itemsize,
+                e["nbytes"] = numel * np.dtype(np_dtype).itemsize
+                writer.add_tensor_info(e["name"], e["shape"] or (1,), np.dtype(np_dtype), e["nbytes"],
                                        raw_dtype=gtype if e["type"] == "BF16" else None)
             result["types"][e["type"]] = result["types"].get(e["type"], 0) + 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for e in plan:
-            writer.write_tensor_data(_tensor_data(model, e, gguf))
+            writer.write_tensor_data(_TensorData(model, e))
             if e["kind"] == "copy":
                 result["copied"] += 1
             elif e["kind"] == "requantize":
@@ -459,35 +460,57 @@ def _merge_parts(path: str, out_name: str, parts: List[Dict[str, Any]], swap: bo
     return entry
 
 
-def _rows(arrays: List[np.ndarray], swap: bool) -> np.ndarray:
-    a = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-    if swap:
-        half = a.shape[0] // 2
-        a = np.concatenate([a[half:], a[:half]], axis=0)
-    return a
+def _row_ranges(rows: List[int], swap: bool) -> List[tuple]:
+    """(part, first row, end row) in the order the written tensor holds them: the parts' rows one
+    after the other, and with ``swap`` the second half of all of them before the first."""
+    total = sum(rows)
+    order = [(total // 2, total), (0, total // 2)] if swap else [(0, total)]
+    out, starts = [], np.cumsum([0] + rows)
+    for g0, g1 in order:
+        for i, n in enumerate(rows):
+            a, b = max(g0, int(starts[i])), min(g1, int(starts[i]) + n)
+            if a < b:
+                out.append((i, a - int(starts[i]), b - int(starts[i])))
+    return out
 
 
-def _tensor_data(model: Any, e: Dict[str, Any], gguf: Any) -> np.ndarray:
-    kind, shape = e["kind"], e["shape"] or (1,)
-    if kind == "requantize":
-        w = _rows([np.ascontiguousarray(model[q].numpy(), dtype=np.float32) for q in e["parts"]], e["swap"])
-        scheme = next(k for k, v in GGML_EXPORT_TYPES.items() if v == e["type"])
-        enc = _core.encode_array(np.ascontiguousarray(w), 0, scheme=scheme, name=e["name"])
-        return np.frombuffer(enc.codes, dtype=np.uint8).reshape(shape[0], -1)
-    arrays = []
-    for q in e["parts"]:
-        t = model[q]
-        part_shape = tuple(int(d) for d in t.shape) or (1,)
-        if kind == "copy":
-            arrays.append(np.frombuffer(t.packed().codes, dtype=np.uint8).reshape(part_shape[0], -1))
-        elif kind == "dequantize":
-            arrays.append(t.numpy().astype(np.float16))
-        elif e["type"] == "BF16":
-            arrays.append(np.frombuffer(t.packed().codes, dtype="<u2").reshape(part_shape))
-        else:
-            arrays.append(t.numpy().astype(np.float16 if e["type"] == "F16" else np.float32).reshape(part_shape))
-    a = _rows(arrays, e["swap"])
-    return a.reshape(shape[0], -1) if kind == "copy" else a.reshape(shape)
+def _tensor_blocks(model: Any, e: Dict[str, Any]) -> Iterator[np.ndarray]:
+    """The written tensor's data, a block of rows at a time in file order, holding one stored
+    piece: ggml layers and bfloat16 tensors as their stored bytes, the others decoded (and
+    encoded again for ``requantize``: a row's blocks do not depend on other rows, so encoding
+    by blocks of rows writes the bytes a whole-tensor encoding would)."""
+    kind, parts = e["kind"], [model[q] for q in e["parts"]]
+    scheme = next((k for k, v in GGML_EXPORT_TYPES.items() if v == e["type"]), None)
+    for i, r0, r1 in _row_ranges([t.shape[0] if t.shape else 1 for t in parts], e["swap"]):
+        t = parts[i]
+        if kind == "copy" or e["type"] == "BF16":
+            yield from t.stored_rows(r0, r1)
+            continue
+        for w in t.float_rows(r0, r1):
+            if kind == "requantize":
+                yield np.frombuffer(_core.encode_array(w, 0, scheme=scheme, name=e["name"]).codes, dtype=np.uint8)
+            else:
+                yield w.astype(np.float32 if e["type"] == "F32" else np.float16)
+
+
+class _TensorData:
+    """One tensor's bytes for ``GGUFWriter.write_tensor_data``, which takes a numpy array and uses
+    its ``nbytes`` and ``tofile``: this object gives the same two, writing the tensor a block
+    of rows at a time, so no big tensor is ever whole in memory (a 262k-row Q8_0 embedding is
+    1 GB)."""
+
+    def __init__(self, model: Any, e: Dict[str, Any]) -> None:
+        self.model, self.entry, self.nbytes = model, e, e["nbytes"]
+
+    def tofile(self, f: Any) -> None:
+        written = 0
+        for block in _tensor_blocks(self.model, self.entry):
+            block = np.ascontiguousarray(block)
+            block.tofile(f)
+            written += block.nbytes
+        if written != self.nbytes:
+            raise ModelFormatError(f"{self.model.path}: tensor {self.entry['name']!r}: its stored data make "
+                                   f"{written} bytes where its type and shape make {self.nbytes}")
 
 
 # DiT name maps. Modules: diffusers module -> (original module, position among the parts it joins

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -28,6 +28,7 @@ _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": 
 _NUMPY_RAW = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
               "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32,
               "U64": np.uint64, "BOOL": np.bool_}
+_RAW_FLOAT = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}  # kept floats, as stored
 
 
 def timestep_group(groups: List[Dict[str, Any]], step: float) -> int:
@@ -97,6 +98,73 @@ class QuantizedTensor:
         return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
 
     dequantize = numpy
+
+    @property
+    def pieces(self) -> List[Tuple[int, int]]:
+        """(row_start, row_count) of each stored piece, in row order: one for a tensor stored
+        whole, several for a big tensor stored in pieces (docs/format.md)."""
+        return [(int(a), int(n)) for a, n in self.info["pieces"]]
+
+    def _overlaps(self, r0: int, r1: Optional[int]) -> Iterator[Tuple[int, int, int, int, int]]:
+        rows = self.shape[0] if self.shape else 1
+        r1 = rows if r1 is None else r1
+        if not 0 <= r0 <= r1 <= rows:
+            raise IndexError(f"{self.name}: rows [{r0}, {r1}) out of range (the tensor has {rows})")
+        for k, (start, count) in enumerate(self.pieces):
+            a, b = max(r0, start), min(r1, start + count)
+            if a < b:
+                yield k, start, count, a, b
+
+    def stored_rows(self, r0: int = 0, r1: Optional[int] = None) -> Iterator[np.ndarray]:
+        """The stored bytes of rows [r0, r1) (default: all), as uint8 arrays of rows x bytes, one
+        per stored piece the range meets: a ggml block type's blocks, or a kept tensor's source
+        bytes. Holds one piece at a time. Other schemes' rows are not whole bytes: ValueError."""
+        if self.quantized and not self.info.get("ggml_type"):
+            raise ValueError(f"{self.name}: rows of scheme {self.scheme} are not whole bytes; read float_rows")
+        for k, start, count, a, b in self._overlaps(r0, r1):
+            codes = np.frombuffer(self._reader.packed(self._index, k)["codes"], dtype=np.uint8)
+            yield codes.reshape(count, -1)[a - start:b - start]
+
+    def float_rows(self, r0: int = 0, r1: Optional[int] = None,
+                   block_values: int = 1 << 23) -> Iterator[np.ndarray]:
+        """Rows [r0, r1) (default: all) as float32 arrays of rows x (the other dimensions), each
+        at most ``block_values`` values (and at least one row, or for entropy-coded tensors one
+        chunk of rows, the unit they decode in): what :meth:`numpy` gives (the
+        input scale folded in), a block at a time, holding one stored piece. The memory of a
+        pass over a big tensor is one piece and one block, whatever the tensor's size."""
+        cols = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+        step = max(1, block_values // max(cols, 1))
+        raw = None if self.quantized else _RAW_FLOAT.get(self.dtype)
+        if not self.quantized and raw is None:  # fp8 and the like: converted by the core, whole
+            whole = self.numpy().reshape(-1, cols)
+            for _, _, _, a, b in self._overlaps(r0, r1):
+                for x in range(a, b, step):
+                    yield whole[x:min(b, x + step)]
+            return
+        scale = None
+        if self.quantized and self.info.get("equalized"):
+            s = np.asarray(self.packed().input_scale, dtype=np.float32)
+            scale = np.repeat(s, cols // s.size)
+        for k, start, count, a, b in self._overlaps(r0, r1):
+            if raw is not None:
+                codes = np.frombuffer(self._reader.packed(self._index, k)["codes"], dtype=raw).reshape(count, cols)
+                for x in range(a, b, step):
+                    block = codes[x - start:min(b, x + step) - start]
+                    if raw == "<u2":  # bfloat16: the high half of a float32
+                        yield (block.astype(np.uint32) << 16).view(np.float32)
+                    else:
+                        yield block.astype(np.float32)
+                continue
+            layer = self._reader.layer(self._index, k)
+            g = max(1, layer.decode_granularity)  # entropy codes decode in whole chunks of rows
+            lo, hi, n = (a - start) // g * g, b - start, max(g, step // g * g)
+            for x in range(lo, hi, n):
+                end = min(count, x + n)
+                out = np.empty((end - x, cols), dtype=np.float32)
+                layer.decode_rows_into(out, x, end - x)
+                if scale is not None:
+                    out *= scale
+                yield out[max(0, a - start - x):min(end, hi) - x]
 
     def to_torch(self) -> Any:
         """The tensor as a torch.Tensor in its source dtype: kept tensors bit for bit (bf16 stays

@@ -249,6 +249,9 @@ nb::dict info_dict(const aq::StoredTensorInfo& t) {
     d["max_abs_error"] = t.max_abs_error;
   }
   d["equalized"] = !t.input_scale.empty();
+  nb::list pieces;  // (row_start, row_count) of each stored piece, in row order
+  for (const auto& p : t.pieces) pieces.append(nb::make_tuple(p.row_start, p.row_count));
+  d["pieces"] = pieces;
   return d;
 }
 
@@ -266,11 +269,12 @@ class PackedLayer {
   // The bytes are copied out of the Parquet reader's buffers into buffers of their exact size,
   // and those are let go: Arrow's binary column buffers are grown by doubling and would stay
   // resident at up to twice the stored size.
-  PackedLayer(aq::LoadedTensor t, const aq::StoredTensorInfo& info, std::string where)
+  // rows: the rows the bytes hold (all of the tensor's, or one piece's).
+  PackedLayer(aq::LoadedTensor t, const aq::StoredTensorInfo& info, uint64_t rows, std::string where)
       : codes_(t.payload.codes.begin(), t.payload.codes.end()),
         scales_(t.payload.scales.begin(), t.payload.scales.end()),
         zero_points_(t.payload.zero_points.begin(), t.payload.zero_points.end()),
-        entropy_(std::move(t.entropy)), table_(std::move(t.table)), scheme_(info.scheme), rows_(info.rows()),
+        entropy_(std::move(t.entropy)), table_(std::move(t.table)), scheme_(info.scheme), rows_(rows),
         cols_(info.cols()), where_(std::move(where)) {
     t.keep_alive.reset();
     if (auto st = aq::check_encoded(scheme_, rows_, cols_, view()); !st.ok()) raise(st.WithPrefix(where_ + ": "));
@@ -361,15 +365,9 @@ class WeightsReader {
     return float_array(std::move(out), shape);
   }
 
-  nb::dict packed(size_t index) const {
-    check(index);
-    std::optional<aq::Result<aq::LoadedTensor>> r;
-    {
-      nb::gil_scoped_release release;
-      std::lock_guard<std::mutex> lock(mu_);
-      r.emplace(src_->read(index));
-    }
-    aq::LoadedTensor t = unwrap(std::move(*r));
+  // The stored values of tensor `index`, or of its piece `piece` only (rows info["pieces"][piece]).
+  nb::dict packed(size_t index, std::optional<size_t> piece) const {
+    aq::LoadedTensor t = read(index, piece);
     nb::dict d = info_dict(src_->tensors()[index]);
     d["codes"] = to_bytes(t.payload.codes);
     d["scales"] = src_->tensors()[index].quantized ? nb::object(to_bytes(t.payload.scales)) : nb::none();
@@ -382,19 +380,15 @@ class WeightsReader {
   }
 
   // The stored bytes of a quantized tensor, for the runtime (ModelFormatError when they do not
-  // match its scheme and shape).
-  PackedLayer layer(size_t index) const {
+  // match its scheme and shape); with `piece`, the rows of that piece only.
+  PackedLayer layer(size_t index, std::optional<size_t> piece) const {
     check(index);
     const auto& info = src_->tensors()[index];
-    const std::string where = src_->path() + ": tensor '" + info.name + "'";
+    std::string where = src_->path() + ": tensor '" + info.name + "'";
     if (!info.quantized) raise(aq::InvalidConfig(where + " is not quantized (kept as it was)"));
-    std::optional<aq::Result<aq::LoadedTensor>> r;
-    {
-      nb::gil_scoped_release release;
-      std::lock_guard<std::mutex> lock(mu_);
-      r.emplace(src_->read(index));
-    }
-    return PackedLayer(unwrap(std::move(*r)), info, where);
+    aq::LoadedTensor t = read(index, piece);
+    if (!piece) return PackedLayer(std::move(t), info, info.rows(), where);
+    return PackedLayer(std::move(t), info, info.pieces[*piece].row_count, where + " piece " + std::to_string(*piece));
   }
 
   size_t size() const { return src_->tensors().size(); }
@@ -404,6 +398,18 @@ class WeightsReader {
   void check(size_t index) const {
     if (index >= src_->tensors().size())
       throw nb::index_error(("tensor index " + std::to_string(index) + " out of range").c_str());
+  }
+  aq::LoadedTensor read(size_t index, std::optional<size_t> piece) const {
+    check(index);
+    if (piece && *piece >= src_->tensors()[index].pieces.size())
+      throw nb::index_error(("piece " + std::to_string(*piece) + " out of range").c_str());
+    std::optional<aq::Result<aq::LoadedTensor>> r;
+    {
+      nb::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mu_);  // one Parquet reader: reads are serialized
+      r.emplace(piece ? src_->read_piece(index, *piece) : src_->read(index));
+    }
+    return unwrap(std::move(*r));
   }
   std::unique_ptr<aq::ParquetSource> src_;
   mutable std::mutex mu_;
@@ -707,8 +713,8 @@ NB_MODULE(_core, m) {
       .def(nb::init<const std::string&>(), nb::arg("path"))
       .def("tensors", &WeightsReader::tensors)
       .def("dequantize", &WeightsReader::dequantize, nb::arg("index"))
-      .def("packed", &WeightsReader::packed, nb::arg("index"))
-      .def("layer", &WeightsReader::layer, nb::arg("index"))
+      .def("packed", &WeightsReader::packed, nb::arg("index"), nb::arg("piece").none() = nb::none())
+      .def("layer", &WeightsReader::layer, nb::arg("index"), nb::arg("piece").none() = nb::none())
       .def("__len__", &WeightsReader::size)
       .def_prop_ro("path", &WeightsReader::path);
 }

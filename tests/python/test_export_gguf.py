@@ -391,6 +391,38 @@ def test_flux_original_layout_joins_parts_as_stored(tmp_path):
     assert p + "double_blocks.0.img_attn.qkv.weight" in r2["requantized"]
 
 
+@pytest.mark.parametrize("settings,requantize", [({"scheme": "q4_k"}, None), ({"scheme": "q8_0"}, None),
+                                                 ({"bit_width": 4, "group_size": 64}, "q4_k"),
+                                                 ({"scheme": "entropy"}, "q6_k")],
+                         ids=["q4_k", "q8_0", "affine-requantized", "entropy-requantized"])
+def test_a_model_stored_in_pieces_exports_the_bytes_of_one_stored_whole(tmp_path, settings, requantize):
+    """Export reads a big tensor a stored piece at a time (a block of rows decoded at a time when
+    encoding again): the GGUF equals the one from the same model stored whole, byte for byte, for
+    layers copied, requantized and dequantized, a kept bfloat16 weight, and Flux's joined and
+    half-exchanged tensors."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    _flux(2, 128).to(torch.bfloat16).save_pretrained(src)
+    cfg = dict(settings, enable_fallback=False, sensitive_patterns=[], skip_patterns=[r"blocks\.0\.ff\.net\.0", "x_embedder"])
+    files = []
+    for piece_bytes in (None, 4096):
+        out = tmp_path / f"q-{piece_bytes}"
+        extra = {"piece_bytes": piece_bytes} if piece_bytes else {}
+        aq.ArrowQuantV2().quantize_diffusion_model(src, out, aq.DiffusionQuantConfig(**cfg, **extra))
+        q = aq.load(out)
+        pieced = [n for n in q.tensor_names() if len(q[n].pieces) > 1]
+        assert (len(pieced) > 5 and "norm_out.linear.weight" in pieced  # pieces of 256 rows
+                and "transformer_blocks.0.ff.net.0.proj.weight" in pieced) if piece_bytes else not pieced
+        files.append(tmp_path / f"m-{piece_bytes}.gguf")
+        r = export_gguf(out, files[-1], arch="flux", requantize=requantize)
+        assert r["tensors"] > 20 and (r["requantized"] if requantize else r["copied"])
+    assert files[0].read_bytes() == files[1].read_bytes()
+    kept = next(t for t in gguf.GGUFReader(files[1]).tensors if t.name.endswith("double_blocks.0.img_mlp.0.weight"))
+    assert kept.tensor_type == gguf.GGMLQuantizationType.BF16
+
+
 @pytest.mark.parametrize("scheme", ["q8_0"])
 def test_diffusers_converts_our_flux_original_layout(tmp_path, scheme):
     """diffusers' own Flux converter (which assumes Flux's width, 3072) splits our joined tensors back:

@@ -370,6 +370,24 @@ def test_big_tensors_in_pieces_load_and_validate_as_when_stored_whole(tmp_path, 
         pa, pb, pc = ma[name].packed(), mb[name].packed(), mc[name].packed()
         assert bytes(pa.codes) == bytes(pb.codes) == bytes(pc.codes), name
         np.testing.assert_array_equal(ma[name].numpy(), mb[name].numpy())
+        # read a block of rows at a time (what export does): the same values, one piece in memory
+        t, ref = mb[name], ma[name].numpy()
+        assert len(t.pieces) > 1 and ma[name].pieces == [(0, ref.shape[0])]
+        blocks = list(t.float_rows(block_values=5000))
+        # at most 5000 values, or one piece's rows (entropy codes decode in whole chunks)
+        limit = max(n for _, n in t.pieces) * ref[0].size if t.scheme.startswith("entropy") else 5000
+        assert max(x.size for x in blocks) <= limit and len(blocks) >= len(t.pieces)
+        np.testing.assert_array_equal(np.concatenate(blocks), ref)
+        r0, r1 = t.pieces[0][1] - 7, t.pieces[1][0] + t.pieces[1][1] + 3  # across three pieces
+        np.testing.assert_array_equal(np.concatenate(list(t.float_rows(r0, r1))), ref[r0:r1])
+        if not t.quantized or t.info.get("ggml_type"):
+            got = np.concatenate(list(t.stored_rows(r0, r1)))
+            assert got.tobytes() == bytes(pa.codes)[r0 * got.shape[1]:r1 * got.shape[1]]
+        else:
+            with pytest.raises(ValueError, match="not whole bytes"):
+                next(t.stored_rows())
+        with pytest.raises(IndexError, match="out of range"):
+            next(t.float_rows(0, ref.shape[0] + 1))
     assert not mb["blocks.0.keep.weight"].quantized
     np.testing.assert_array_equal(mb["blocks.0.keep.weight"].numpy(), arrays["blocks.0.keep.weight"])
     # nothing of the run is left beside the output (the scratch files are unnamed)
