@@ -5,11 +5,11 @@ DIR`, a folder holding an older arrow_quant_v2 package), alternated in fresh pro
 their rows: 152064 is Dream-7B's, a bigger one shows whether the peak follows the largest tensor)
 is generated once in `--workdir`; validate_quality checks the output of this build's
 quantization. `export`: export_gguf of that output (ggml layers written as stored);
-`requantize`: export_gguf(requantize="q4_k") of an int4 g128 quantization (decoded and encoded
-again).
+`requantize`: export_gguf(requantize="q4_k") of an int4 g128 symmetric quantization (decoded and
+encoded again); `compressed-tensors`: export_compressed_tensors of that quantization.
 
     .venv/bin/python benchmarks/bench_validate_peak.py --baseline DIR [--layers 1] [--vocab 152064]
-        [--measure validate quantize export requantize] [--profile local] [--workdir W]
+        [--measure validate quantize export requantize compressed-tensors] [--profile local] [--workdir W]
 """
 
 from __future__ import annotations
@@ -32,7 +32,11 @@ if sys.argv[3] == 'quantize':
                                                aq.DiffusionQuantConfig.from_profile(sys.argv[4], overwrite=True))
 elif sys.argv[3] == 'quantize-int4':
     aq.ArrowQuantV2().quantize_diffusion_model(sys.argv[1], sys.argv[2],
-                                               aq.DiffusionQuantConfig(bit_width=4, group_size=128, overwrite=True))
+                                               aq.DiffusionQuantConfig(bit_width=4, group_size=128, symmetric=True,
+                                                                       overwrite=True))
+elif sys.argv[3] == 'compressed-tensors':
+    from arrow_quant_v2.export import export_compressed_tensors
+    export_compressed_tensors(sys.argv[2], sys.argv[2] + '.ct', overwrite=True)
 elif sys.argv[3] in ('export', 'requantize'):
     aq.export_gguf(sys.argv[2], sys.argv[2] + '.gguf', overwrite=True, arch='diffusers',
                    requantize='q4_k' if sys.argv[3] == 'requantize' else None)
@@ -48,7 +52,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--vocab", type=int, default=152064)
     p.add_argument("--profile", default="local")
-    p.add_argument("--measure", nargs="+", choices=("validate", "quantize", "export", "requantize"), default=["validate"])
+    p.add_argument("--measure", nargs="+", choices=("validate", "quantize", "export", "requantize", "compressed-tensors"), default=["validate"])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workdir")
     a = p.parse_args()
@@ -59,8 +63,8 @@ def main() -> None:
                               overwrite=True, kv_dim=512, qkv_bias=True)
     child = [sys.executable, "-c", CHILD]
     subprocess.run(child + [model, quant, "quantize", a.profile], check=True, capture_output=True)
-    quant_int4 = os.path.join(work, f"q-{a.vocab}-int4")
-    if "requantize" in a.measure:
+    quant_int4 = os.path.join(work, f"q-{a.vocab}-int4-sym")
+    if {"requantize", "compressed-tensors"} & set(a.measure):
         subprocess.run(child + [model, quant_int4, "quantize-int4", a.profile], check=True, capture_output=True)
     print(f"Dream-7B shapes, {a.layers} decoder layer(s), vocabulary {a.vocab} (embedding and head "
           f"{a.vocab * 3584 / 1e6:.0f} M weights each), profile `{a.profile}`:\n")
@@ -68,7 +72,8 @@ def main() -> None:
     for _ in range(a.rounds):
         for work_kind in a.measure:
             for name, path in (("this build", None), ("baseline", a.baseline)):
-                out = {"validate": quant, "export": quant, "requantize": quant_int4}.get(work_kind, quant + "-again")
+                out = {"validate": quant, "export": quant, "requantize": quant_int4,
+                       "compressed-tensors": quant_int4}.get(work_kind, quant + "-again")
                 r = subprocess.run(child + [model, out, work_kind, a.profile], capture_output=True, text=True,
                                    env=build_env(path), check=True)
                 d = json.loads(r.stdout.strip().splitlines()[-1])

@@ -490,7 +490,7 @@ def _tensor_blocks(model: Any, e: Dict[str, Any]) -> Iterator[np.ndarray]:
             if kind == "requantize":
                 yield np.frombuffer(_core.encode_array(w, 0, scheme=scheme, name=e["name"]).codes, dtype=np.uint8)
             else:
-                yield w.astype(np.float32 if e["type"] == "F32" else np.float16)
+                yield w.astype(np.float16 if e["type"] == "F16" else np.float32)
 
 
 class _TensorData:
@@ -661,12 +661,19 @@ def export_compressed_tensors(quant_dir: PathLike, out_dir: PathLike, component:
     groups: Dict[str, Dict[str, Any]] = {}
     last: Dict[str, Any] = {}
 
-    def packed_of(t: Any) -> Any:
-        """The layer's codes and scales, read once for its two tensors (written one after the other)."""
-        if last.get("tensor") is not t:
-            last.clear()
-            last.update(tensor=t, packed=t.packed())
-        return last["packed"]
+    def codes_of(t: Any, words: int) -> Iterator[np.ndarray]:
+        """The layer's codes as int32 words, a stored piece at a time; its scales (small) are kept
+        for weight_scale, written next: each piece is read once."""
+        last.clear()
+        last["tensor"], last["scales"] = t, []
+        for p in t.packed_pieces():
+            last["scales"].append(p.scales)
+            yield np.frombuffer(p.codes, dtype="<i4").reshape(p.shape[0], words)
+
+    def scales_of(t: Any, rows: int, ngroups: int) -> np.ndarray:
+        if last.get("tensor") is not t:  # written out of order: read them again
+            last["tensor"], last["scales"] = t, [p.scales for p in t.packed_pieces()]
+        return np.concatenate(last["scales"]).astype(np.float32).reshape(rows, ngroups)
 
     packed_layers = 0
     for q in model.tensor_names(comp):
@@ -677,7 +684,8 @@ def export_compressed_tensors(quant_dir: PathLike, out_dir: PathLike, component:
             if t.dtype not in ("F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"):
                 raise ConfigurationError(f"{model.path}: tensor {name!r} is {t.dtype}; not written by this export")
             specs.append((name, t.dtype, shape))
-            makers[name] = (lambda t=t: t.numpy())
+            # floats a block of rows at a time (exact in their own dtype: bf16 -> f32 -> bf16)
+            makers[name] = (lambda t=t: t.float_rows() if t.dtype in ("F32", "F16", "BF16", "F64") else t.numpy())
             continue
         info = t.info  # the metadata columns: no codes read while planning
         bits, gsize = info.get("bits"), info.get("group_size") or 0
@@ -709,10 +717,8 @@ def export_compressed_tensors(quant_dir: PathLike, out_dir: PathLike, component:
         ngroups = cols // gsize if gsize else 1
         specs += [(f"{layer}.weight_packed", "I32", [rows, words]), (f"{layer}.weight_scale", "F32", [rows, ngroups]),
                   (f"{layer}.weight_shape", "I64", [2])]
-        makers[f"{layer}.weight_packed"] = (lambda t=t, rows=rows, words=words: np.frombuffer(
-            packed_of(t).codes, dtype="<i4").reshape(rows, words))
-        makers[f"{layer}.weight_scale"] = (lambda t=t, rows=rows, ngroups=ngroups: packed_of(t).scales.astype(
-            np.float32).reshape(rows, ngroups))
+        makers[f"{layer}.weight_packed"] = (lambda t=t, words=words: codes_of(t, words))
+        makers[f"{layer}.weight_scale"] = (lambda t=t, rows=rows, ngroups=ngroups: scales_of(t, rows, ngroups))
         makers[f"{layer}.weight_shape"] = (lambda rows=rows, cols=cols: np.array([rows, cols], np.int64))
         packed_layers += 1
     _refuse(model.path, refused, "quantized layers cannot be written as compressed-tensors pack-quantized",

@@ -115,11 +115,21 @@ class QuantizedTensor:
             if a < b:
                 yield k, start, count, a, b
 
+    def packed_pieces(self) -> Iterator[PackedTensor]:
+        """:meth:`packed`, one stored piece at a time (one for a tensor stored whole): their
+        codes, scales and zero points, concatenated, are the whole tensor's."""
+        for k in range(len(self.pieces)):
+            yield self.packed(k)
+
     def stored_rows(self, r0: int = 0, r1: Optional[int] = None) -> Iterator[np.ndarray]:
-        """The stored bytes of rows [r0, r1) (default: all), as uint8 arrays of rows x bytes, one
-        per stored piece the range meets: a ggml block type's blocks, or a kept tensor's source
-        bytes. Holds one piece at a time. Other schemes' rows are not whole bytes: ValueError."""
-        if self.quantized and not self.info.get("ggml_type"):
+        """The stored codes of rows [r0, r1) (default: all), as uint8 arrays of rows x bytes, one
+        per stored piece the range meets: a ggml block type's blocks, a kept tensor's source
+        bytes, or affine codes whose rows are whole bytes. Holds one piece at a time. Rows that
+        are not whole bytes (entropy codes, odd affine rows): ValueError."""
+        cols = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+        whole_bytes = not self.quantized or self.info.get("ggml_type") or (
+            self.info.get("scheme_kind") == "affine" and cols * (self.bits or 0) % 8 == 0)
+        if not whole_bytes:
             raise ValueError(f"{self.name}: rows of scheme {self.scheme} are not whole bytes; read float_rows")
         for k, start, count, a, b in self._overlaps(r0, r1):
             codes = np.frombuffer(self._reader.packed(self._index, k)["codes"], dtype=np.uint8)
@@ -181,12 +191,17 @@ class QuantizedTensor:
                 v = v.to(getattr(torch, _TORCH_DTYPES.get(self.dtype, "float32")))
         return v.reshape(self.shape)
 
-    def packed(self) -> PackedTensor:
-        d = self._reader.packed(self._index)
+    def packed(self, piece: Optional[int] = None) -> PackedTensor:
+        """The stored form, whole; or with ``piece``, of that stored piece's rows only
+        (:attr:`pieces`), its ``shape`` those rows: what :meth:`packed_pieces` gives one by one."""
+        d = self._reader.packed(self._index, piece)
         sdt = np.float16 if d.get("scale_type") == "f16" else np.float32
         ggml_type = d.get("ggml_type")
+        shape = list(d["shape"])
+        if piece is not None:
+            shape = [self.pieces[piece][1]] + shape[1:] if shape else shape
         return PackedTensor(
-            name=self.name, shape=list(d["shape"]), dtype=d["dtype"], quantized=d["quantized"], codes=d["codes"],
+            name=self.name, shape=shape, dtype=d["dtype"], quantized=d["quantized"], codes=d["codes"],
             scales=None if d["scales"] is None or ggml_type else np.frombuffer(d["scales"], dtype=sdt),
             zero_points=None if d["zero_points"] is None else np.frombuffer(d["zero_points"], dtype=sdt),
             bits=d.get("bits"), group_size=d.get("group_size"), symmetric=d.get("symmetric"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -45,9 +45,12 @@ TensorSpec = Tuple[str, str, Sequence[int]]  # name, dtype, shape
 
 
 def write_safetensors(path: "os.PathLike[str] | str", specs: Iterable[TensorSpec],
-                      make: Callable[[str], np.ndarray], metadata: Optional[Dict[str, str]] = None) -> int:
+                      make: Callable[[str], Union[np.ndarray, Iterator[np.ndarray]]],
+                      metadata: Optional[Dict[str, str]] = None) -> int:
     """Writes ``specs`` to ``path``; ``make(name)`` returns each tensor's values (any numpy dtype,
-    converted to the spec's dtype). Returns the file size. Written to a temporary name and renamed."""
+    converted to the spec's dtype), as one array of the spec's shape or as an iterator of arrays
+    that are its values in order, a block at a time (a big tensor is then never whole in
+    memory). Returns the file size. Written to a temporary name and renamed."""
     specs = list(specs)
     header: Dict[str, object] = {}
     if metadata:
@@ -64,10 +67,20 @@ def write_safetensors(path: "os.PathLike[str] | str", specs: Iterable[TensorSpec
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for name, dtype, shape in specs:
-            a = np.asarray(make(name))
-            if tuple(a.shape) != tuple(shape):
-                raise ValueError(f"{name}: made shape {a.shape}, declared {tuple(shape)}")
-            f.write(encode(a, dtype))
+            made = make(name)
+            if not isinstance(made, Iterator):
+                a = np.asarray(made)
+                if tuple(a.shape) != tuple(shape):
+                    raise ValueError(f"{name}: made shape {a.shape}, declared {tuple(shape)}")
+                f.write(encode(a, dtype))
+                continue
+            values = 0
+            for block in made:
+                block = np.asarray(block)
+                values += block.size
+                f.write(encode(block, dtype))
+            if values != int(np.prod(shape)):
+                raise ValueError(f"{name}: made {values} values, declared shape {tuple(shape)}")
     os.replace(tmp, path)
     return 8 + len(text) + offset
 

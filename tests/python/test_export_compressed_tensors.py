@@ -92,3 +92,35 @@ def test_export_command_to_compressed_tensors(tmp_path, capsys):
     assert "packed layers: 3 int4_g32" in capsys.readouterr().out
     assert main(["export", str(out), str(tmp_path / "ct2"), "--to", "compressed-tensors", "--requantize", "q4_k"]) == 2
     assert "--requantize, --arch and --packed-convs apply to --to gguf" in capsys.readouterr().err
+
+
+def test_a_model_stored_in_pieces_exports_the_checkpoint_of_one_stored_whole(tmp_path):
+    """Layers and kept weights are written a stored piece at a time (codes as int32 words, kept
+    bfloat16 values as blocks of rows): the checkpoint equals the whole-stored model's byte for
+    byte."""
+    rng = np.random.default_rng(3)
+    arrays = {"model.embed_tokens.weight": rng.normal(0, 0.02, (2048, 64)),  # kept: pieces of bf16 rows
+              "layers.0.mlp.up_proj.weight": rng.normal(0, 0.02, (1536, 256)),
+              "layers.0.mlp.down_proj.weight": rng.normal(0, 0.02, (256, 1536)),
+              "layers.0.input_layernorm.weight": np.ones((256,))}
+    src = tmp_path / "src"
+    src.mkdir()
+    write_model_file(src / "model.safetensors", {k: v.astype(np.float32) for k, v in arrays.items()},
+                     dtypes={k: "BF16" for k in arrays})
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 256}))
+    files = []
+    for piece_bytes in (None, 4096):
+        extra = {"piece_bytes": piece_bytes} if piece_bytes else {}
+        out = tmp_path / f"q-{piece_bytes}"
+        aq.ArrowQuantV2().quantize_diffusion_model(src, out, aq.DiffusionQuantConfig(
+            bit_width=4, group_size=64, symmetric=True, enable_fallback=False, sensitive_patterns=[],
+            skip_patterns=["embed_tokens"], **extra))
+        q = aq.load(out)
+        assert all(len(q[n].pieces) > 1 for n in arrays if "layernorm" not in n) if piece_bytes \
+            else all(len(q[n].pieces) == 1 for n in arrays)
+        r = export_compressed_tensors(out, tmp_path / f"ct-{piece_bytes}")
+        assert r["packed"] == 2
+        files.append(tmp_path / f"ct-{piece_bytes}" / "model.safetensors")
+    assert files[0].read_bytes() == files[1].read_bytes()
+    kept = load_file(files[1])["model.embed_tokens.weight"]
+    assert kept.dtype == torch.bfloat16 and kept.shape == (2048, 64)
