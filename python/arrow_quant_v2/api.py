@@ -71,8 +71,9 @@ class ArrowQuantV2:
         ``resume=True``: when a run into ``output_path`` was interrupted (killed, or stopped while
         it too ran with ``resume``), continues after the tensors it completed, if its configuration
         and source files are the same; the result is byte-identical to an uninterrupted run
-        (``result["resume"]`` says what was taken over). An interruption of a resumable run keeps
-        its staging directory for the next ``resume`` instead of removing it.
+        (``result["resume"]`` says what was taken over). An interruption of a resumable run, or an
+        error that stops it (a full disk), keeps its staging directory for the next ``resume``
+        instead of removing it; the error message says where.
 
         ``cluster="ray"`` (or a Ray address such as ``"auto"`` or ``"ray://head:10001"``): the run is
         planned here and its tensors are quantized as Ray tasks on the cluster's workers, which must

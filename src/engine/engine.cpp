@@ -37,6 +37,16 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
+// A run with resume that stops, interrupted or on an error (a full disk, a tensor it refuses),
+// leaves its staging directory, released, for the next run with resume: that one continues after
+// the tensors journaled. `done` says which those are.
+Status keep_for_resume(StagingDir& staging, const Status& stopped, const std::string& done) {
+  staging.Keep();
+  const std::string kept = StrCat(done, " are kept in ", staging.path(), ": the same command with resume continues from there");
+  if (stopped.code() == StatusCode::kCancelled) return Cancelled(StrCat("interrupted; ", kept));
+  return Status(stopped.code(), StrCat(stopped.message(), "; ", kept));
+}
+
 // Source bytes allowed in flight at once (tensors being quantized or waiting to be written).
 constexpr uint64_t kInflightBudget = 256ull << 20;
 
@@ -865,12 +875,9 @@ Result<json> QuantizeRun::run(const std::string& model_path, const std::string& 
   AQ_ASSIGN_OR_RETURN(StagingDir staging, StagingDir::Create(output_path, model_->root, cfg_.overwrite, resume_));
   AQ_RETURN_IF_ERROR(begin_run(staging));
   auto result = write_output(staging);
-  if (!result.ok() && result.status().code() == StatusCode::kCancelled && resume_) {
-    staging.Keep();
-    return Cancelled(StrCat("interrupted after ", progress_.tensors_done, " of ", progress_.tensors_total,
-                            " tensors; they are kept in ", staging.path(),
-                            ": the same command with resume continues from there"));
-  }
+  if (!result.ok() && resume_)
+    return keep_for_resume(staging, result.status(),
+                           StrCat(progress_.tensors_done, " of ", progress_.tensors_total, " tensors"));
   return result;
 }
 
@@ -1227,11 +1234,8 @@ Result<json> DistributedRun::Assemble(const RunHooks& hooks) {
   impl_->assembled = true;
   impl_->hooks = hooks;
   auto result = impl_->run->write_output(*impl_->staging);
-  if (!result.ok() && result.status().code() == StatusCode::kCancelled && impl_->resume) {
-    impl_->staging->Keep();
-    return Cancelled(StrCat("interrupted; the tensors journaled so far are kept in ", impl_->staging->path(),
-                            ": the same command with resume continues from there"));
-  }
+  if (!result.ok() && impl_->resume)
+    return keep_for_resume(*impl_->staging, result.status(), "the tensors journaled so far");
   return result;
 }
 

@@ -233,7 +233,8 @@ DISK_FULL = textwrap.dedent("""
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
     try:
         ArrowQuantV2().quantize_diffusion_model(sys.argv[1], sys.argv[2],
-                                                config=DiffusionQuantConfig.from_profile("local", num_threads=1))
+                                                config=DiffusionQuantConfig.from_profile("local", num_threads=1),
+                                                resume=len(sys.argv) > 3)
     except ArrowQuantError as e:
         print(type(e).__name__, e)
         sys.exit(3)
@@ -249,6 +250,23 @@ def test_a_write_that_fails_midway_names_the_file_and_leaves_nothing(model, tmp_
     assert r.returncode == 3, r.stdout + r.stderr
     assert "weights.parquet" in r.stdout and "File too large" in r.stdout, r.stdout
     assert not out.exists() and hidden(tmp_path, "out") == []
+
+
+def test_a_resumable_run_that_fails_keeps_its_tensors_for_the_next_resume(model, tmp_path, reference):
+    # With resume, an error (here the full disk while weights.parquet is written from the journal)
+    # keeps the staging directory, as an interruption does: after making room, the same command
+    # with resume continues from the journal.
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", DISK_FULL, str(model), str(out), "resume"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "File too large" in r.stdout and "are kept in" in r.stdout, r.stdout
+    assert "the same command with resume continues from there" in r.stdout
+    assert not out.exists() and len(hidden(tmp_path, "out")) == 1
+    res = ArrowQuantV2().quantize_diffusion_model(model, out, config=config(), resume=True)
+    assert 0 < res["resume"]["tensors"] <= TENSORS + 1  # the tensors journaled before the write failed
+    assert tree_digest(out) == reference
+    assert hidden(tmp_path, "out") == []
 
 
 def test_cli_resume_flag(model, tmp_path, reference):
