@@ -29,6 +29,16 @@ Result<EncodedTensor> run_job(const RowSource& src, const QuantScheme& scheme, T
   return job.take();
 }
 
+// A float32 matrix held in `bytes` as the job's source.
+RowSource f32_rows(const std::vector<uint8_t>& bytes, uint64_t rows, uint64_t cols, const std::string& name) {
+  RowSource src;
+  src.data = bytes.data();
+  src.rows = rows;
+  src.cols = cols;
+  src.name = name;
+  return src;
+}
+
 size_t entries(const testing::TempDir& dir) {
   size_t n = 0;
   for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path())) ++n;
@@ -39,11 +49,7 @@ TEST(Spill, spilled_codes_equal_the_codes_held_in_memory_for_every_scheme_and_th
   const size_t rows = 700, cols = 512;  // blocks of 128 rows: six blocks, the last one short
   const std::vector<float> w = testing::student_t4(rows * cols, 7, 0.02f);
   const std::vector<uint8_t> bytes = testing::f32_bytes(w);
-  RowSource src;
-  src.data = bytes.data();
-  src.rows = rows;
-  src.cols = cols;
-  src.name = "blocks.0.ff.weight";
+  const RowSource src = f32_rows(bytes, rows, cols, "blocks.0.ff.weight");
   std::vector<QuantScheme> schemes;
   for (int bits : {2, 3, 4, 8}) {
     QuantScheme s;
@@ -102,11 +108,7 @@ TEST(Spill, a_small_entropy_tensor_is_stored_as_the_better_scheme_whether_spille
   std::vector<float> w(rows * cols);
   for (float& x : w) x = u(rng);
   const std::vector<uint8_t> bytes = testing::f32_bytes(w);
-  RowSource src;
-  src.data = bytes.data();
-  src.rows = rows;
-  src.cols = cols;
-  src.name = "context_embedder.weight";
+  const RowSource src = f32_rows(bytes, rows, cols, "context_embedder.weight");
   QuantScheme s;
   s.kind = SchemeKind::kEntropy;
   testing::TempDir dir;
@@ -128,11 +130,7 @@ TEST(Spill, a_small_entropy_tensor_is_stored_as_the_better_scheme_whether_spille
 TEST(Spill, a_job_below_the_threshold_keeps_its_codes_in_memory) {
   const std::vector<float> w = testing::gaussian(64 * 256, 3);
   const std::vector<uint8_t> bytes = testing::f32_bytes(w);
-  RowSource src;
-  src.data = bytes.data();
-  src.rows = 64;
-  src.cols = 256;
-  src.name = "small";
+  const RowSource src = f32_rows(bytes, 64, 256, "small");
   testing::TempDir dir;
   TensorJob job(src, QuantScheme{});
   job.spill_codes(dir.str(), 64 * 256 / 2);  // exactly the 4-bit codes' size: not more
@@ -171,11 +169,7 @@ TEST(Spill, a_write_that_fails_names_the_folder_the_tensor_and_the_reason) {
   const size_t rows = 512, cols = 1024;  // 256 KiB of 4-bit codes, past the limit below
   const std::vector<float> w = testing::gaussian(rows * cols, 9);
   const std::vector<uint8_t> bytes = testing::f32_bytes(w);
-  RowSource src;
-  src.data = bytes.data();
-  src.rows = rows;
-  src.cols = cols;
-  src.name = "blocks.3.proj.weight";
+  const RowSource src = f32_rows(bytes, rows, cols, "blocks.3.proj.weight");
   testing::TempDir dir;
   struct rlimit old {};
   ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
