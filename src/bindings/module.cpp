@@ -271,14 +271,25 @@ class PackedLayer {
   // resident at up to twice the stored size.
   // rows: the rows the bytes hold (all of the tensor's, or one piece's).
   PackedLayer(aq::LoadedTensor t, const aq::StoredTensorInfo& info, uint64_t rows, std::string where)
-      : codes_(t.payload.codes.begin(), t.payload.codes.end()),
-        scales_(t.payload.scales.begin(), t.payload.scales.end()),
-        zero_points_(t.payload.zero_points.begin(), t.payload.zero_points.end()),
-        entropy_(std::move(t.entropy)), table_(std::move(t.table)), scheme_(info.scheme), rows_(rows),
+      : entropy_(std::move(t.entropy)), table_(std::move(t.table)), scheme_(info.scheme), rows_(rows),
         cols_(info.cols()), where_(std::move(where)) {
+    append(t.payload, 1);
     t.keep_alive.reset();
-    if (auto st = aq::check_encoded(scheme_, rows_, cols_, view()); !st.ok()) raise(st.WithPrefix(where_ + ": "));
-    if (scheme_.kind == aq::SchemeKind::kEntropy && !table_) table_ = unwrap(aq::make_decode_table(view()));
+    finish();
+  }
+
+  // A tensor stored in pieces (not entropy-coded: its chunk offsets span the pieces), its pieces'
+  // bytes appended in row order as read(k) gives them: the gathered tensor is never held beside
+  // its copy. Each buffer is reserved at the first piece's size times the pieces; what the last,
+  // shorter piece leaves unused is never touched, so never resident.
+  template <typename ReadPiece>
+  PackedLayer(ReadPiece read, const aq::StoredTensorInfo& info, std::string where)
+      : scheme_(info.scheme), rows_(info.rows()), cols_(info.cols()), where_(std::move(where)) {
+    for (size_t k = 0; k < info.pieces.size(); ++k) {
+      aq::LoadedTensor t = read(k);
+      append(t.payload, k == 0 ? info.pieces.size() : 0);
+    }
+    finish();
   }
   uint64_t rows() const { return rows_; }
   uint64_t cols() const { return cols_; }
@@ -322,6 +333,20 @@ class PackedLayer {
     if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16 && dt.lanes == 1) return aq::OutType::kF16;
     if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16 && dt.lanes == 1) return aq::OutType::kBF16;
     raise(aq::InvalidConfig(where_ + ": " + what + ": out must be float32, float16 or bfloat16"));
+  }
+  // Appends stored bytes; reserve_pieces > 0: first reserves that many times their sizes.
+  void append(const aq::TensorPayload& p, size_t reserve_pieces) {
+    auto add = [&](std::vector<uint8_t>& to, std::span<const uint8_t> from) {
+      if (reserve_pieces) to.reserve(from.size() * reserve_pieces);
+      to.insert(to.end(), from.begin(), from.end());
+    };
+    add(codes_, p.codes);
+    add(scales_, p.scales);
+    add(zero_points_, p.zero_points);
+  }
+  void finish() {
+    if (auto st = aq::check_encoded(scheme_, rows_, cols_, view()); !st.ok()) raise(st.WithPrefix(where_ + ": "));
+    if (scheme_.kind == aq::SchemeKind::kEntropy && !table_) table_ = unwrap(aq::make_decode_table(view()));
   }
   aq::EncodedView view() const {
     aq::EncodedView v;
@@ -386,6 +411,8 @@ class WeightsReader {
     const auto& info = src_->tensors()[index];
     std::string where = src_->path() + ": tensor '" + info.name + "'";
     if (!info.quantized) raise(aq::InvalidConfig(where + " is not quantized (kept as it was)"));
+    if (!piece && info.pieces.size() > 1 && info.scheme.kind != aq::SchemeKind::kEntropy)
+      return PackedLayer([&](size_t k) { return read(index, k); }, info, where);
     aq::LoadedTensor t = read(index, piece);
     if (!piece) return PackedLayer(std::move(t), info, info.rows(), where);
     return PackedLayer(std::move(t), info, info.pieces[*piece].row_count, where + " piece " + std::to_string(*piece));

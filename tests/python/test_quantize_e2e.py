@@ -393,6 +393,12 @@ def test_big_tensors_in_pieces_load_and_validate_as_when_stored_whole(tmp_path, 
                 next(t.stored_rows())
         with pytest.raises(IndexError, match="out of range"):
             next(t.float_rows(0, ref.shape[0] + 1))
+        if t.quantized:  # the runtime's packed layer, its pieces appended one by one: the same bytes
+            la, lb = ma[name]._reader.layer(ma[name]._index), t._reader.layer(t._index)
+            oa, ob = np.empty(ref.shape, np.float32), np.empty(ref.shape, np.float32)
+            la.decode_into(oa)
+            lb.decode_into(ob)
+            assert la.nbytes == lb.nbytes and np.array_equal(oa, ob)
     assert not mb["blocks.0.keep.weight"].quantized
     np.testing.assert_array_equal(mb["blocks.0.keep.weight"].numpy(), arrays["blocks.0.keep.weight"])
     # nothing of the run is left beside the output (the scratch files are unnamed)
