@@ -6,10 +6,11 @@ their rows: 152064 is Dream-7B's, a bigger one shows whether the peak follows th
 is generated once in `--workdir`; validate_quality checks the output of this build's
 quantization. `export`: export_gguf of that output (ggml layers written as stored);
 `requantize`: export_gguf(requantize="q4_k") of an int4 g128 symmetric quantization (decoded and
-encoded again); `compressed-tensors`: export_compressed_tensors of that quantization.
+encoded again); `compressed-tensors`: export_compressed_tensors of that quantization; `layer`: the
+PyTorch runtime's packed layer of the embedding (`WeightsReader.layer`).
 
     .venv/bin/python benchmarks/bench_validate_peak.py --baseline DIR [--layers 1] [--vocab 152064]
-        [--measure validate quantize export requantize compressed-tensors] [--profile local] [--workdir W]
+        [--measure validate quantize export requantize compressed-tensors layer] [--profile local] [--workdir W]
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ elif sys.argv[3] == 'quantize-int4':
     aq.ArrowQuantV2().quantize_diffusion_model(sys.argv[1], sys.argv[2],
                                                aq.DiffusionQuantConfig(bit_width=4, group_size=128, symmetric=True,
                                                                        overwrite=True))
+elif sys.argv[3] == 'layer':
+    emb = aq.load(sys.argv[2])['model.embed_tokens.weight']
+    layer = emb._reader.layer(emb._index)  # the PyTorch runtime's packed layer of the embedding
 elif sys.argv[3] == 'compressed-tensors':
     from arrow_quant_v2.export import export_compressed_tensors
     export_compressed_tensors(sys.argv[2], sys.argv[2] + '.ct', overwrite=True)
@@ -52,7 +56,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--vocab", type=int, default=152064)
     p.add_argument("--profile", default="local")
-    p.add_argument("--measure", nargs="+", choices=("validate", "quantize", "export", "requantize", "compressed-tensors"), default=["validate"])
+    p.add_argument("--measure", nargs="+", choices=("validate", "quantize", "export", "requantize", "compressed-tensors", "layer"), default=["validate"])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workdir")
     a = p.parse_args()
@@ -72,10 +76,12 @@ def main() -> None:
     for _ in range(a.rounds):
         for work_kind in a.measure:
             for name, path in (("this build", None), ("baseline", a.baseline)):
-                out = {"validate": quant, "export": quant, "requantize": quant_int4,
+                out = {"validate": quant, "export": quant, "layer": quant, "requantize": quant_int4,
                        "compressed-tensors": quant_int4}.get(work_kind, quant + "-again")
                 r = subprocess.run(child + [model, out, work_kind, a.profile], capture_output=True, text=True,
-                                   env=build_env(path), check=True)
+                                   env=build_env(path))
+                if r.returncode:
+                    sys.exit(f"{name}, {work_kind}: exit {r.returncode}\n{r.stderr}")
                 d = json.loads(r.stdout.strip().splitlines()[-1])
                 print(f"| {name} | {work_kind} | {d['seconds']:.1f} s | {d['peak_mib']:.0f} MiB |", flush=True)
 
