@@ -2093,6 +2093,18 @@ def _sequential_quantize(pipe: Any, denoiser: "nn.Module", runs: List[Any], num_
 # reading
 # ---------------------------------------------------------------------------------------------
 
+def _open_calibration_parquet(path: str, what: str) -> Tuple[Any, Dict[str, str]]:
+    """The Parquet file at ``path`` and its schema's key-value metadata, or the error naming it
+    (``what``: how the message calls it)."""
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ModelFormatError(f"{path!r} is not a Parquet file: {e}") from e
+    return pf, {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
+
+
 def merge_calibration(shards: Sequence[PathLike], output_path: PathLike) -> str:
     """Combines the shard files of one recording -- each written by a recorder with ``shard=True``
     that saw a share of the calls (``call_offset``), e.g. one per worker of a cluster -- into the
@@ -2108,13 +2120,7 @@ def merge_calibration(shards: Sequence[PathLike], output_path: PathLike) -> str:
         raise ConfigurationError("merge_calibration: no shard files given")
     files, infos, metas = [], [], []
     for p in paths:
-        if not os.path.exists(p):
-            raise ModelNotFoundError(f"calibration shard {p!r} does not exist")
-        try:
-            pf = pq.ParquetFile(p)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise ModelFormatError(f"{p!r} is not a Parquet file: {e}") from e
-        meta = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
+        pf, meta = _open_calibration_parquet(p, "calibration shard")
         if SHARD_KEY not in meta:
             raise ModelFormatError(f"{p!r} is not a calibration shard (record with CalibrationRecorder(shard=True) "
                                    f"or record_pipeline(shard=...))")
@@ -2271,14 +2277,7 @@ def load_calibration(path: PathLike, hessians: bool = True) -> CalibrationData:
     None) the list of its float64 diagonal blocks, of ``hessian_block`` columns each (the last one
     smaller). ``hessians=False`` skips reading them (every ``hessian`` is None), for big files."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ModelNotFoundError(f"calibration file {path!r} does not exist")
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ModelFormatError(f"{path!r} is not a Parquet file: {e}") from e
-    raw = pf.schema_arrow.metadata or {}
-    meta = {k.decode(): v.decode() for k, v in raw.items()}
+    pf, meta = _open_calibration_parquet(path, "calibration file")
     version = meta.get("arrowquant.calibration_version")
     if SHARD_KEY in meta:
         raise ModelFormatError(f"{path!r} is a shard of a recording (a share of its calls); merge the shards with "
