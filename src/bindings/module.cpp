@@ -266,29 +266,24 @@ aq::ThreadPool& runtime_pool() {
 // them into a scratch tensor before every dense op (arrow_quant_v2.runtime).
 class PackedLayer {
  public:
-  // The bytes are copied out of the Parquet reader's buffers into buffers of their exact size,
-  // and those are let go: Arrow's binary column buffers are grown by doubling and would stay
-  // resident at up to twice the stored size.
-  // rows: the rows the bytes hold (all of the tensor's, or one piece's).
-  PackedLayer(aq::LoadedTensor t, const aq::StoredTensorInfo& info, uint64_t rows, std::string where)
-      : entropy_(std::move(t.entropy)), table_(std::move(t.table)), scheme_(info.scheme), rows_(rows),
+  // A whole tensor: its bytes in buffers of their exact size (ParquetSource::read_owned: Arrow's
+  // binary column buffers are grown by doubling and would stay resident at up to twice the
+  // stored size; a tensor stored in pieces is appended piece after piece, never gathered beside
+  // its copy).
+  PackedLayer(aq::OwnedTensor t, const aq::StoredTensorInfo& info, std::string where)
+      : codes_(std::move(t.codes)), scales_(std::move(t.scales)), zero_points_(std::move(t.zero_points)),
+        entropy_(std::move(t.entropy)), table_(std::move(t.table)), scheme_(info.scheme), rows_(info.rows()),
         cols_(info.cols()), where_(std::move(where)) {
-    append(t.payload, 1);
-    t.keep_alive.reset();
     finish();
   }
-
-  // A tensor stored in pieces (not entropy-coded: its chunk offsets span the pieces), its pieces'
-  // bytes appended in row order as read(k) gives them: the gathered tensor is never held beside
-  // its copy. Each buffer is reserved at the first piece's size times the pieces; what the last,
-  // shorter piece leaves unused is never touched, so never resident.
-  template <typename ReadPiece>
-  PackedLayer(ReadPiece read, const aq::StoredTensorInfo& info, std::string where)
-      : scheme_(info.scheme), rows_(info.rows()), cols_(info.cols()), where_(std::move(where)) {
-    for (size_t k = 0; k < info.pieces.size(); ++k) {
-      aq::LoadedTensor t = read(k);
-      append(t.payload, k == 0 ? info.pieces.size() : 0);
-    }
+  // One piece's rows (`rows`), copied out of the reader's buffers.
+  PackedLayer(aq::LoadedTensor t, const aq::StoredTensorInfo& info, uint64_t rows, std::string where)
+      : codes_(t.payload.codes.begin(), t.payload.codes.end()),
+        scales_(t.payload.scales.begin(), t.payload.scales.end()),
+        zero_points_(t.payload.zero_points.begin(), t.payload.zero_points.end()),
+        entropy_(std::move(t.entropy)), table_(std::move(t.table)), scheme_(info.scheme), rows_(rows),
+        cols_(info.cols()), where_(std::move(where)) {
+    t.keep_alive.reset();
     finish();
   }
   uint64_t rows() const { return rows_; }
@@ -333,16 +328,6 @@ class PackedLayer {
     if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16 && dt.lanes == 1) return aq::OutType::kF16;
     if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16 && dt.lanes == 1) return aq::OutType::kBF16;
     raise(aq::InvalidConfig(where_ + ": " + what + ": out must be float32, float16 or bfloat16"));
-  }
-  // Appends stored bytes; reserve_pieces > 0: first reserves that many times their sizes.
-  void append(const aq::TensorPayload& p, size_t reserve_pieces) {
-    auto add = [&](std::vector<uint8_t>& to, std::span<const uint8_t> from) {
-      if (reserve_pieces) to.reserve(from.size() * reserve_pieces);
-      to.insert(to.end(), from.begin(), from.end());
-    };
-    add(codes_, p.codes);
-    add(scales_, p.scales);
-    add(zero_points_, p.zero_points);
   }
   void finish() {
     if (auto st = aq::check_encoded(scheme_, rows_, cols_, view()); !st.ok()) raise(st.WithPrefix(where_ + ": "));
@@ -411,11 +396,17 @@ class WeightsReader {
     const auto& info = src_->tensors()[index];
     std::string where = src_->path() + ": tensor '" + info.name + "'";
     if (!info.quantized) raise(aq::InvalidConfig(where + " is not quantized (kept as it was)"));
-    if (!piece && info.pieces.size() > 1 && info.scheme.kind != aq::SchemeKind::kEntropy)
-      return PackedLayer([&](size_t k) { return read(index, k); }, info, where);
-    aq::LoadedTensor t = read(index, piece);
-    if (!piece) return PackedLayer(std::move(t), info, info.rows(), where);
-    return PackedLayer(std::move(t), info, info.pieces[*piece].row_count, where + " piece " + std::to_string(*piece));
+    if (!piece) {
+      std::optional<aq::Result<aq::OwnedTensor>> r;
+      {
+        nb::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(mu_);
+        r.emplace(src_->read_owned(index));
+      }
+      return PackedLayer(unwrap(std::move(*r)), info, where);
+    }
+    return PackedLayer(read(index, piece), info, info.pieces[*piece].row_count,
+                       where + " piece " + std::to_string(*piece));
   }
 
   size_t size() const { return src_->tensors().size(); }

@@ -309,26 +309,59 @@ Status finish_loaded(const StoredTensorInfo& info, uint64_t rows, LoadedTensor& 
   return Status::OK();
 }
 
-// Owned storage of a gathered tensor.
-struct Gathered {
-  std::vector<uint8_t> codes, scales, zero_points;
-};
-
 }  // namespace
+
+TensorPayload OwnedTensor::view() const {
+  TensorPayload v;
+  v.codes = codes;
+  v.scales = scales;
+  v.zero_points = zero_points;
+  v.entropy = entropy.get();
+  v.table = table.get();
+  return v;
+}
 
 Result<LoadedTensor> ParquetSource::read(size_t index) const {
   if (index >= infos_.size()) return Internal(StrCat(path_, ": tensor index ", index, " out of range"));
   const auto& info = infos_[index];
-  const std::string where = StrCat(path_, ": tensor '", info.name, "'");
   if (info.pieces.size() == 1) {
+    const std::string where = StrCat(path_, ": tensor '", info.name, "'");
     AQ_ASSIGN_OR_RETURN(LoadedTensor out, read_group(info.pieces[0].row_group, where));
     AQ_RETURN_IF_ERROR(finish_loaded(info, info.rows(), out, where));
     return out;
   }
+  AQ_ASSIGN_OR_RETURN(OwnedTensor owned, read_owned(index));
+  auto g = std::make_shared<OwnedTensor>(std::move(owned));
+  LoadedTensor out;
+  out.payload = g->view();
+  out.entropy = g->entropy;
+  out.table = g->table;
+  out.keep_alive = g;
+  return out;
+}
+
+Result<OwnedTensor> ParquetSource::read_owned(size_t index) const {
+  if (index >= infos_.size()) return Internal(StrCat(path_, ": tensor index ", index, " out of range"));
+  const auto& info = infos_[index];
+  const std::string where = StrCat(path_, ": tensor '", info.name, "'");
+  OwnedTensor g;
+  auto append = [&g](const TensorPayload& p) {
+    g.codes.insert(g.codes.end(), p.codes.begin(), p.codes.end());
+    g.scales.insert(g.scales.end(), p.scales.begin(), p.scales.end());
+    g.zero_points.insert(g.zero_points.end(), p.zero_points.begin(), p.zero_points.end());
+  };
+  if (info.pieces.size() == 1) {
+    AQ_ASSIGN_OR_RETURN(LoadedTensor t, read(index));
+    g.codes.reserve(t.payload.codes.size());
+    g.scales.reserve(t.payload.scales.size());
+    g.zero_points.reserve(t.payload.zero_points.size());
+    append(t.payload);
+    g.entropy = std::move(t.entropy);
+    g.table = std::move(t.table);
+    return g;
+  }
   // In pieces: each piece is checked on its own, then its values are appended; the pieces'
   // values end to end are the tensor's.
-  auto g = std::make_shared<Gathered>();
-  LoadedTensor out;
   for (size_t k = 0; k < info.pieces.size(); ++k) {
     AQ_ASSIGN_OR_RETURN(LoadedTensor p, read_piece(index, k));
     if (k == 0) {
@@ -339,25 +372,22 @@ Result<LoadedTensor> ParquetSource::read(size_t index) const {
       else if (info.scheme.kind != SchemeKind::kEntropy) size = quantized_size(info.scheme, info.rows(), info.cols());
       if (p.entropy) {
         AQ_ASSIGN_OR_RETURN(auto tables, entropy_tables(index));
-        out.entropy = std::make_shared<EntropySide>(*tables);
-        size.code_bytes = out.entropy->chunk_offsets.empty() ? 0 : out.entropy->chunk_offsets.back();
+        g.entropy = std::make_shared<EntropySide>(*tables);
+        size.code_bytes = g.entropy->chunk_offsets.empty() ? 0 : g.entropy->chunk_offsets.back();
         size.scale_bytes = info.rows() * 4;
       }
-      g->codes.reserve(size.code_bytes);
-      g->scales.reserve(size.scale_bytes);
-      g->zero_points.reserve(size.zero_point_bytes);
+      g.codes.reserve(size.code_bytes);
+      g.scales.reserve(size.scale_bytes);
+      g.zero_points.reserve(size.zero_point_bytes);
     }
-    g->codes.insert(g->codes.end(), p.payload.codes.begin(), p.payload.codes.end());
-    g->scales.insert(g->scales.end(), p.payload.scales.begin(), p.payload.scales.end());
-    g->zero_points.insert(g->zero_points.end(), p.payload.zero_points.begin(), p.payload.zero_points.end());
+    append(p.payload);
   }
-  out.payload.codes = g->codes;
-  out.payload.scales = g->scales;
-  out.payload.zero_points = g->zero_points;
-  out.payload.entropy = out.entropy.get();
-  out.keep_alive = g;
-  AQ_RETURN_IF_ERROR(finish_loaded(info, info.rows(), out, where));
-  return out;
+  LoadedTensor whole;
+  whole.payload = g.view();
+  whole.entropy = g.entropy;
+  AQ_RETURN_IF_ERROR(finish_loaded(info, info.rows(), whole, where));
+  g.table = std::move(whole.table);
+  return g;
 }
 
 Result<std::shared_ptr<const EntropySide>> ParquetSource::entropy_tables(size_t index) const {

@@ -21,6 +21,14 @@ struct LoadedTensor {
   std::shared_ptr<void> keep_alive;
 };
 
+// A tensor's data in buffers of their exact size that the holder owns (read_owned).
+struct OwnedTensor {
+  std::vector<uint8_t> codes, scales, zero_points;
+  std::shared_ptr<EntropySide> entropy;
+  std::shared_ptr<const FrequencyTable> table;
+  TensorPayload view() const;
+};
+
 class ParquetSource {
  public:
   static Result<std::unique_ptr<ParquetSource>> Open(const std::string& path);
@@ -32,6 +40,10 @@ class ParquetSource {
 
   // The whole tensor: a tensor stored in pieces is gathered into one buffer per value.
   Result<LoadedTensor> read(size_t index) const;
+  // The whole tensor copied into buffers of their exact size, a piece at a time: the tensor and
+  // one piece's read buffers in memory at once. (read() of a tensor stored whole hands out the
+  // Parquet reader's buffers, which Arrow grows by doubling: a holder keeps this instead.)
+  Result<OwnedTensor> read_owned(size_t index) const;
   // Piece `piece` of tensor `index` (tensors().pieces[piece] says which rows), as a tensor of
   // those rows: its own entropy chunk offsets, checked against its scheme. Decoding a tensor
   // piece by piece holds one piece's data at a time.

@@ -611,6 +611,21 @@ TEST(StorePieces, a_tensor_in_pieces_reads_back_as_the_tensor_stored_whole) {
       EXPECT_EQ(y.entropy->chunk_offsets, x.entropy->chunk_offsets);
       EXPECT_EQ(y.entropy->frequencies, x.entropy->frequencies);
     }
+    // owned (what the runtime keeps): the same bytes in buffers of their exact size, both layouts
+    for (const auto* src : {a.get(), b.get()}) {
+      ASSERT_OK_AND_ASSIGN(OwnedTensor o, src->read_owned(i));
+      EXPECT_EQ(o.codes, bytes(x.payload.codes));
+      EXPECT_EQ(o.scales, bytes(x.payload.scales));
+      EXPECT_EQ(o.zero_points, bytes(x.payload.zero_points));
+      EXPECT_EQ(o.codes.capacity(), o.codes.size());
+      EXPECT_EQ(o.entropy != nullptr, x.entropy != nullptr);
+      if (x.entropy) {
+        EXPECT_EQ(o.entropy->chunk_offsets, x.entropy->chunk_offsets);
+        ASSERT_NE(o.table, nullptr);
+        std::vector<float> d(got.numel());
+        ASSERT_OK(decode_tensor(got.scheme, got.rows(), got.cols(), o.view(), d.data()));
+      }
+    }
     // dequantized (piece by piece) and each piece decoded on its own: the same floats
     std::vector<float> dx(got.numel()), dy(got.numel());
     ASSERT_OK(a->dequantize(i, dx.data()));
