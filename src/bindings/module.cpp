@@ -266,30 +266,26 @@ aq::ThreadPool& runtime_pool() {
 // them into a scratch tensor before every dense op (arrow_quant_v2.runtime).
 class PackedLayer {
  public:
-  // A whole tensor: its bytes in buffers of their exact size (ParquetSource::read_owned: Arrow's
+  // Its bytes in buffers of their exact size (ParquetSource::read_owned for a whole tensor: Arrow's
   // binary column buffers are grown by doubling and would stay resident at up to twice the
   // stored size; a tensor stored in pieces is appended piece after piece, never gathered beside
-  // its copy).
-  PackedLayer(aq::OwnedTensor t, const aq::StoredTensorInfo& info, std::string where)
-      : codes_(std::move(t.codes)), scales_(std::move(t.scales)), zero_points_(std::move(t.zero_points)),
-        entropy_(std::move(t.entropy)), table_(std::move(t.table)), scheme_(info.scheme), rows_(info.rows()),
-        cols_(info.cols()), where_(std::move(where)) {
-    finish();
+  // its copy). rows: the rows they hold (the tensor's, or one piece's).
+  PackedLayer(aq::OwnedTensor t, const aq::StoredTensorInfo& info, uint64_t rows, std::string where)
+      : data_(std::move(t)), scheme_(info.scheme), rows_(rows), cols_(info.cols()), where_(std::move(where)) {
+    if (auto st = aq::check_encoded(scheme_, rows_, cols_, view()); !st.ok()) raise(st.WithPrefix(where_ + ": "));
+    if (scheme_.kind == aq::SchemeKind::kEntropy && !data_.table) data_.table = unwrap(aq::make_decode_table(view()));
   }
-  // One piece's rows (`rows`), copied out of the reader's buffers.
+  // One piece's rows, copied out of the reader's buffers (which are then let go).
   PackedLayer(aq::LoadedTensor t, const aq::StoredTensorInfo& info, uint64_t rows, std::string where)
-      : codes_(t.payload.codes.begin(), t.payload.codes.end()),
-        scales_(t.payload.scales.begin(), t.payload.scales.end()),
-        zero_points_(t.payload.zero_points.begin(), t.payload.zero_points.end()),
-        entropy_(std::move(t.entropy)), table_(std::move(t.table)), scheme_(info.scheme), rows_(rows),
-        cols_(info.cols()), where_(std::move(where)) {
-    t.keep_alive.reset();
-    finish();
-  }
+      : PackedLayer(aq::OwnedTensor{{t.payload.codes.begin(), t.payload.codes.end()},
+                                    {t.payload.scales.begin(), t.payload.scales.end()},
+                                    {t.payload.zero_points.begin(), t.payload.zero_points.end()},
+                                    std::move(t.entropy), std::move(t.table)},
+                    info, rows, std::move(where)) {}
   uint64_t rows() const { return rows_; }
   uint64_t cols() const { return cols_; }
   // Bytes held: codes, scales and zero points (entropy side tables not counted).
-  uint64_t nbytes() const { return codes_.size() + scales_.size() + zero_points_.size(); }
+  uint64_t nbytes() const { return data_.codes.size() + data_.scales.size() + data_.zero_points.size(); }
 
   // Decodes every value into out: a C-contiguous CPU array (numpy or torch) of rows * cols
   // float32, float16 or bfloat16 values, on `threads` threads (<= 1: this thread only).
@@ -329,22 +325,8 @@ class PackedLayer {
     if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16 && dt.lanes == 1) return aq::OutType::kBF16;
     raise(aq::InvalidConfig(where_ + ": " + what + ": out must be float32, float16 or bfloat16"));
   }
-  void finish() {
-    if (auto st = aq::check_encoded(scheme_, rows_, cols_, view()); !st.ok()) raise(st.WithPrefix(where_ + ": "));
-    if (scheme_.kind == aq::SchemeKind::kEntropy && !table_) table_ = unwrap(aq::make_decode_table(view()));
-  }
-  aq::EncodedView view() const {
-    aq::EncodedView v;
-    v.codes = codes_;
-    v.scales = scales_;
-    v.zero_points = zero_points_;
-    v.entropy = entropy_.get();
-    v.table = table_.get();
-    return v;
-  }
-  std::vector<uint8_t> codes_, scales_, zero_points_;
-  std::shared_ptr<aq::EntropySide> entropy_;
-  std::shared_ptr<const aq::FrequencyTable> table_;
+  aq::EncodedView view() const { return data_.view(); }
+  aq::OwnedTensor data_;
   aq::QuantScheme scheme_;
   uint64_t rows_, cols_;
   std::string where_;
@@ -403,7 +385,7 @@ class WeightsReader {
         std::lock_guard<std::mutex> lock(mu_);
         r.emplace(src_->read_owned(index));
       }
-      return PackedLayer(unwrap(std::move(*r)), info, where);
+      return PackedLayer(unwrap(std::move(*r)), info, info.rows(), where);
     }
     return PackedLayer(read(index, piece), info, info.pieces[*piece].row_count,
                        where + " piece " + std::to_string(*piece));
